@@ -1,0 +1,43 @@
+"""Model adapters. Any object with ``complete`` and ``render`` is a backend.
+
+Engine backends import their engine lazily, so ``import apr_agents`` needs none.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .base import Backend, BackendError, BackendUnavailable, Completion, StreamingBackend, check_backend, route_key
+from .scripted import Rule, ScriptedBackend
+
+if TYPE_CHECKING:
+    from .llamacpp import LlamaCppBackend
+    from .openai_compat import OpenAICompatibleBackend
+    from .vllm import VLLMBackend
+
+__all__ = [
+    "Backend", "BackendError", "BackendUnavailable", "Completion", "LlamaCppBackend",
+    "OpenAICompatibleBackend", "Rule", "ScriptedBackend", "StreamingBackend", "VLLMBackend",
+    "check_backend", "default_backend", "route_key",
+]
+
+_LAZY = {
+    "LlamaCppBackend": ".llamacpp",
+    "OpenAICompatibleBackend": ".openai_compat",
+    "VLLMBackend": ".vllm",
+}
+
+
+def default_backend(**kwargs: Any) -> Any:
+    """The embedded CPU default: Gemma 3 270M (GGUF from PyPI) run by llama.cpp."""
+    from .embedded import default_backend as _default
+
+    return _default(**kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(name)

@@ -1,0 +1,6 @@
+"""The LangGraph side: state, nodes and ``create_apr_agent``."""
+
+from .agent import APRBackendError, create_apr_agent, final_answer
+from .state import APRState
+
+__all__ = ["APRBackendError", "APRState", "create_apr_agent", "final_answer"]

@@ -1,0 +1,493 @@
+"""``create_apr_agent``: the compiled LangGraph graph that runs model-written spawns.
+
+One graph serves the root and every branch. A context loops
+``generate -> tools -> generate`` until its model stops at a spawn point; then
+each outline becomes a ``Send`` to the ``branch`` node, which runs the same
+graph again for that branch (a subgraph run with its own checkpoints). When
+all branches of the spawn are back, ``merge`` folds them into the parent's text
+in outline order and the parent goes on generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Literal, TypeVar
+
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.runnables import RunnableConfig, RunnableLambda
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.types import Send
+
+from ..backends.base import BackendError, Completion, check_backend, route_key
+from ..config import APRConfig
+from ..protocol.dialects import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Dialect, get_dialect, neutralize
+from ..protocol.document import parse_document
+from ..protocol.parser import Repair, Spawn, StreamParser, parse_tool_call
+from ..runtime.limits import Limiter, ThreadBudget
+from ..runtime.tool_exec import run_tool_calls
+from ..runtime.trace import RESET, summarize
+from .state import APRInput, APROutput, APRState
+
+T = TypeVar("T")
+MergeStrategy = Callable[[list[dict[str, Any]], Dialect], str]
+
+
+class APRBackendError(RuntimeError):
+    """The backend kept failing for one context; names the context so the user knows where."""
+
+
+def _emit(event: dict[str, Any]) -> None:
+    try:
+        from langgraph.config import get_stream_writer
+
+        get_stream_writer()(event)
+    except (RuntimeError, LookupError, KeyError):  # not inside a streaming run
+        pass
+
+
+def _run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """The sync facade: run a node's coroutine on a loop of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = asyncio.run(coro)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            box["error"] = exc
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def final_answer(text: str, dialect: Dialect) -> str:
+    """The root text after the last protocol block (SPEC §2.8)."""
+    doc = parse_document(text, dialect)
+    if doc.final_text:
+        return doc.final_text
+    return text.strip().rsplit("</tool_response>", 1)[-1].strip()
+
+
+class _Agent:
+    def __init__(self, backend: Any, tools: Sequence[BaseTool], config: APRConfig,
+                 merge_strategy: MergeStrategy | None) -> None:
+        self.backend = backend
+        self.tools = {t.name: t for t in tools}
+        self.tool_schemas = [convert_to_openai_tool(t) for t in tools]
+        self.config = config
+        self.dialect = get_dialect(config.dialect)
+        self.limiter = Limiter(config)
+        self.budget = ThreadBudget()
+        self.merge_strategy = merge_strategy
+        self.branch_graph: CompiledStateGraph | None = None
+
+    # -- context bookkeeping -------------------------------------------------
+    def _new_context(self, *, cid: str, run: str, depth: int, prompt: str, label: str | None,
+                     outline: str | None, parent: str | None, deadline: float | None,
+                     deadline_kind: str | None) -> dict[str, Any]:
+        now = time.time()
+        return {
+            "id": cid, "run": run, "depth": depth, "prompt": prompt, "text": "", "label": label,
+            "deadline": deadline, "deadline_kind": deadline_kind,
+            "spawn_ok": depth < self.config.max_depth, "spawns": 0, "end": None,
+            "pending_tools": [], "pending_spawn": None,
+            "rec": {"id": cid, "parent": parent, "depth": depth, "label": label, "outline": outline,
+                    "started": now, "ended": None, "prompt_tokens": 0, "completion_tokens": 0,
+                    "cached_prompt_tokens": 0, "calls": 0, "tool_calls": [], "spawns": [],
+                    "end": None, "truncated": False},
+        }
+
+    @staticmethod
+    def _trace(ctx: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {"contexts": {ctx["id"]: dict(ctx["rec"])}}
+        for k, v in extra.items():
+            out[k] = v
+        return out
+
+    def _limit(self, ctx: dict[str, Any], limit: str, detail: str) -> dict[str, Any]:
+        return {"ctx": ctx["id"], "limit": limit, "detail": detail}
+
+    # -- nodes ---------------------------------------------------------------
+    async def prepare(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
+        spawn = state.get("apr_spawn_input")
+        if spawn:
+            ctx = self._new_context(**spawn)
+            _emit({"apr": "branch_start", "ctx": ctx["id"], "label": ctx["label"],
+                   "outline": ctx["rec"]["outline"], "depth": ctx["depth"]})
+            return {"apr": ctx, "apr_spawn_input": None, "apr_trace": self._trace(ctx)}
+        messages = [_neutralized(m) for m in state.get("messages", [])]
+        if not messages:
+            raise ValueError("apr agent needs at least one message in state['messages']")
+        prompt = self.backend.render(messages, self.tool_schemas)
+        run = uuid.uuid4().hex
+        deadline = time.time() + self.config.run_timeout_s if self.config.run_timeout_s else None
+        ctx = self._new_context(cid="root", run=run, depth=0, prompt=prompt, label=None, outline=None,
+                                parent=None, deadline=deadline,
+                                deadline_kind="run_timeout_s" if deadline else None)
+        trace = {RESET: True, "version": 1, "run_id": run, "dialect": self.dialect.name,
+                 "config": self.config.model_dump(), "contexts": {"root": ctx["rec"]},
+                 "limits": [], "repairs": []}
+        return {"apr": ctx, "apr_trace": trace, "apr_branch_results": [{RESET: True}]}
+
+    async def generate(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
+        ctx = _copy_ctx(state["apr"])
+        limits: list[dict[str, Any]] = []
+        repairs: list[dict[str, Any]] = []
+        cfg = self.config
+        token = route_key.set(ctx["run"])
+        try:
+            while True:
+                if ctx["rec"]["calls"] >= cfg.max_steps:
+                    limits.append(self._limit(ctx, "max_steps", f"{cfg.max_steps} backend calls"))
+                    ctx["end"] = "max_steps"
+                    break
+                left = cfg.max_tokens - ctx["rec"]["completion_tokens"]
+                if left <= 0:
+                    limits.append(self._limit(ctx, "max_tokens", f"{cfg.max_tokens} tokens"))
+                    ctx["end"], ctx["rec"]["truncated"] = "max_tokens", True
+                    break
+                if ctx["deadline"] is not None and time.time() >= ctx["deadline"]:
+                    limits.append(self._limit(ctx, ctx["deadline_kind"], "deadline passed"))
+                    ctx["end"], ctx["rec"]["truncated"] = "timeout", True
+                    break
+                own = StreamParser(self.dialect)
+                own.feed(ctx["text"])
+                inline_open = own.depth > 0
+                stops = self.dialect.stops(branch=ctx["depth"] > 0,
+                                           can_spawn=ctx["spawn_ok"] and not inline_open)
+                comp, timed_out = await self._complete(ctx, ctx["prompt"] + ctx["text"], stops, left)
+                self._account(ctx, comp)
+                ctx["text"] += comp.text
+                if timed_out:
+                    limits.append(self._limit(ctx, ctx["deadline_kind"] or "thread_timeout_s",
+                                              "deadline passed during generation"))
+                    ctx["end"], ctx["rec"]["truncated"] = "timeout", True
+                    break
+                if comp.stop is None:
+                    if comp.finish_reason == "length":
+                        limits.append(self._limit(ctx, "max_tokens", f"{cfg.max_tokens} tokens"))
+                        ctx["end"], ctx["rec"]["truncated"] = "max_tokens", True
+                    else:
+                        ctx["end"] = "eos"
+                    break
+                if comp.stop == self.dialect.thread_close and ctx["depth"] > 0 and not inline_open:
+                    ctx["end"] = "thread_end"
+                    break
+                ctx["text"] += comp.stop
+                if comp.stop == TOOL_CALL_CLOSE:
+                    calls = self._tool_calls_of(comp.text, repairs, ctx)
+                    if calls:
+                        ctx["pending_tools"] = calls
+                        break
+                    continue
+                if comp.stop == self.dialect.spawn_marker and ctx["spawn_ok"] and not inline_open:
+                    spawn = self._plan_spawn(ctx, limits, repairs)
+                    if spawn is not None:
+                        ctx["pending_spawn"] = spawn
+                        break
+                    continue
+                # any other stop (an inner close of an inline block): keep writing
+        finally:
+            route_key.reset(token)
+        if ctx["end"] is not None:
+            ctx["rec"]["end"] = ctx["end"]
+        return {"apr": ctx, "apr_trace": self._trace(ctx, limits=limits, repairs=repairs)}
+
+    async def _complete(self, ctx: dict[str, Any], prompt: str, stops: list[str],
+                        max_tokens: int) -> tuple[Completion, bool]:
+        """One backend call with retries; returns (completion, deadline_hit)."""
+        cfg = self.config
+        last: BaseException | None = None
+        for attempt in range(cfg.backend_attempts):
+            pieces: list[str] = []
+            timeout = cfg.backend_timeout_s
+            if ctx["deadline"] is not None:
+                rem = max(0.0, ctx["deadline"] - time.time())
+                timeout = rem if timeout is None else min(timeout, rem)
+            try:
+                async with self.limiter.llm():
+                    return await asyncio.wait_for(self._call(ctx, prompt, stops, max_tokens, pieces),
+                                                  timeout), False
+            except TimeoutError as exc:
+                if ctx["deadline"] is not None and time.time() >= ctx["deadline"] - 1e-3:
+                    text = "".join(pieces)
+                    return Completion(text=text, stop=None, finish_reason="abort",
+                                      completion_tokens=len(pieces)), True
+                last = exc
+            except BackendError as exc:
+                last = exc
+            except (OSError, ConnectionError, ValueError) as exc:
+                last = exc
+            if attempt + 1 < cfg.backend_attempts:
+                await asyncio.sleep(min(2.0, 0.05 * 2 ** attempt) * (1 + random.random()))
+        where = f"context {ctx['id']!r} (depth {ctx['depth']}"
+        if ctx["rec"].get("outline"):
+            where += f", outline {ctx['rec']['outline'][:60]!r}"
+        raise APRBackendError(
+            f"backend {type(self.backend).__name__} failed in {where}) after {cfg.backend_attempts} "
+            f"attempts: {type(last).__name__}: {last}"
+        ) from last
+
+    async def _call(self, ctx: dict[str, Any], prompt: str, stops: list[str], max_tokens: int,
+                    pieces: list[str]) -> Completion:
+        stream = getattr(self.backend, "stream", None)
+        if stream is None:
+            return await self.backend.complete(prompt, stop=stops, max_tokens=max_tokens,
+                                               temperature=self.config.temperature)
+        final: Completion | None = None
+        async for item in stream(prompt, stop=stops, max_tokens=max_tokens,
+                                 temperature=self.config.temperature):
+            if isinstance(item, str):
+                pieces.append(item)
+                _emit({"apr": "token", "ctx": ctx["id"], "text": item})
+            else:
+                final = item
+        if final is None:
+            raise BackendError("stream ended without a completion")
+        return final
+
+    def _account(self, ctx: dict[str, Any], comp: Completion) -> None:
+        rec = ctx["rec"]
+        rec["calls"] += 1
+        rec["prompt_tokens"] += comp.prompt_tokens
+        rec["completion_tokens"] += comp.completion_tokens
+        rec["cached_prompt_tokens"] += comp.cached_prompt_tokens or 0
+
+    def _tool_calls_of(self, segment: str, repairs: list[dict[str, Any]],
+                       ctx: dict[str, Any]) -> list[dict[str, Any]]:
+        calls = []
+        for body in segment.split(TOOL_CALL_OPEN)[1:][: self.config.max_tool_calls_per_step]:
+            body = body.split(TOOL_CALL_CLOSE)[0]
+            call = parse_tool_call(body)
+            calls.append({"name": call.name, "arguments": call.arguments, "raw": call.raw,
+                          "error": call.error})
+        if not calls:
+            repairs.append({"ctx": ctx["id"], "kind": "stray_close", "detail": TOOL_CALL_CLOSE})
+        return calls
+
+    def _plan_spawn(self, ctx: dict[str, Any], limits: list[dict[str, Any]],
+                    repairs: list[dict[str, Any]]) -> dict[str, Any] | None:
+        cfg = self.config
+        spawn_ev: Spawn | None = None
+        parser = StreamParser(self.dialect, max_outlines=cfg.max_threads + 1)
+        for ev in parser.feed(ctx["text"]):
+            if isinstance(ev, Spawn):
+                spawn_ev = ev
+            elif isinstance(ev, Repair):
+                repairs.append({"ctx": ctx["id"], "kind": ev.kind, "detail": ev.detail})
+        outlines = list(spawn_ev.outlines) if spawn_ev else []
+        if not outlines:
+            repairs.append({"ctx": ctx["id"], "kind": "empty_spawn", "detail": "no outlines before the spawn point"})
+            ctx["text"] += self.dialect.spawn_suffix()
+            return None
+        if len(outlines) > cfg.max_threads:
+            limits.append(self._limit(ctx, "max_threads",
+                                      f"more than {cfg.max_threads} outlines; kept the first {cfg.max_threads}"))
+            outlines = outlines[: cfg.max_threads]
+        seed = 0
+        got = self.budget.reserve(ctx["run"], len(outlines), cfg.max_total_threads, seed=seed)
+        if got < len(outlines):
+            limits.append(self._limit(ctx, "max_total_threads",
+                                      f"{cfg.max_total_threads} branches per run; {got} of {len(outlines)} run"))
+            if got == 0:
+                ctx["spawn_ok"] = False  # the model writes the block itself from here on
+                ctx["text"] += self.dialect.spawn_suffix()
+                return None
+            outlines = outlines[:got]
+        ctx["text"] += self.dialect.spawn_suffix()
+        ctx["spawns"] += 1
+        prefix = ctx["prompt"] + ctx["text"]
+        now = time.time()
+        children = []
+        for i, o in enumerate(outlines):
+            cid = f"{ctx['id']}/{ctx['spawns']}.{o.label}"
+            deadline, kind = now + cfg.thread_timeout_s, "thread_timeout_s"
+            if ctx["deadline"] is not None and ctx["deadline"] < deadline:
+                deadline, kind = ctx["deadline"], ctx["deadline_kind"]
+            children.append({
+                "cid": cid, "run": ctx["run"], "depth": ctx["depth"] + 1,
+                "prompt": prefix + self.dialect.branch_suffix(o.label), "label": o.label,
+                "outline": o.text, "parent": ctx["id"], "deadline": deadline, "deadline_kind": kind,
+                "index": i,
+            })
+        ctx["rec"]["spawns"] = [*ctx["rec"]["spawns"], [c["cid"] for c in children]]
+        _emit({"apr": "spawn", "ctx": ctx["id"], "outlines": [[o.label, o.text] for o in outlines]})
+        return {"children": children, "spawn_no": ctx["spawns"]}
+
+    async def tools_node(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
+        from ..protocol.parser import ToolCall
+
+        ctx = _copy_ctx(state["apr"])
+        calls = [ToolCall(c["name"], c["arguments"], c["raw"], c["error"]) for c in ctx["pending_tools"]]
+        results = await run_tool_calls(calls, self.tools, self.limiter, self.config,
+                                       deadline=ctx["deadline"], emit=_emit, ctx_id=ctx["id"])
+        ctx["text"] += "".join(f"\n<tool_response>{text}</tool_response>" for text, _ in results) + "\n"
+        ctx["rec"]["tool_calls"] = [*ctx["rec"]["tool_calls"], *(rec for _, rec in results)]
+        ctx["pending_tools"] = []
+        return {"apr": ctx, "apr_trace": self._trace(ctx)}
+
+    async def branch(self, payload: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
+        assert self.branch_graph is not None
+        results, traces = [], []
+        for child in payload["children"]:
+            index = child.pop("index")
+            out = await self.branch_graph.ainvoke({"apr_spawn_input": child, "messages": []}, config)
+            results.append(self._branch_result(out, index))
+            traces.append(out.get("apr_trace", {}))
+        return {"apr_branch_results": results, "apr_trace": _fold(traces)}
+
+    def branch_sync(self, payload: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
+        assert self.branch_graph is not None
+        results, traces = [], []
+        for child in payload["children"]:
+            index = child.pop("index")
+            out = self.branch_graph.invoke({"apr_spawn_input": child, "messages": []}, config)
+            results.append(self._branch_result(out, index))
+            traces.append(out.get("apr_trace", {}))
+        return {"apr_branch_results": results, "apr_trace": _fold(traces)}
+
+    @staticmethod
+    def _branch_result(out: dict[str, Any], index: int) -> dict[str, Any]:
+        c = out["apr"]
+        return {"id": c["id"], "label": c["label"], "index": index, "text": c["text"], "end": c["end"],
+                "outline": c["rec"].get("outline")}
+
+    async def merge(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
+        ctx = _copy_ctx(state["apr"])
+        spawn = ctx["pending_spawn"] or {"children": []}
+        wanted = {c["cid"] for c in spawn["children"]}
+        results = sorted((r for r in state.get("apr_branch_results", []) if r["id"] in wanted),
+                         key=lambda r: r["index"])
+        if self.merge_strategy is not None:
+            merged = self.merge_strategy(results, self.dialect)
+        else:
+            merged = self.dialect.merge_text([(r["label"], r["text"]) for r in results])
+        ctx["text"] += merged
+        ctx["pending_spawn"] = None
+        _emit({"apr": "merge", "ctx": ctx["id"], "children": [r["id"] for r in results]})
+        return {"apr": ctx, "apr_branch_results": [{RESET: True}], "apr_trace": self._trace(ctx)}
+
+    async def finalize(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
+        ctx = _copy_ctx(state["apr"])
+        ctx["rec"]["ended"] = time.time()
+        ctx["rec"]["end"] = ctx["end"]
+        ctx["rec"]["text"] = ctx["text"]
+        if ctx["depth"] > 0:
+            _emit({"apr": "branch_end", "ctx": ctx["id"], "end": ctx["end"],
+                   "tokens": ctx["rec"]["completion_tokens"]})
+            return {"apr": ctx, "apr_trace": self._trace(ctx)}
+        self.budget.release_run(ctx["run"])
+        full = dict(state.get("apr_trace", {}))
+        full["contexts"] = {**full.get("contexts", {}), "root": ctx["rec"]}
+        summary = summarize(full)
+        answer = final_answer(ctx["text"], self.dialect)
+        msg = AIMessage(content=answer, response_metadata={"apr_end": ctx["end"], "apr_run_id": ctx["run"]})
+        return {"apr": ctx, "messages": [msg],
+                "apr_trace": {"contexts": {"root": ctx["rec"]}, "summary": summary, "transcript": ctx["text"]}}
+
+    # -- routing -------------------------------------------------------------
+    def route(self, state: APRState) -> str | list[Send]:
+        ctx = state["apr"]
+        if ctx.get("pending_tools"):
+            return "tools"
+        spawn = ctx.get("pending_spawn")
+        if spawn:
+            children = spawn["children"]
+            if self.config.parallel:
+                return [Send("branch", {"children": [c]}) for c in children]
+            return [Send("branch", {"children": children})]
+        return "finalize"
+
+
+def _copy_ctx(ctx: dict[str, Any]) -> dict[str, Any]:
+    out = dict(ctx)
+    out["rec"] = dict(ctx["rec"])
+    return out
+
+
+def _fold(traces: list[dict[str, Any]]) -> dict[str, Any]:
+    from ..runtime.trace import merge_traces
+
+    out: dict[str, Any] = {}
+    for t in traces:
+        out = merge_traces(out, t)
+    return out
+
+
+def _neutralized(m: BaseMessage) -> BaseMessage:
+    if isinstance(m, SystemMessage) or not isinstance(m.content, str):
+        return m
+    if isinstance(m, (HumanMessage, ToolMessage, AIMessage)):
+        return m.model_copy(update={"content": neutralize(m.content)})
+    return m
+
+
+def _node(afunc: Callable[..., Any], sync: Callable[..., Any] | None = None, name: str = "") -> RunnableLambda:
+    """Async node with a sync twin, so ``graph.invoke`` works as LangGraph users expect."""
+
+    def default_sync(state: Any, config: RunnableConfig) -> Any:
+        return _run_sync(afunc(state, config))
+
+    return RunnableLambda(sync or default_sync, afunc=afunc, name=name)
+
+
+def create_apr_agent(
+    backend: Any,
+    tools: Sequence[BaseTool] = (),
+    config: APRConfig | None = None,
+    *,
+    checkpointer: BaseCheckpointSaver | None | Literal[False] = None,
+    name: str = "apr_agent",
+    merge_strategy: MergeStrategy | None = None,
+) -> CompiledStateGraph:
+    """Build the APR agent graph: usable standalone or as a node of a ``MessagesState`` graph."""
+    check_backend(backend)
+    config = config or APRConfig()
+    if not isinstance(config, APRConfig):
+        raise TypeError(f"config must be an APRConfig, not {type(config).__name__}")
+    tools = list(tools)
+    for t in tools:
+        if not isinstance(t, BaseTool):
+            raise TypeError(f"tools must be LangChain BaseTool objects (e.g. from @tool); got {t!r}")
+    names = [t.name for t in tools]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate tool names: {sorted(n for n in set(names) if names.count(n) > 1)}")
+    agent = _Agent(backend, tools, config, merge_strategy)
+
+    def build() -> StateGraph:
+        g = StateGraph(APRState, input_schema=APRInput, output_schema=APROutput)
+        g.add_node("prepare", _node(agent.prepare, name="prepare"))
+        g.add_node("generate", _node(agent.generate, name="generate"))
+        g.add_node("tools", _node(agent.tools_node, name="tools"))
+        g.add_node("branch", _node(agent.branch, agent.branch_sync, name="branch"))
+        g.add_node("merge", _node(agent.merge, name="merge"))
+        g.add_node("finalize", _node(agent.finalize, name="finalize"))
+        g.add_edge(START, "prepare")
+        g.add_edge("prepare", "generate")
+        g.add_conditional_edges("generate", agent.route, ["tools", "branch", "finalize"])
+        g.add_edge("tools", "generate")
+        g.add_edge("branch", "merge")
+        g.add_edge("merge", "generate")
+        g.add_edge("finalize", END)
+        return g
+
+    agent.branch_graph = build().compile(name=f"{name}_branch")
+    graph = build().compile(checkpointer=checkpointer, name=name)
+    graph.apr_agent = agent  # type: ignore[attr-defined]  # for tests and tools that inspect limits
+    return graph

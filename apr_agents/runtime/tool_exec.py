@@ -1,0 +1,102 @@
+"""Run one step's tool calls concurrently, bounded, rate-limited, each with a timeout.
+
+Every failure becomes that call's response text (SPEC §4): the model reads the
+error in its own context and the other calls and branches go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from langchain_core.tools import BaseTool
+from pydantic import ValidationError
+
+from ..config import APRConfig
+from ..protocol.dialects import neutralize
+from ..protocol.parser import ToolCall
+from .limits import Limiter
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+def to_text(result: Any) -> str:
+    if isinstance(result, str):
+        return result
+    content = getattr(result, "content", None)  # ToolMessage / Command-like outputs
+    if isinstance(content, str):
+        return content
+    try:
+        return json.dumps(result, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        return str(result)
+
+
+def truncate(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n[... truncated {len(text) - limit} characters]"
+
+
+async def run_tool_call(
+    call: ToolCall,
+    tools: Mapping[str, BaseTool],
+    limiter: Limiter,
+    config: APRConfig,
+    *,
+    deadline: float | None,
+    emit: Emit,
+    ctx_id: str,
+) -> tuple[str, dict[str, Any]]:
+    rec: dict[str, Any] = {"name": call.name, "args": call.arguments, "started": time.time(),
+                           "duration_s": 0.0, "error": None}
+    t0 = time.perf_counter()
+    if call.error:
+        rec["error"] = call.error
+        return f"error: {call.error}", rec
+    tool = tools.get(call.name)
+    if tool is None:
+        rec["error"] = "unknown_tool"
+        known = ", ".join(sorted(tools)) or "none"
+        return f"error: unknown tool {call.name!r}; available tools: {known}", rec
+    emit({"apr": "tool_start", "ctx": ctx_id, "name": call.name, "args": call.arguments})
+    timeout = config.tool_timeout_s
+    if deadline is not None:
+        timeout = max(0.0, min(timeout, deadline - time.time()))
+    try:
+        async with limiter.tool():
+            result = await asyncio.wait_for(tool.ainvoke(call.arguments), timeout)
+        text = to_text(result)
+    except TimeoutError:
+        rec["error"] = "timeout"
+        text = f"error: tool {call.name!r} did not finish within {timeout:.1f} s"
+    except ValidationError as exc:
+        rec["error"] = "invalid_arguments"
+        msgs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+        text = f"error: invalid arguments for {call.name!r}: {msgs}"
+    except Exception as exc:  # noqa: BLE001 - a tool's failure is data for the model
+        rec["error"] = type(exc).__name__
+        text = f"error: tool {call.name!r} raised {type(exc).__name__}: {exc}"
+    rec["duration_s"] = round(time.perf_counter() - t0, 6)
+    emit({"apr": "tool_end", "ctx": ctx_id, "name": call.name, "duration_s": rec["duration_s"],
+          "error": rec["error"]})
+    return neutralize(truncate(text, config.max_tool_output_chars)), rec
+
+
+async def run_tool_calls(
+    calls: list[ToolCall],
+    tools: Mapping[str, BaseTool],
+    limiter: Limiter,
+    config: APRConfig,
+    *,
+    deadline: float | None,
+    emit: Emit,
+    ctx_id: str,
+) -> list[tuple[str, dict[str, Any]]]:
+    """All calls at once; results come back in call order."""
+    return list(await asyncio.gather(*(
+        run_tool_call(c, tools, limiter, config, deadline=deadline, emit=emit, ctx_id=ctx_id) for c in calls
+    )))

@@ -1,0 +1,105 @@
+"""The run trace (SPEC §5): a JSON-serialisable record per context and its summary.
+
+``merge_traces`` is the LangGraph reducer for ``state["apr_trace"]``: parallel
+branches each return their own records and they fold together without
+clobbering each other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+RESET = "__reset__"
+
+
+def merge_traces(left: dict[str, Any] | None, right: dict[str, Any] | None) -> dict[str, Any]:
+    if not right:
+        return left or {}
+    if right.get(RESET):
+        left = {}
+        right = {k: v for k, v in right.items() if k != RESET}
+    out = dict(left or {})
+    for key, val in right.items():
+        if key == "contexts":
+            ctxs = dict(out.get("contexts", {}))
+            for cid, rec in val.items():
+                ctxs[cid] = {**ctxs.get(cid, {}), **rec}
+            out["contexts"] = ctxs
+        elif key in ("limits", "repairs"):
+            seen = {_key(e) for e in out.get(key, [])}
+            merged = list(out.get(key, []))
+            for e in val:
+                if _key(e) not in seen:
+                    seen.add(_key(e))
+                    merged.append(e)
+            out[key] = merged
+        else:
+            out[key] = val
+    return out
+
+
+def _key(e: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(sorted((k, str(v)) for k, v in e.items()))
+
+
+def critical_path_tokens(contexts: dict[str, dict[str, Any]], root: str) -> int:
+    """Longest chain of sequential tokens through the spawn tree.
+
+    A context's own tokens are sequential; each of its spawns adds the slowest
+    branch of that spawn, since the parent waits for the merge.
+    """
+    memo: dict[str, int] = {}
+
+    def cp(cid: str, depth: int = 0) -> int:
+        if cid in memo:
+            return memo[cid]
+        rec = contexts.get(cid, {})
+        total = int(rec.get("completion_tokens", 0))
+        if depth < 10_000:
+            for group in rec.get("spawns", []):
+                kids = [cp(k, depth + 1) for k in group if k in contexts]
+                total += max(kids, default=0)
+        memo[cid] = total
+        return total
+
+    return cp(root)
+
+
+def max_concurrent(contexts: dict[str, dict[str, Any]]) -> int:
+    edges: list[tuple[float, int]] = []
+    for rec in contexts.values():
+        if rec.get("depth", 0) >= 1 and rec.get("started") is not None:
+            edges.append((float(rec["started"]), 1))
+            edges.append((float(rec.get("ended") or rec["started"]), -1))
+    alive = best = 0
+    for _, d in sorted(edges, key=lambda e: (e[0], e[1])):
+        alive += d
+        best = max(best, alive)
+    return best
+
+
+def summarize(trace: dict[str, Any], root: str = "root") -> dict[str, Any]:
+    ctxs: dict[str, dict[str, Any]] = trace.get("contexts", {})
+    root_rec = ctxs.get(root, {})
+    started = [r["started"] for r in ctxs.values() if r.get("started") is not None]
+    ended = [r["ended"] for r in ctxs.values() if r.get("ended") is not None]
+    tool_calls = [t for r in ctxs.values() for t in r.get("tool_calls", [])]
+    total = sum(int(r.get("completion_tokens", 0)) for r in ctxs.values())
+    cp = critical_path_tokens(ctxs, root)
+    return {
+        "contexts": len(ctxs),
+        "branches": sum(1 for r in ctxs.values() if r.get("depth", 0) >= 1),
+        "max_depth": max((r.get("depth", 0) for r in ctxs.values()), default=0),
+        "total_tokens": total,
+        "prompt_tokens": sum(int(r.get("prompt_tokens", 0)) for r in ctxs.values()),
+        "critical_path_tokens": cp,
+        "token_latency_ratio": round(total / cp, 4) if cp else None,
+        "wall_time_s": round(max(ended) - min(started), 6) if started and ended else None,
+        "max_concurrent_branches": max_concurrent(ctxs),
+        "backend_calls": sum(int(r.get("calls", 0)) for r in ctxs.values()),
+        "tool_calls": len(tool_calls),
+        "tool_errors": sum(1 for t in tool_calls if t.get("error")),
+        "limits_hit": sorted({e["limit"] for e in trace.get("limits", [])}),
+        "repairs": len(trace.get("repairs", [])),
+        "end": root_rec.get("end"),
+    }

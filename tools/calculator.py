@@ -1,0 +1,57 @@
+"""A calculator the model can call: arithmetic over an AST whitelist, never ``eval``."""
+
+from __future__ import annotations
+
+import ast
+import math
+import operator
+
+from langchain_core.tools import tool
+
+_BINOPS = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+}
+_UNOPS = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+_FUNCS = {"sqrt": math.sqrt, "abs": abs, "round": round, "min": min, "max": max, "log": math.log,
+          "exp": math.exp, "sin": math.sin, "cos": math.cos}
+_CONSTS = {"pi": math.pi, "e": math.e}
+MAX_POW = 10_000
+MAX_LEN = 500
+
+
+def evaluate(expression: str) -> float | int:
+    """Evaluate arithmetic; raises ValueError on anything that is not arithmetic."""
+    if len(expression) > MAX_LEN:
+        raise ValueError(f"expression longer than {MAX_LEN} characters")
+    try:
+        tree = ast.parse(expression.replace("^", "**").replace("×", "*"), mode="eval")
+    except SyntaxError as exc:
+        raise ValueError(f"not an arithmetic expression: {exc.msg}") from None
+    return _eval(tree.body)
+
+
+def _eval(node: ast.AST) -> float | int:
+    if isinstance(node, ast.Constant) and isinstance(node.value, int | float) and not isinstance(node.value, bool):
+        return node.value
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        left, right = _eval(node.left), _eval(node.right)
+        if isinstance(node.op, ast.Pow) and abs(right) > MAX_POW:
+            raise ValueError(f"exponent larger than {MAX_POW}")
+        return _BINOPS[type(node.op)](left, right)
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNOPS:
+        return _UNOPS[type(node.op)](_eval(node.operand))
+    if isinstance(node, ast.Name) and node.id in _CONSTS:
+        return _CONSTS[node.id]
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCS and not node.keywords:
+        return _FUNCS[node.func.id](*(_eval(a) for a in node.args))
+    raise ValueError(f"unsupported element in expression: {ast.dump(node)[:60]}")
+
+
+@tool
+def calculator(expression: str) -> str:
+    """Evaluate an arithmetic expression such as '(3 + 4) * 2' or 'sqrt(2) * 10'."""
+    value = evaluate(expression)
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        value = int(value)
+    return str(value)
