@@ -13,7 +13,6 @@ from typing import Any, Protocol, runtime_checkable
 from langchain_core.messages import BaseMessage
 from pydantic import BaseModel, ConfigDict
 
-
 # Set by the runtime to the run id around each backend call, so a multi-replica
 # backend can send every context of one run (all branches of a spawn) to one
 # replica and its prefix cache.

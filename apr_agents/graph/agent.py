@@ -186,9 +186,12 @@ class _Agent:
                     else:
                         ctx["end"] = "eos"
                     break
-                if comp.stop == self.dialect.thread_close and ctx["depth"] > 0 and not inline_open:
-                    ctx["end"] = "thread_end"
-                    break
+                if comp.stop == self.dialect.thread_close and ctx["depth"] > 0:
+                    own = StreamParser(self.dialect)
+                    own.feed(ctx["text"])
+                    if own.depth == 0:  # not the close of a block the branch writes inline
+                        ctx["end"] = "thread_end"
+                        break
                 ctx["text"] += comp.stop
                 if comp.stop == TOOL_CALL_CLOSE:
                     calls = self._tool_calls_of(comp.text, repairs, ctx)
@@ -452,7 +455,7 @@ def create_apr_agent(
     tools: Sequence[BaseTool] = (),
     config: APRConfig | None = None,
     *,
-    checkpointer: BaseCheckpointSaver | None | Literal[False] = None,
+    checkpointer: BaseCheckpointSaver | Literal[False] | None = None,
     name: str = "apr_agent",
     merge_strategy: MergeStrategy | None = None,
 ) -> CompiledStateGraph:

@@ -15,6 +15,7 @@ from .parser import (
     ThreadClose,
     ThreadOpen,
     ToolCall,
+    ToolResponse,
     parse_events,
 )
 
@@ -94,6 +95,10 @@ def parse_document(text: str, dialect: str | Dialect = "canonical") -> Document:
             doc.repairs.append(ev)
         elif isinstance(ev, ToolCall):
             doc.tool_calls.append(ev)
+            if not stack:
+                doc.final_text = ""
+        elif isinstance(ev, ToolResponse) and not stack:
+            doc.final_text = ""
         elif isinstance(ev, Text) and ev.depth == 0:
             doc.final_text += ev.text
     doc.final_text = doc.final_text.strip()

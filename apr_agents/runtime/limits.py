@@ -7,8 +7,8 @@ import math
 import threading
 import weakref
 from collections import OrderedDict
-from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from asyncio_throttle import Throttler
 

@@ -68,6 +68,7 @@ async def run_tool_call(
         timeout = max(0.0, min(timeout, deadline - time.time()))
     try:
         async with limiter.tool():
+            rec["started"] = time.time()
             result = await asyncio.wait_for(tool.ainvoke(call.arguments), timeout)
         text = to_text(result)
     except TimeoutError:

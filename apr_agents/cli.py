@@ -1,0 +1,253 @@
+"""``apr``: run a question, the embedded demo, or the benchmarks from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from langchain_core.messages import HumanMessage
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from .config import APRConfig
+from .runtime.timeline import plot_timeline, thread_tree
+
+console = Console()
+
+
+def make_backend(args: argparse.Namespace) -> Any:
+    kind = args.backend
+    if kind == "scripted":
+        from .backends.scripted import ScriptedBackend
+        from .demo import demo_script
+
+        return ScriptedBackend(demo_script(), token_latency_s=args.token_latency)
+    if kind == "embedded":
+        from .backends import default_backend
+
+        return default_backend()
+    if kind == "openai":
+        from .backends.openai_compat import OpenAICompatibleBackend
+
+        if not args.base_url or not args.model:
+            raise SystemExit("--backend openai needs --base-url and --model")
+        return OpenAICompatibleBackend([u.strip() for u in args.base_url.split(",")], args.model)
+    if kind == "vllm":
+        from .backends.vllm import VLLMBackend
+
+        if not args.model:
+            raise SystemExit("--backend vllm needs --model (a model name or checkpoint folder)")
+        return VLLMBackend(args.model)
+    raise SystemExit(f"unknown backend {kind!r}")
+
+
+def make_config(args: argparse.Namespace, **over: Any) -> APRConfig:
+    fields = {k: getattr(args, k) for k in ("max_threads", "max_depth", "max_total_threads", "max_tokens",
+                                            "thread_timeout_s", "dialect") if getattr(args, k, None) is not None}
+    fields.update(over)
+    return APRConfig(**fields)
+
+
+def make_tools(args: argparse.Namespace) -> list[Any]:
+    from apr_tools import get_tools
+
+    from .demo import with_latency
+
+    return [with_latency(t, args.tool_latency) for t in get_tools(args.tools)]
+
+
+async def run_live(graph: Any, question: str, *, config: dict[str, Any] | None = None,
+                   show: bool = True, resume: bool = False) -> dict[str, Any]:
+    """Run the graph, drawing the thread tree live from LangGraph's ``custom`` stream."""
+    live_ctx: dict[str, dict[str, Any]] = {"root": {"started": time.time()}}
+    trace: dict[str, Any] = {"contexts": {}}
+    inp = None if resume else {"messages": [HumanMessage(question)]}
+    final: dict[str, Any] = {}
+
+    def on_event(ev: dict[str, Any]) -> None:
+        cid = ev.get("ctx", "root")
+        rec = live_ctx.setdefault(cid, {})
+        kind = ev.get("apr")
+        if kind == "branch_start":
+            rec.update(started=time.time(), label=ev.get("label"), outline=ev.get("outline"),
+                       parent=cid.rsplit("/", 1)[0], depth=ev.get("depth"))
+        elif kind == "token":
+            rec["completion_tokens"] = rec.get("completion_tokens", 0) + 1
+        elif kind == "tool_end":
+            rec.setdefault("tool_calls", []).append(ev)
+        elif kind == "branch_end":
+            rec.update(ended=time.time(), end=ev.get("end"))
+
+    live_view = Live(thread_tree(trace, live=live_ctx), console=console, refresh_per_second=8)
+    with live_view if show else _Quiet() as live:
+        async for mode_ns_chunk in graph.astream(inp, config, stream_mode=["custom", "values"], subgraphs=True):
+            ns, mode, chunk = mode_ns_chunk
+            if mode == "custom" and isinstance(chunk, dict) and "apr" in chunk:
+                on_event(chunk)
+                live.update(thread_tree(trace, live=live_ctx))
+            elif mode == "values" and not ns:
+                final = chunk
+        if final.get("apr_trace"):
+            live.update(thread_tree(final["apr_trace"]))
+    return final
+
+
+class _Quiet:
+    """Stands in for rich's Live when the tree is not shown."""
+
+    def __enter__(self) -> _Quiet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, *_: object) -> None:
+        return None
+
+
+def summary_table(rows: list[tuple[str, dict[str, Any], float]]) -> Table:
+    t = Table(title="runs")
+    for col in ("mode", "wall s", "tokens", "critical-path tokens", "branches", "max alive", "tool calls"):
+        t.add_column(col, justify="right")
+    for name, s, wall in rows:
+        t.add_row(name, f"{wall:.2f}", str(s.get("total_tokens")), str(s.get("critical_path_tokens")),
+                  str(s.get("branches")), str(s.get("max_concurrent_branches")), str(s.get("tool_calls")))
+    return t
+
+
+async def cmd_run(args: argparse.Namespace) -> int:
+    from .graph import create_apr_agent
+
+    backend = make_backend(args)
+    tools = make_tools(args)
+    cfg = make_config(args)
+    run_config: dict[str, Any] = {"recursion_limit": 10_000}
+    saver_cm = None
+    if args.db or args.resume:
+        from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+        saver_cm = AsyncSqliteSaver.from_conn_string(args.db or "apr-runs.sqlite")
+        saver = await saver_cm.__aenter__()
+        thread_id = args.resume or args.thread_id or f"apr-{int(time.time())}"
+        run_config["configurable"] = {"thread_id": thread_id}
+        console.print(f"[dim]checkpoints: {args.db or 'apr-runs.sqlite'}  thread_id: {thread_id}[/dim]")
+    else:
+        saver = None
+    try:
+        graph = create_apr_agent(backend, tools, cfg, checkpointer=saver)
+        if not args.question and not args.resume:
+            raise SystemExit("give a question, or --resume THREAD_ID")
+        t0 = time.perf_counter()
+        final = await run_live(graph, args.question or "", config=run_config, show=not args.quiet,
+                               resume=bool(args.resume))
+        wall = time.perf_counter() - t0
+    finally:
+        if saver_cm is not None:
+            await saver_cm.__aexit__(None, None, None)
+    answer = final["messages"][-1].content if final.get("messages") else ""
+    console.print(f"\n[bold]answer:[/bold] {answer}")
+    summary = final.get("apr_trace", {}).get("summary", {})
+    console.print(summary_table([("parallel" if cfg.parallel else "sequential", summary, wall)]))
+    if args.trace_out:
+        Path(args.trace_out).write_text(json.dumps(final.get("apr_trace", {}), indent=1, default=str))
+        console.print(f"trace written to {args.trace_out}")
+    return 0
+
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DEMO_QUESTION
+    from .graph import create_apr_agent
+
+    question = args.question or DEMO_QUESTION
+    console.print(f"[bold]backend:[/bold] {args.backend}   [bold]tool latency:[/bold] {args.tool_latency} s "
+                  "(a stand-in for remote APIs)")
+    console.print(f"[bold]question:[/bold] {question}\n")
+    t_load = time.perf_counter()
+    backend = make_backend(args)
+    if hasattr(backend, "start"):
+        await backend.start()
+    console.print(f"[dim]backend ready in {time.perf_counter() - t_load:.1f} s[/dim]")
+    tools = make_tools(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    results = {}
+    for mode, parallel in (("parallel", True), ("sequential", False)):
+        console.rule(f"{mode} run")
+        graph = create_apr_agent(backend, tools, make_config(args, parallel=parallel))
+        t0 = time.perf_counter()
+        final = await run_live(graph, question, config={"recursion_limit": 10_000}, show=not args.quiet)
+        wall = time.perf_counter() - t0
+        trace = final["apr_trace"]
+        results[mode] = final
+        rows.append((mode, trace["summary"], wall))
+        console.print(f"[bold]answer ({mode}):[/bold] {final['messages'][-1].content}")
+        (out / f"demo-trace-{mode}.json").write_text(json.dumps(trace, indent=1, default=str))
+        plot_timeline(trace, out / f"demo-timeline-{mode}.png", title=f"apr demo ({mode}, {args.backend})")
+    console.print(summary_table(rows))
+    speed = rows[1][2] / rows[0][2] if rows[0][2] else float("nan")
+    console.print(f"parallel vs sequential wall time: [bold]{speed:.2f}x[/bold] faster "
+                  f"({rows[0][2]:.2f} s vs {rows[1][2]:.2f} s)")
+    console.print(f"traces and timelines in {out}/ (demo-trace-*.json, demo-timeline-*.png)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="apr", description="Adaptive parallel reasoning agents on LangGraph")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp: argparse.ArgumentParser, default_backend: str) -> None:
+        sp.add_argument("--backend", default=default_backend, choices=["embedded", "scripted", "openai", "vllm"],
+                        help="embedded: Gemma 3 270M on llama.cpp (CPU); scripted: FAKE demo model")
+        sp.add_argument("--model", help="model for openai/vllm backends")
+        sp.add_argument("--base-url", help="OpenAI-compatible server URL(s), comma-separated")
+        sp.add_argument("--tools", default="all", help="comma-separated demo tools (calculator,lookup,sleep_then_echo)")
+        sp.add_argument("--tool-latency", type=float, default=0.0, help="seconds each tool call waits (simulated API)")
+        sp.add_argument("--token-latency", type=float, default=0.01, help="scripted backend: seconds per token")
+        sp.add_argument("--max-threads", dest="max_threads", type=int)
+        sp.add_argument("--max-depth", dest="max_depth", type=int)
+        sp.add_argument("--max-total-threads", dest="max_total_threads", type=int)
+        sp.add_argument("--max-tokens", dest="max_tokens", type=int)
+        sp.add_argument("--thread-timeout", dest="thread_timeout_s", type=float)
+        sp.add_argument("--dialect", choices=["canonical", "multiverse", "apr"])
+        sp.add_argument("--quiet", action="store_true", help="no live tree")
+
+    r = sub.add_parser("run", help="answer one question, showing the thread tree live")
+    r.add_argument("question", nargs="?")
+    common(r, "embedded")
+    r.add_argument("--trace-out", help="write the run's trace JSON here")
+    r.add_argument("--db", help="SQLite checkpoint file (enables resume)")
+    r.add_argument("--thread-id", help="checkpoint thread id for a new run")
+    r.add_argument("--resume", metavar="THREAD_ID", help="resume an interrupted run from --db")
+
+    d = sub.add_parser("demo", help="the embedded-model demo: parallel vs sequential, trace and timeline")
+    d.add_argument("question", nargs="?")
+    common(d, "embedded")
+    d.set_defaults(tool_latency=0.5)
+    d.add_argument("--out", default="out/demo", help="folder for traces and timeline PNGs")
+
+    b = sub.add_parser("bench", help="benchmarks (same as python -m apr_agents.bench)")
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "bench":
+        from .bench.__main__ import main as bench_main
+
+        return bench_main(args.rest)
+    try:
+        return asyncio.run(cmd_run(args) if args.cmd == "run" else cmd_demo(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
