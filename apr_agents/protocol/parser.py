@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from .dialects import (
@@ -108,6 +109,15 @@ def split_label(text: str) -> tuple[str | None, str]:
     return m.group(1), text[m.end():].strip()
 
 
+@lru_cache(maxsize=16)
+def _scanner(dialect: Dialect) -> tuple[re.Pattern[str], frozenset[str], int]:
+    """Marker regex, marker prefixes (to hold back a split marker) and longest marker length."""
+    markers = dialect.markers
+    return (re.compile("|".join(re.escape(m) for m in markers)),
+            frozenset(m[:i] for m in markers for i in range(1, len(m))),
+            max(len(m) for m in markers))
+
+
 @dataclass
 class _Block:
     outlines: list[tuple[str | None, str]] = field(default_factory=list)
@@ -123,15 +133,12 @@ class StreamParser:
     def __init__(self, dialect: str | Dialect = "canonical", *, max_outlines: int = 100_000) -> None:
         self.dialect = get_dialect(dialect)
         self.max_outlines = max_outlines
-        self._markers = self.dialect.markers
-        self._marker_re = re.compile("|".join(re.escape(m) for m in self._markers))
-        self._prefixes = {m[:i] for m in self._markers for i in range(1, len(m))}
-        self._maxlen = max(len(m) for m in self._markers)
+        self._marker_re, self._prefixes, self._maxlen = _scanner(self.dialect)
         self._pending = ""  # unscanned tail, possibly a split marker
         self._raw: list[str] = []
         self._raw_len = 0
         self._text_start = 0  # start of the text run not yet emitted
-        self._mode = "text"  # text | tool_call | tool_response | apr_spawn
+        self._mode = "text"  # text | tool_call | tool_response | apr_spawn | apr_join
         self._mode_start = 0
         self._stack: list[_Block] = []
         self.closed = False
@@ -193,6 +200,10 @@ class StreamParser:
         elif self._mode == "apr_spawn":
             events.append(Repair("unclosed_spawn", self._slice(self._mode_start)[:200]))
             self._mode = "text"
+        elif self._mode == "apr_join":
+            events.append(Repair("unclosed_join", self._slice(self._mode_start)[:200]))
+            self._mode = "text"
+            self._text_start = self._raw_len
         self._flush_text(events)
         while self._stack:
             blk = self._stack[-1]
@@ -249,6 +260,12 @@ class StreamParser:
                 self._text_start = self._raw_len
             else:
                 self._consume(mk)
+            return
+        if self._mode == "apr_join":  # the parent's join([...results...]): data, not structure
+            self._consume(mk)
+            if mk == d.spawn_marker:
+                self._mode = "text"
+                self._text_start = self._raw_len
             return
         if self._mode == "apr_spawn":
             if mk == d.spawn_marker:
@@ -323,10 +340,12 @@ class StreamParser:
             events.append(ThreadOpen(len(self._stack)))
         elif mk == d.thread_close:
             if d.name == "apr" and blk is not None:
-                # ``join(`` in a parent closes its spawn block.
+                # ``join(`` in a parent closes its spawn block; its results list follows.
                 self._consume(mk)
                 self._stack.pop()
                 events.append(ParallelClose(len(self._stack) + 1, len(blk.outlines)))
+                self._mode, self._mode_start = "apr_join", self._raw_len
+                return
             elif blk is None:
                 events.append(BranchEnd(self.raw))
                 self._consume(mk)

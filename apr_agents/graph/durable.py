@@ -1,0 +1,141 @@
+"""Durable runs: checkpoint every step, resume a killed run from its ``thread_id``.
+
+The APR graph is an ordinary LangGraph graph, so any checkpointer works
+(``InMemorySaver``, ``SqliteSaver``/``AsyncSqliteSaver``, ``PostgresSaver``).
+What a checkpointer keeps for a run with branches in flight:
+
+- the root's state at every step (its text up to the spawn point, the trace);
+- the pending ``Send`` tasks of the spawn and, for each branch that already
+  finished, its writes (its result and its trace) as *pending writes* of that
+  step: on resume LangGraph hands those back instead of running the branch again;
+- each branch's own checkpoints, under the namespace ``branch:<task id>``: a
+  branch that was still running resumes from its last finished step (a tool
+  call in flight when the process died runs again; its earlier steps do not).
+
+``run_with_checkpoint`` is what ``apr run --db FILE [--resume THREAD_ID]`` calls.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+from langchain_core.messages import HumanMessage
+from langgraph.checkpoint.base import BaseCheckpointSaver
+
+GraphFactory = Callable[[BaseCheckpointSaver], Any]
+OnEvent = Callable[[dict[str, Any]], Awaitable[None] | None]
+Durability = Literal["sync", "async", "exit"]
+
+
+class NothingToResume(LookupError):
+    """``resume=True`` named a thread the checkpoint store does not hold."""
+
+
+class RunInProgress(RuntimeError):
+    """A new question was given for a thread whose last run never finished."""
+
+
+def new_thread_id() -> str:
+    return f"apr-{uuid.uuid4().hex[:12]}"
+
+
+@asynccontextmanager
+async def open_checkpointer(db: str | Path | None) -> AsyncIterator[BaseCheckpointSaver]:
+    """An async checkpointer for ``db``.
+
+    - ``None`` or ``":memory:"``: LangGraph's ``InMemorySaver`` (lost with the process);
+    - ``postgres://...`` / ``postgresql://...``: ``AsyncPostgresSaver`` (extra ``apr-agents[postgres]``);
+    - anything else: a SQLite file through ``AsyncSqliteSaver`` (extra ``apr-agents[sqlite]``).
+    """
+    if db is None or str(db) == ":memory:":
+        from langgraph.checkpoint.memory import InMemorySaver
+
+        yield InMemorySaver()
+        return
+    url = str(db)
+    if url.startswith(("postgres://", "postgresql://")):
+        try:
+            from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+        except ImportError as exc:  # pragma: no cover - depends on the extra
+            raise ImportError("a Postgres checkpoint store needs `pip install apr-agents[postgres]`") from exc
+        async with AsyncPostgresSaver.from_conn_string(url) as saver:
+            await saver.setup()
+            yield saver
+        return
+    try:
+        from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+    except ImportError as exc:  # pragma: no cover - depends on the extra
+        raise ImportError("a SQLite checkpoint file needs `pip install apr-agents[sqlite]`") from exc
+    Path(url).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    async with AsyncSqliteSaver.from_conn_string(str(Path(url).expanduser())) as saver:
+        yield saver
+
+
+async def run_with_checkpoint(
+    graph_factory: GraphFactory,
+    question: str | None,
+    db_path: str | Path | None,
+    thread_id: str,
+    resume: bool,
+    *,
+    on_event: OnEvent | None = None,
+    config: dict[str, Any] | None = None,
+    durability: Durability = "sync",
+) -> dict[str, Any]:
+    """Run (or resume) one checkpointed APR run and return its final state.
+
+    ``graph_factory(checkpointer)`` builds the graph, e.g.
+    ``lambda cp: create_apr_agent(backend, tools, cfg, checkpointer=cp)``; it
+    must build the same graph (same tools, same config) for a resume.
+
+    - ``resume=False``: asks ``question`` on ``thread_id`` (a thread that
+      already has finished runs continues its conversation). Raises
+      ``RunInProgress`` if the thread's last run never finished.
+    - ``resume=True``: finishes the run that was interrupted on ``thread_id``
+      (``question`` is ignored); returns the stored final state at once if
+      that run had already finished. Raises ``NothingToResume`` if the store
+      has no such thread.
+
+    ``on_event`` (sync or async) receives every normalised event of
+    ``apr_agents.graph.streaming.stream_events`` while the run goes on, the
+    live tree of every branch. ``durability="sync"`` (default) writes each
+    checkpoint before the next step starts, so a ``kill -9`` loses at most the
+    steps that were running.
+    """
+    from .streaming import stream_events
+
+    async with open_checkpointer(db_path) as saver:
+        graph = graph_factory(saver)
+        run_config: dict[str, Any] = {"recursion_limit": 10_000, **(config or {})}
+        run_config["configurable"] = {**run_config.get("configurable", {}), "thread_id": thread_id}
+        snapshot = await graph.aget_state(run_config)
+        started = bool(snapshot.values) or snapshot.created_at is not None
+        if resume:
+            if not started:
+                raise NothingToResume(f"no checkpointed run with thread_id {thread_id!r} in {db_path}")
+            if not snapshot.next:
+                return dict(snapshot.values)  # it had finished: nothing left to run
+            inp: dict[str, Any] | None = None
+        else:
+            if not question:
+                raise ValueError("a new run needs a question (or resume=True)")
+            if started and snapshot.next:
+                raise RunInProgress(
+                    f"thread {thread_id!r} has an unfinished run (next: {list(snapshot.next)}); "
+                    "resume it first (resume=True / `apr run --resume`)"
+                )
+            inp = {"messages": [HumanMessage(question)]}
+        if on_event is None:
+            return dict(await graph.ainvoke(inp, run_config, durability=durability))
+        final: dict[str, Any] = {}
+        async for ev in stream_events(graph, inp, run_config, durability=durability):
+            if ev["apr"] == "done":
+                final = ev["state"]
+            res = on_event(ev)
+            if res is not None and hasattr(res, "__await__"):
+                await res
+        return final
