@@ -62,39 +62,46 @@ def make_tools(args: argparse.Namespace) -> list[Any]:
     return [with_latency(t, args.tool_latency) for t in get_tools(args.tools)]
 
 
-async def run_live(graph: Any, question: str, *, config: dict[str, Any] | None = None,
-                   show: bool = True, resume: bool = False) -> dict[str, Any]:
-    """Run the graph, drawing the thread tree live from LangGraph's ``custom`` stream."""
-    live_ctx: dict[str, dict[str, Any]] = {"root": {"started": time.time()}}
-    trace: dict[str, Any] = {"contexts": {}}
-    inp = None if resume else {"messages": [HumanMessage(question)]}
-    final: dict[str, Any] = {}
+class LiveTree:
+    """Feeds ``stream_events`` into a rich tree of the threads, redrawn as events arrive."""
 
-    def on_event(ev: dict[str, Any]) -> None:
-        cid = ev.get("ctx", "root")
-        rec = live_ctx.setdefault(cid, {})
+    def __init__(self, show: bool) -> None:
+        self.ctxs: dict[str, dict[str, Any]] = {"root": {"started": time.time()}}
+        self.view = Live(thread_tree({}, live=self.ctxs), console=console, refresh_per_second=8) if show else _Quiet()
+
+    def __call__(self, ev: dict[str, Any]) -> None:
         kind = ev.get("apr")
+        if kind == "done":
+            if ev["state"].get("apr_trace"):
+                self.view.update(thread_tree(ev["state"]["apr_trace"]))
+            return
+        cid = ev.get("ctx", "root")
+        rec = self.ctxs.setdefault(cid, {})
         if kind == "branch_start":
-            rec.update(started=time.time(), label=ev.get("label"), outline=ev.get("outline"),
+            rec.update(started=ev.get("t", time.time()), label=ev.get("label"), outline=ev.get("outline"),
                        parent=cid.rsplit("/", 1)[0], depth=ev.get("depth"))
         elif kind == "token":
             rec["completion_tokens"] = rec.get("completion_tokens", 0) + 1
         elif kind == "tool_end":
             rec.setdefault("tool_calls", []).append(ev)
         elif kind == "branch_end":
-            rec.update(ended=time.time(), end=ev.get("end"))
+            rec.update(ended=ev.get("t", time.time()), end=ev.get("end"))
+        else:
+            return
+        self.view.update(thread_tree({}, live=self.ctxs))
 
-    live_view = Live(thread_tree(trace, live=live_ctx), console=console, refresh_per_second=8)
-    with live_view if show else _Quiet() as live:
-        async for mode_ns_chunk in graph.astream(inp, config, stream_mode=["custom", "values"], subgraphs=True):
-            ns, mode, chunk = mode_ns_chunk
-            if mode == "custom" and isinstance(chunk, dict) and "apr" in chunk:
-                on_event(chunk)
-                live.update(thread_tree(trace, live=live_ctx))
-            elif mode == "values" and not ns:
-                final = chunk
-        if final.get("apr_trace"):
-            live.update(thread_tree(final["apr_trace"]))
+
+async def run_live(graph: Any, question: str, *, show: bool = True) -> dict[str, Any]:
+    """Run the graph once (no checkpointer), drawing the thread tree live."""
+    from .graph.streaming import stream_events
+
+    tree = LiveTree(show)
+    final: dict[str, Any] = {}
+    with tree.view:
+        async for ev in stream_events(graph, {"messages": [HumanMessage(question)]}, {"recursion_limit": 10_000}):
+            tree(ev)
+            if ev["apr"] == "done":
+                final = ev["state"]
     return final
 
 
@@ -123,33 +130,26 @@ def summary_table(rows: list[tuple[str, dict[str, Any], float]]) -> Table:
 
 async def cmd_run(args: argparse.Namespace) -> int:
     from .graph import create_apr_agent
+    from .graph.durable import new_thread_id, run_with_checkpoint
 
+    if not args.question and not args.resume:
+        raise SystemExit("give a question, or --resume THREAD_ID")
     backend = make_backend(args)
     tools = make_tools(args)
     cfg = make_config(args)
-    run_config: dict[str, Any] = {"recursion_limit": 10_000}
-    saver_cm = None
+    t0 = time.perf_counter()
     if args.db or args.resume:
-        from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-
-        saver_cm = AsyncSqliteSaver.from_conn_string(args.db or "apr-runs.sqlite")
-        saver = await saver_cm.__aenter__()
-        thread_id = args.resume or args.thread_id or f"apr-{int(time.time())}"
-        run_config["configurable"] = {"thread_id": thread_id}
-        console.print(f"[dim]checkpoints: {args.db or 'apr-runs.sqlite'}  thread_id: {thread_id}[/dim]")
+        db = args.db or "apr-runs.sqlite"
+        thread_id = args.resume or args.thread_id or new_thread_id()
+        console.print(f"[dim]checkpoints: {db}  thread_id: {thread_id}  (resume with --resume {thread_id})[/dim]")
+        tree = LiveTree(not args.quiet)
+        with tree.view:
+            final = await run_with_checkpoint(
+                lambda cp: create_apr_agent(backend, tools, cfg, checkpointer=cp),
+                args.question, db, thread_id, bool(args.resume), on_event=tree)
     else:
-        saver = None
-    try:
-        graph = create_apr_agent(backend, tools, cfg, checkpointer=saver)
-        if not args.question and not args.resume:
-            raise SystemExit("give a question, or --resume THREAD_ID")
-        t0 = time.perf_counter()
-        final = await run_live(graph, args.question or "", config=run_config, show=not args.quiet,
-                               resume=bool(args.resume))
-        wall = time.perf_counter() - t0
-    finally:
-        if saver_cm is not None:
-            await saver_cm.__aexit__(None, None, None)
+        final = await run_live(create_apr_agent(backend, tools, cfg), args.question, show=not args.quiet)
+    wall = time.perf_counter() - t0
     answer = final["messages"][-1].content if final.get("messages") else ""
     console.print(f"\n[bold]answer:[/bold] {answer}")
     summary = final.get("apr_trace", {}).get("summary", {})
@@ -182,7 +182,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
         console.rule(f"{mode} run")
         graph = create_apr_agent(backend, tools, make_config(args, parallel=parallel))
         t0 = time.perf_counter()
-        final = await run_live(graph, question, config={"recursion_limit": 10_000}, show=not args.quiet)
+        final = await run_live(graph, question, show=not args.quiet)
         wall = time.perf_counter() - t0
         trace = final["apr_trace"]
         results[mode] = final
@@ -243,10 +243,18 @@ def main(argv: list[str] | None = None) -> int:
         from .bench.__main__ import main as bench_main
 
         return bench_main(args.rest)
+    from .backends.base import BackendError
+    from .graph.agent import APRBackendError
+    from .graph.durable import NothingToResume, RunInProgress
+
     try:
         return asyncio.run(cmd_run(args) if args.cmd == "run" else cmd_demo(args))
     except KeyboardInterrupt:
         return 130
+    except (ValueError, TypeError, BackendError, APRBackendError, NothingToResume, RunInProgress,
+            ImportError, FileNotFoundError) as exc:
+        Console(stderr=True).print(f"[bold red]apr: error:[/bold red] {type(exc).__name__}: {exc}")
+        return 2
 
 
 if __name__ == "__main__":

@@ -13,15 +13,17 @@ from .scripted import Rule, ScriptedBackend
 if TYPE_CHECKING:
     from .llamacpp import LlamaCppBackend
     from .openai_compat import OpenAICompatibleBackend
+    from .scripted_chat import ScriptedChatModel
     from .vllm import VLLMBackend
 
 __all__ = [
     "Backend", "BackendError", "BackendUnavailable", "Completion", "LlamaCppBackend",
-    "OpenAICompatibleBackend", "Rule", "ScriptedBackend", "StreamingBackend", "VLLMBackend",
+    "OpenAICompatibleBackend", "Rule", "ScriptedBackend", "ScriptedChatModel", "StreamingBackend", "VLLMBackend",
     "check_backend", "default_backend", "route_key",
 ]
 
 _LAZY = {
+    "ScriptedChatModel": ".scripted_chat",  # FAKE chat model with tool calling, for tests
     "LlamaCppBackend": ".llamacpp",
     "OpenAICompatibleBackend": ".openai_compat",
     "VLLMBackend": ".vllm",

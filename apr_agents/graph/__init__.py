@@ -1,6 +1,7 @@
 """The LangGraph side: state, nodes and ``create_apr_agent``."""
 
 from .agent import APRBackendError, create_apr_agent, final_answer
+from .chat import create_chat_apr_agent
 from .state import APRState
 
-__all__ = ["APRBackendError", "APRState", "create_apr_agent", "final_answer"]
+__all__ = ["APRBackendError", "APRState", "create_apr_agent", "create_chat_apr_agent", "final_answer"]

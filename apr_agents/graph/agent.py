@@ -27,6 +27,11 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Send
 
+try:  # LangGraph's own node wrapper: no per-call signature inspection, no callback run per node
+    from langgraph._internal._runnable import RunnableCallable
+except ImportError:  # pragma: no cover - a LangGraph that moved it: fall back to RunnableLambda
+    RunnableCallable = None
+
 from ..backends.base import BackendError, Completion, check_backend, route_key
 from ..config import APRConfig
 from ..protocol.dialects import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Dialect, get_dialect, neutralize
@@ -100,13 +105,14 @@ class _Agent:
     # -- context bookkeeping -------------------------------------------------
     def _new_context(self, *, cid: str, run: str, depth: int, prompt: str, label: str | None,
                      outline: str | None, parent: str | None, deadline: float | None,
-                     deadline_kind: str | None) -> dict[str, Any]:
+                     deadline_kind: str | None, budget_seed: int = 0) -> dict[str, Any]:
         now = time.time()
         return {
             "id": cid, "run": run, "depth": depth, "prompt": prompt, "text": "", "label": label,
             "deadline": deadline, "deadline_kind": deadline_kind,
             "spawn_ok": depth < self.config.max_depth, "spawns": 0, "end": None,
             "pending_tools": [], "pending_spawn": None,
+            "budget_seed": budget_seed,  # branches of the run already started when this one was (resume)
             "rec": {"id": cid, "parent": parent, "depth": depth, "label": label, "outline": outline,
                     "started": now, "ended": None, "prompt_tokens": 0, "completion_tokens": 0,
                     "cached_prompt_tokens": 0, "calls": 0, "tool_calls": [], "spawns": [],
@@ -168,9 +174,9 @@ class _Agent:
                     break
                 own = StreamParser(self.dialect)
                 own.feed(ctx["text"])
-                inline_open = own.depth > 0
-                stops = self.dialect.stops(branch=ctx["depth"] > 0,
-                                           can_spawn=ctx["spawn_ok"] and not inline_open)
+                # The spawn marker is a stop wherever spawning is allowed, even with a block still open
+                # (Multiverse leaves it open for the model's <Conclusion>): the parser decides below.
+                stops = self.dialect.stops(branch=ctx["depth"] > 0, can_spawn=ctx["spawn_ok"])
                 comp, timed_out = await self._complete(ctx, ctx["prompt"] + ctx["text"], stops, left)
                 self._account(ctx, comp)
                 ctx["text"] += comp.text
@@ -199,11 +205,13 @@ class _Agent:
                         ctx["pending_tools"] = calls
                         break
                     continue
-                if comp.stop == self.dialect.spawn_marker and ctx["spawn_ok"] and not inline_open:
-                    spawn = self._plan_spawn(ctx, limits, repairs)
-                    if spawn is not None:
-                        ctx["pending_spawn"] = spawn
-                        break
+                if comp.stop == self.dialect.spawn_marker and ctx["spawn_ok"]:
+                    own.feed(comp.text)  # spawn only where the marker closes a top-level block's outlines
+                    if any(isinstance(ev, Spawn) and ev.depth == 1 for ev in own.feed(comp.stop)):
+                        spawn = self._plan_spawn(ctx, limits, repairs, state.get("apr_trace"))
+                        if spawn is not None:
+                            ctx["pending_spawn"] = spawn
+                            break
                     continue
                 # any other stop (an inner close of an inline block): keep writing
         finally:
@@ -285,7 +293,7 @@ class _Agent:
         return calls
 
     def _plan_spawn(self, ctx: dict[str, Any], limits: list[dict[str, Any]],
-                    repairs: list[dict[str, Any]]) -> dict[str, Any] | None:
+                    repairs: list[dict[str, Any]], trace: dict[str, Any] | None = None) -> dict[str, Any] | None:
         cfg = self.config
         spawn_ev: Spawn | None = None
         parser = StreamParser(self.dialect, max_outlines=cfg.max_threads + 1)
@@ -303,7 +311,8 @@ class _Agent:
             limits.append(self._limit(ctx, "max_threads",
                                       f"more than {cfg.max_threads} outlines; kept the first {cfg.max_threads}"))
             outlines = outlines[: cfg.max_threads]
-        seed = 0
+        # After a restart the in-process budget is empty: seed it from what the checkpointed state knows.
+        seed = ctx.get("budget_seed", 0) + _spawned_in(trace, ctx)
         got = self.budget.reserve(ctx["run"], len(outlines), cfg.max_total_threads, seed=seed)
         if got < len(outlines):
             limits.append(self._limit(ctx, "max_total_threads",
@@ -327,7 +336,7 @@ class _Agent:
                 "cid": cid, "run": ctx["run"], "depth": ctx["depth"] + 1,
                 "prompt": prefix + self.dialect.branch_suffix(o.label), "label": o.label,
                 "outline": o.text, "parent": ctx["id"], "deadline": deadline, "deadline_kind": kind,
-                "index": i,
+                "index": i, "budget_seed": self.budget.used(ctx["run"]),
             })
         ctx["rec"]["spawns"] = [*ctx["rec"]["spawns"], [c["cid"] for c in children]]
         _emit({"apr": "spawn", "ctx": ctx["id"], "outlines": [[o.label, o.text] for o in outlines]})
@@ -424,6 +433,14 @@ def _copy_ctx(ctx: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _spawned_in(trace: dict[str, Any] | None, ctx: dict[str, Any]) -> int:
+    """Branches this context's checkpointed state knows were started (its own and merged descendants')."""
+    ids = {cid for group in ctx["rec"].get("spawns", []) for cid in group}
+    for rec in (trace or {}).get("contexts", {}).values():
+        ids.update(cid for group in rec.get("spawns", []) for cid in group)
+    return len(ids)
+
+
 def _fold(traces: list[dict[str, Any]]) -> dict[str, Any]:
     from ..runtime.trace import merge_traces
 
@@ -441,12 +458,19 @@ def _neutralized(m: BaseMessage) -> BaseMessage:
     return m
 
 
-def _node(afunc: Callable[..., Any], sync: Callable[..., Any] | None = None, name: str = "") -> RunnableLambda:
-    """Async node with a sync twin, so ``graph.invoke`` works as LangGraph users expect."""
+def _node(afunc: Callable[..., Any], sync: Callable[..., Any] | None = None, name: str = "") -> Any:
+    """Async node with a sync twin, so ``graph.invoke`` works as LangGraph users expect.
+
+    Built like LangGraph builds a plain function node (``RunnableCallable``, untraced): a
+    ``RunnableLambda`` inspects signatures and opens a callback run on every call, which
+    cost ~30% of a run in the overhead benchmark (docs/benchmarks/overhead.md).
+    """
 
     def default_sync(state: Any, config: RunnableConfig) -> Any:
         return _run_sync(afunc(state, config))
 
+    if RunnableCallable is not None:
+        return RunnableCallable(sync or default_sync, afunc, name=name, trace=False)
     return RunnableLambda(sync or default_sync, afunc=afunc, name=name)
 
 
@@ -460,6 +484,13 @@ def create_apr_agent(
     merge_strategy: MergeStrategy | None = None,
 ) -> CompiledStateGraph:
     """Build the APR agent graph: usable standalone or as a node of a ``MessagesState`` graph."""
+    from langchain_core.language_models import BaseChatModel
+
+    if isinstance(backend, BaseChatModel):  # tool-call mode: spawn through a `spawn` tool call
+        from .chat import create_chat_apr_agent
+
+        return create_chat_apr_agent(backend, tools, config, checkpointer=checkpointer, name=name,
+                                     merge_strategy=merge_strategy)
     check_backend(backend)
     config = config or APRConfig()
     if not isinstance(config, APRConfig):

@@ -17,6 +17,7 @@ What a checkpointer keeps for a run with branches in flight:
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -70,9 +71,14 @@ async def open_checkpointer(db: str | Path | None) -> AsyncIterator[BaseCheckpoi
         from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
     except ImportError as exc:  # pragma: no cover - depends on the extra
         raise ImportError("a SQLite checkpoint file needs `pip install apr-agents[sqlite]`") from exc
-    Path(url).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    async with AsyncSqliteSaver.from_conn_string(str(Path(url).expanduser())) as saver:
+    async with AsyncSqliteSaver.from_conn_string(_sqlite_file(url)) as saver:
         yield saver
+
+
+def _sqlite_file(url: str) -> str:
+    path = os.path.expanduser(url)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    return path
 
 
 async def run_with_checkpoint(

@@ -151,7 +151,7 @@ _ALL_TAG_NAMES = (
     "tool_call", "tool_response", "Think",
 )
 _TAG_RE = re.compile(r"<(\s*/?\s*)(" + "|".join(_ALL_TAG_NAMES) + r")(\s*)>", re.IGNORECASE)
-_FUNC_RE = re.compile(r"\b(spawn|join)(\s*)\(", re.IGNORECASE)
+_FUNC_RE = re.compile(r"(spawn|join)(\s*)\(", re.IGNORECASE)  # no \b: "respawn([" holds the marker too
 
 
 def neutralize(text: str) -> str:

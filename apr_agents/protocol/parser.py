@@ -331,6 +331,8 @@ class StreamParser:
                 self._text_start = self._raw_len - len(mk)
                 return
             if not blk.spawned:
+                if blk.outline_start is not None:  # an unclosed outline ends where the thread starts
+                    self._finish_outline(blk, events, repaired=True)
                 self._spawn(blk, events, repaired=True)
             if blk.thread_start is not None:
                 self._close_thread(blk, events, truncated=True)

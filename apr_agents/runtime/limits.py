@@ -73,6 +73,10 @@ class ThreadBudget:
                 self._used.popitem(last=False)
             return got
 
+    def used(self, run_id: str) -> int:
+        with self._lock:
+            return self._used.get(run_id, 0)
+
     def release_run(self, run_id: str) -> None:
         with self._lock:
             self._used.pop(run_id, None)

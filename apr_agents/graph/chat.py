@@ -1,0 +1,652 @@
+"""Tool-call mode: any LangChain chat model with tool calling drives the agent.
+
+``create_apr_agent(chat_model, ...)`` lands here when ``chat_model`` is a
+``BaseChatModel``. The model gets the user's tools plus a ``spawn`` tool
+(``{"tasks": [...]}``). A ``spawn`` call fans out like a text-protocol spawn:
+one LangGraph ``Send`` per task to the ``branch`` node, which runs this same
+graph for a conversation made of the parent's messages, the spawn call's
+acknowledgement and the branch's sub-task. A branch may call tools and spawn
+again (up to ``max_depth``) and ends with a message without tool calls. The
+merge answers the parent's ``spawn`` call with one ``ToolMessage`` holding
+every branch's result in task order, and the parent goes on.
+
+Nodes: ``prepare -> generate -> tools -> (branch* -> merge ->) generate ... ->
+finalize``; one model call per ``generate`` step, so each step is checkpointed.
+Trace, limits and custom stream events are those of the text mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Annotated, Any, Literal
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+    message_to_dict,
+    messages_from_dict,
+)
+from langchain_core.runnables import RunnableConfig
+from langchain_core.tools import BaseTool
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.types import Send
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from ..config import APRConfig
+from ..protocol.parser import ToolCall
+from ..runtime.limits import Limiter, ThreadBudget
+from ..runtime.tool_exec import run_tool_calls, truncate
+from ..runtime.trace import RESET, summarize
+from .agent import APRBackendError, _copy_ctx, _emit, _fold, _node
+from .chat_prompt import (
+    DEFAULT_CHAT_SYSTEM_PROMPT,
+    SPAWN_TASKS_DESCRIPTION,
+    SPAWN_TOOL_DESCRIPTION,
+    SPAWN_TOOL_NAME,
+    branch_task_message,
+    format_system_prompt,
+    spawn_ack,
+)
+from .state import APRInput, APROutput, APRState
+
+# (results in task order, dialect) -> the spawn ToolMessage's text. Results carry the
+# same keys as in the text mode (id, label, index, text, end, outline=the task); the
+# dialect is None in this mode, so one strategy can serve both.
+ChatMergeStrategy = Callable[[list[dict[str, Any]], Any], str]
+# What to pass to ``bind_tools`` besides the tools: a dict, or a function of the step
+# ({"ctx", "depth", "step", "spawn_bound"}) returning one (e.g. a per-step tool_choice).
+BindKwargs = Mapping[str, Any] | Callable[[dict[str, Any]], Mapping[str, Any]]
+
+Task = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+
+
+class SpawnArgs(BaseModel):
+    """Arguments of the ``spawn`` tool: checked here, never trusted from the model."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    tasks: list[Task] = Field(min_length=1, description=SPAWN_TASKS_DESCRIPTION)
+
+
+def spawn_tool_schema(max_threads: int) -> dict[str, Any]:
+    """The OpenAI-format schema bound to the model (``maxItems`` is the per-spawn limit)."""
+    return {
+        "type": "function",
+        "function": {
+            "name": SPAWN_TOOL_NAME,
+            "description": SPAWN_TOOL_DESCRIPTION,
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "tasks": {
+                        "type": "array",
+                        "description": SPAWN_TASKS_DESCRIPTION,
+                        "items": {"type": "string", "minLength": 1},
+                        "minItems": 1,
+                        "maxItems": max_threads,
+                    }
+                },
+                "required": ["tasks"],
+            },
+        },
+    }
+
+
+def parse_spawn_args(args: Any, max_threads: int) -> tuple[list[str] | None, str | None, str | None]:
+    """``(tasks, None, None)`` or ``(None, error text for the model, "invalid_spawn" | "max_threads")``."""
+    usage = (f'spawn takes {{"tasks": ["<sub-task 1>", "<sub-task 2>", ...]}}: a list of 1 to {max_threads} '
+             "non-empty strings")
+    if isinstance(args, Mapping) and isinstance(args.get("tasks"), list) and len(args["tasks"]) > max_threads:
+        n = len(args["tasks"])
+        return None, (f"error: spawn accepts at most {max_threads} tasks per call; got {n}. Nothing was run. "
+                      "Spawn fewer, broader sub-tasks (or do some yourself)."), "max_threads"
+    try:
+        parsed = SpawnArgs.model_validate(args)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']}" for e in exc.errors()[:3])
+        more = f" (+{len(exc.errors()) - 3} more)" if len(exc.errors()) > 3 else ""
+        return None, f"error: invalid spawn call: {problems}{more}. Nothing was run. {usage}.", "invalid_spawn"
+    return parsed.tasks, None, None
+
+
+def default_chat_merge(results: list[dict[str, Any]], dialect: Any = None) -> str:
+    """The spawn tool's result: every branch's final message, in task order."""
+    parts = [f"Results of {len(results)} sub-task{'s' if len(results) != 1 else ''}, in task order:"]
+    for r in results:
+        head = f"[{r['label']}] {r['outline']}"
+        body = r["text"].strip() or "(no result)"
+        if r["end"] not in ("thread_end", "eos"):
+            body += f"\n(this branch ended early: {r['end']}; the result may be incomplete)"
+        parts.append(f"{head}\n{body}")
+    return "\n\n".join(parts)
+
+
+def render_transcript(messages: Sequence[BaseMessage]) -> str:
+    """A readable, JSON-friendly rendering of a conversation for the trace."""
+    lines = []
+    for m in messages:
+        text = m.text if isinstance(m.text, str) else str(m.content)
+        if isinstance(m, ToolMessage):
+            lines.append(f"[tool {m.name or ''} {m.tool_call_id}] {text}")
+            continue
+        lines.append(f"[{m.type}] {text}")
+        if isinstance(m, AIMessage):
+            for c in m.tool_calls:
+                lines.append(f"  -> {c['name']}({json.dumps(c['args'], ensure_ascii=False)}) [{c['id']}]")
+            for c in m.invalid_tool_calls:
+                lines.append(f"  -> {c.get('name')}(<invalid> {c.get('args')!r}) [{c.get('id')}]")
+    return "\n".join(lines)
+
+
+def _is_permanent(exc: BaseException) -> bool:
+    """A client error the server will answer the same way again (bad request, auth)."""
+    status = getattr(exc, "status_code", None)
+    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 409, 429)
+
+
+def _estimate_tokens(msg: AIMessage) -> int:
+    text = msg.text if isinstance(msg.text, str) else str(msg.content)
+    for c in msg.tool_calls:
+        text += c["name"] + json.dumps(c["args"])
+    for c in msg.invalid_tool_calls:
+        text += str(c.get("name")) + str(c.get("args"))
+    return max(1, len(text) // 4)
+
+
+def _spawned_in(trace: dict[str, Any] | None, ctx: dict[str, Any]) -> int:
+    """Branches this context's checkpointed state knows were started (its own and merged descendants')."""
+    ids = {cid for group in ctx["rec"].get("spawns", []) for cid in group}
+    for rec in (trace or {}).get("contexts", {}).values():
+        ids.update(cid for group in rec.get("spawns", []) for cid in group)
+    return len(ids)
+
+
+def _last_ai_text(messages: Sequence[BaseMessage]) -> str:
+    for m in reversed(messages):
+        if isinstance(m, AIMessage):
+            return m.text if isinstance(m.text, str) else str(m.content)
+    return ""
+
+
+class _ChatAgent:
+    def __init__(self, model: BaseChatModel, tools: Sequence[BaseTool], config: APRConfig, *,
+                 system_prompt: str | None, merge_strategy: ChatMergeStrategy | None,
+                 bind_tools_kwargs: BindKwargs | None, empty_tool_call_content: str | None = None) -> None:
+        self.model = model
+        self.empty_tool_call_content = empty_tool_call_content
+        self.user_tools = list(tools)
+        self.tools = {t.name: t for t in tools}
+        self.config = config
+        self.limiter = Limiter(config)
+        self.budget = ThreadBudget()
+        self.merge_strategy = merge_strategy
+        self.bind_tools_kwargs = bind_tools_kwargs
+        template = DEFAULT_CHAT_SYSTEM_PROMPT if system_prompt is None else system_prompt
+        self.system_prompt = format_system_prompt(template, config.max_threads)
+        self.spawn_schema = spawn_tool_schema(config.max_threads)
+        self.branch_graph: CompiledStateGraph | None = None
+
+    # -- model ---------------------------------------------------------------
+    def bound_model(self, ctx: dict[str, Any]) -> Any:
+        tools: list[Any] = list(self.user_tools)
+        if ctx["spawn_ok"]:
+            tools.append(self.spawn_schema)
+        if not tools:
+            return self.model
+        kw = self.bind_tools_kwargs
+        if callable(kw):
+            kw = kw({"ctx": ctx["id"], "depth": ctx["depth"], "step": ctx["rec"]["calls"],
+                     "spawn_bound": ctx["spawn_ok"]})
+        return self.model.bind_tools(tools, **dict(kw or {}))
+
+    # -- context bookkeeping -------------------------------------------------
+    def _new_context(self, *, cid: str, run: str, depth: int, messages: list[dict[str, Any]], label: str | None,
+                     outline: str | None, parent: str | None, deadline: float | None,
+                     deadline_kind: str | None, prefix_len: int = 0, budget_seed: int = 0) -> dict[str, Any]:
+        return {
+            "id": cid, "run": run, "depth": depth, "messages": messages, "prefix_len": prefix_len,
+            "budget_seed": budget_seed,  # branches of the run already started when this one was (resume)
+            "label": label, "deadline": deadline, "deadline_kind": deadline_kind,
+            "spawn_ok": depth < self.config.max_depth, "spawns": 0, "end": None,
+            "pending_tools": False, "pending_spawn": None, "text": "",
+            "rec": {"id": cid, "parent": parent, "depth": depth, "label": label, "outline": outline,
+                    "started": time.time(), "ended": None, "prompt_tokens": 0, "completion_tokens": 0,
+                    "cached_prompt_tokens": 0, "calls": 0, "tool_calls": [], "spawns": [],
+                    "end": None, "truncated": False},
+        }
+
+    @staticmethod
+    def _trace(ctx: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        return {"contexts": {ctx["id"]: dict(ctx["rec"])}, **extra}
+
+    @staticmethod
+    def _limit(ctx: dict[str, Any], limit: str, detail: str) -> dict[str, Any]:
+        return {"ctx": ctx["id"], "limit": limit, "detail": detail}
+
+    # -- nodes ---------------------------------------------------------------
+    async def prepare(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
+        spawn = state.get("apr_spawn_input")
+        if spawn:
+            ctx = self._new_context(**spawn)
+            _emit({"apr": "branch_start", "ctx": ctx["id"], "label": ctx["label"],
+                   "outline": ctx["rec"]["outline"], "depth": ctx["depth"]})
+            return {"apr": ctx, "apr_spawn_input": None, "apr_trace": self._trace(ctx)}
+        messages = list(state.get("messages", []))
+        if not messages:
+            raise ValueError("apr agent needs at least one message in state['messages']")
+        if self.system_prompt:
+            if isinstance(messages[0], SystemMessage) and isinstance(messages[0].content, str):
+                messages[0] = SystemMessage(self.system_prompt + "\n\n" + messages[0].content)
+            else:
+                messages.insert(0, SystemMessage(self.system_prompt))
+        run = uuid.uuid4().hex
+        deadline = time.time() + self.config.run_timeout_s if self.config.run_timeout_s else None
+        ctx = self._new_context(cid="root", run=run, depth=0, messages=[message_to_dict(m) for m in messages],
+                                label=None, outline=None, parent=None, deadline=deadline,
+                                deadline_kind="run_timeout_s" if deadline else None, prefix_len=len(messages))
+        trace = {RESET: True, "version": 1, "run_id": run, "dialect": "tool_calls", "mode": "chat",
+                 "config": self.config.model_dump(), "contexts": {"root": ctx["rec"]},
+                 "limits": [], "repairs": []}
+        return {"apr": ctx, "apr_trace": trace, "apr_branch_results": [{RESET: True}]}
+
+    async def generate(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
+        ctx = _copy_ctx(state["apr"])
+        ctx["messages"] = list(ctx["messages"])
+        cfg = self.config
+        limits: list[dict[str, Any]] = []
+        rec = ctx["rec"]
+        if rec["calls"] >= cfg.max_steps:
+            limits.append(self._limit(ctx, "max_steps", f"{cfg.max_steps} model calls"))
+            ctx["end"] = "max_steps"
+        elif rec["completion_tokens"] >= cfg.max_tokens:
+            limits.append(self._limit(ctx, "max_tokens", f"{cfg.max_tokens} tokens"))
+            ctx["end"], rec["truncated"] = "max_tokens", True
+        elif ctx["deadline"] is not None and time.time() >= ctx["deadline"]:
+            limits.append(self._limit(ctx, ctx["deadline_kind"], "deadline passed"))
+            ctx["end"], rec["truncated"] = "timeout", True
+        else:
+            ai = await self._invoke(ctx, messages_from_dict(ctx["messages"]), config)
+            if ai is None:
+                limits.append(self._limit(ctx, ctx["deadline_kind"] or "thread_timeout_s",
+                                          "deadline passed during generation"))
+                ctx["end"], rec["truncated"] = "timeout", True
+            else:
+                ai = self._with_ids(ai)
+                self._account(ctx, ai)
+                ctx["messages"].append(message_to_dict(ai))
+                if ai.tool_calls or ai.invalid_tool_calls:
+                    ctx["pending_tools"] = True
+                elif (ai.response_metadata or {}).get("finish_reason") == "length":
+                    limits.append(self._limit(ctx, "max_tokens", "the model stopped at its own token limit"))
+                    ctx["end"], rec["truncated"] = "max_tokens", True
+                else:
+                    ctx["end"] = "thread_end" if ctx["depth"] > 0 else "eos"
+        if ctx["end"] is not None:
+            rec["end"] = ctx["end"]
+        return {"apr": ctx, "apr_trace": self._trace(ctx, limits=limits)}
+
+    async def _invoke(self, ctx: dict[str, Any], messages: list[BaseMessage],
+                      config: RunnableConfig) -> AIMessage | None:
+        """One model call with retries; ``None`` when the context's deadline passed."""
+        cfg = self.config
+        model = self.bound_model(ctx)
+        if self.empty_tool_call_content:
+            messages = [self._filled(m) for m in messages]
+        last: BaseException | None = None
+        for attempt in range(cfg.backend_attempts):
+            timeout = cfg.backend_timeout_s
+            if ctx["deadline"] is not None:
+                rem = max(0.0, ctx["deadline"] - time.time())
+                timeout = rem if timeout is None else min(timeout, rem)
+            try:
+                async with self.limiter.llm():
+                    out = await asyncio.wait_for(model.ainvoke(messages, config), timeout)
+                if not isinstance(out, AIMessage):
+                    raise TypeError(f"chat model returned {type(out).__name__}, not an AIMessage")
+                return out
+            except TimeoutError as exc:
+                if ctx["deadline"] is not None and time.time() >= ctx["deadline"] - 1e-3:
+                    return None
+                last = exc
+            except Exception as exc:  # noqa: BLE001 - retried, then re-raised with the context named
+                last = exc
+                if _is_permanent(exc):
+                    break
+            if attempt + 1 < cfg.backend_attempts:
+                await asyncio.sleep(min(2.0, 0.05 * 2 ** attempt) * (1 + random.random()))
+        where = f"context {ctx['id']!r} (depth {ctx['depth']}"
+        if ctx["rec"].get("outline"):
+            where += f", task {ctx['rec']['outline'][:60]!r}"
+        raise APRBackendError(
+            f"chat model {type(self.model).__name__} failed in {where}) after {attempt + 1} "
+            f"attempt(s): {type(last).__name__}: {last}"
+        ) from last
+
+    def _filled(self, m: BaseMessage) -> BaseMessage:
+        """What is sent (never stored) for a tool-calling assistant message without text."""
+        if isinstance(m, AIMessage) and (m.tool_calls or m.invalid_tool_calls) and not m.content:
+            return m.model_copy(update={"content": self.empty_tool_call_content})
+        return m
+
+    @staticmethod
+    def _with_ids(ai: AIMessage) -> AIMessage:
+        """Every tool call needs an id for its ToolMessage; some servers leave it out."""
+        if all(c.get("id") for c in ai.tool_calls) and all(c.get("id") for c in ai.invalid_tool_calls):
+            return ai
+        fill = lambda c: {**c, "id": c.get("id") or f"call_{uuid.uuid4().hex[:16]}"}  # noqa: E731
+        return ai.model_copy(update={"tool_calls": [fill(c) for c in ai.tool_calls],
+                                     "invalid_tool_calls": [fill(c) for c in ai.invalid_tool_calls]})
+
+    @staticmethod
+    def _account(ctx: dict[str, Any], ai: AIMessage) -> None:
+        rec = ctx["rec"]
+        rec["calls"] += 1
+        usage = ai.usage_metadata
+        if usage:
+            rec["prompt_tokens"] += int(usage.get("input_tokens") or 0)
+            rec["completion_tokens"] += int(usage.get("output_tokens") or 0)
+            details = usage.get("input_token_details") or {}
+            rec["cached_prompt_tokens"] += int(details.get("cache_read") or 0)
+        else:  # the model reports no usage: estimate, and say so
+            rec["completion_tokens"] += _estimate_tokens(ai)
+            rec["tokens_estimated"] = True
+
+    async def tools_node(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
+        ctx = _copy_ctx(state["apr"])
+        ctx["messages"] = list(ctx["messages"])
+        cfg = self.config
+        limits: list[dict[str, Any]] = []
+        repairs: list[dict[str, Any]] = []
+        ai = messages_from_dict(ctx["messages"][-1:])[0]
+        assert isinstance(ai, AIMessage)
+        order: list[dict[str, Any]] = [*ai.tool_calls, *ai.invalid_tool_calls]
+        answers: dict[str, ToolMessage] = {}
+        records: list[dict[str, Any]] = []
+
+        def reply(call: dict[str, Any], text: str, error: str | None) -> None:
+            answers[call["id"]] = ToolMessage(text, tool_call_id=call["id"], name=call.get("name") or "",
+                                              status="error" if error else "success")
+            if error:
+                records.append({"name": call.get("name"), "args": call.get("args"), "started": time.time(),
+                                "duration_s": 0.0, "error": error})
+
+        allowed = order[: cfg.max_tool_calls_per_step]
+        for call in order[cfg.max_tool_calls_per_step:]:
+            reply(call, f"error: at most {cfg.max_tool_calls_per_step} tool calls per message; this one was not "
+                        "run. Call it again in a later message.", "max_tool_calls_per_step")
+        if len(order) > len(allowed):
+            limits.append(self._limit(ctx, "max_tool_calls_per_step",
+                                      f"{len(order)} calls in one message; ran {len(allowed)}"))
+        regular: list[dict[str, Any]] = []
+        spawn_call: dict[str, Any] | None = None
+        for call in allowed:
+            if call.get("type") == "invalid_tool_call":
+                reply(call, f"error: the arguments of {call.get('name')!r} are not valid JSON ({call.get('error')}); "
+                            "nothing was run. Call it again with a JSON object of arguments.", "invalid_arguments")
+                repairs.append({"ctx": ctx["id"], "kind": "invalid_tool_call",
+                                "detail": truncate(str(call.get("args")), 200)})
+            elif call["name"] != SPAWN_TOOL_NAME:
+                regular.append(call)
+            elif spawn_call is not None:
+                reply(call, "error: only one spawn call per message is run; this one was not. Put all "
+                            "independent sub-tasks in a single spawn call.", "duplicate_spawn")
+                repairs.append({"ctx": ctx["id"], "kind": "duplicate_spawn", "detail": call["id"]})
+            else:
+                spawn_call = call
+        spawn: dict[str, Any] | None = None
+        if spawn_call is not None:
+            spawn, error = self._plan_spawn(ctx, spawn_call, limits, repairs, state.get("apr_trace"))
+            if error is not None:
+                reply(spawn_call, error, "invalid_spawn" if error.startswith("error: invalid") else "limit")
+        if regular:
+            calls = [ToolCall(c["name"], c["args"], json.dumps(c["args"], default=str), None) for c in regular]
+            results = await run_tool_calls(calls, self.tools, self.limiter, cfg, deadline=ctx["deadline"],
+                                           emit=_emit, ctx_id=ctx["id"])
+            for call, (text, trec) in zip(regular, results, strict=True):
+                answers[call["id"]] = ToolMessage(text, tool_call_id=call["id"], name=call["name"],
+                                                  status="error" if trec["error"] else "success")
+                records.append(trec)
+        records.sort(key=lambda r: r["started"])
+        ctx["rec"]["tool_calls"] = [*ctx["rec"]["tool_calls"], *records]
+        ctx["pending_tools"] = False
+        ids = [c["id"] for c in order]
+        if spawn is None:
+            ctx["messages"].extend(message_to_dict(answers[i]) for i in ids)
+        else:
+            spawn["answers"] = {i: message_to_dict(m) for i, m in answers.items()}
+            spawn["order"] = ids
+            self._fill_children(ctx, spawn)
+            ctx["pending_spawn"] = spawn
+        return {"apr": ctx, "apr_trace": self._trace(ctx, limits=limits, repairs=repairs)}
+
+    def _plan_spawn(self, ctx: dict[str, Any], call: dict[str, Any], limits: list[dict[str, Any]],
+                    repairs: list[dict[str, Any]],
+                    trace: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str | None]:
+        cfg = self.config
+        if not ctx["spawn_ok"]:
+            if ctx["depth"] >= cfg.max_depth:
+                limits.append(self._limit(ctx, "max_depth", f"spawn at depth {ctx['depth']} not run"))
+                return None, (f"error: spawn is not available here (depth {ctx['depth']}, max_depth "
+                              f"{cfg.max_depth}). Do the sub-tasks yourself, one after another.")
+            limits.append(self._limit(ctx, "max_total_threads", "spawn after the run's branch budget was spent"))
+            return None, ("error: this run has no branches left (max_total_threads reached). Do the sub-tasks "
+                          "yourself, one after another.")
+        tasks, error, kind = parse_spawn_args(call.get("args"), cfg.max_threads)
+        if error is not None:
+            n = len(call["args"]["tasks"]) if kind == "max_threads" else None
+            if kind == "max_threads":
+                limits.append(self._limit(ctx, "max_threads",
+                                          f"spawn with {n} tasks refused; at most {cfg.max_threads}"))
+            else:
+                repairs.append({"ctx": ctx["id"], "kind": "invalid_spawn", "detail": error[:300]})
+            return None, error
+        assert tasks is not None
+        # After a restart the in-process budget is empty: seed it from what the checkpointed state knows.
+        seed = ctx.get("budget_seed", 0) + _spawned_in(trace, ctx)
+        got = self.budget.reserve(ctx["run"], len(tasks), cfg.max_total_threads, seed=seed)
+        skipped: list[str] = []
+        if got < len(tasks):
+            limits.append(self._limit(ctx, "max_total_threads",
+                                      f"{cfg.max_total_threads} branches per run; {got} of {len(tasks)} run"))
+            if got == 0:
+                ctx["spawn_ok"] = False  # not offered again in this context
+                return None, ("error: this run has no branches left (max_total_threads reached); nothing was "
+                              "run. Do the sub-tasks yourself, one after another.")
+            tasks, skipped = tasks[:got], tasks[got:]
+        ctx["spawns"] += 1
+        return {"call_id": call["id"], "tasks": tasks, "skipped": skipped, "spawn_no": ctx["spawns"]}, None
+
+    def _fill_children(self, ctx: dict[str, Any], spawn: dict[str, Any]) -> None:
+        """Each branch: the parent's conversation, the spawn acknowledged, then its own sub-task."""
+        cfg = self.config
+        tasks: list[str] = spawn["tasks"]
+        n = len(tasks)
+        prefix = list(ctx["messages"])
+        for i in spawn["order"]:
+            if i == spawn["call_id"]:
+                prefix.append(message_to_dict(ToolMessage(spawn_ack(n), tool_call_id=i, name=SPAWN_TOOL_NAME)))
+            else:
+                prefix.append(spawn["answers"][i])
+        depth = ctx["depth"] + 1
+        now = time.time()
+        children = []
+        for k, task in enumerate(tasks):
+            label = str(k + 1)
+            deadline, kind = now + cfg.thread_timeout_s, "thread_timeout_s"
+            if ctx["deadline"] is not None and ctx["deadline"] < deadline:
+                deadline, kind = ctx["deadline"], ctx["deadline_kind"]
+            msg = HumanMessage(branch_task_message(k + 1, n, task, can_spawn=depth < cfg.max_depth))
+            children.append({
+                "cid": f"{ctx['id']}/{spawn['spawn_no']}.{label}", "run": ctx["run"], "depth": depth,
+                "messages": [*prefix, message_to_dict(msg)], "prefix_len": len(prefix) + 1,
+                "label": label, "outline": task, "parent": ctx["id"], "deadline": deadline,
+                "deadline_kind": kind, "index": k, "budget_seed": self.budget.used(ctx["run"]),
+            })
+        spawn["children"] = children
+        ctx["rec"]["spawns"] = [*ctx["rec"]["spawns"], [c["cid"] for c in children]]
+        _emit({"apr": "spawn", "ctx": ctx["id"], "outlines": [[c["label"], c["outline"]] for c in children],
+               "skipped": len(spawn["skipped"])})
+
+    async def branch(self, payload: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
+        assert self.branch_graph is not None
+        results, traces = [], []
+        for child in payload["children"]:
+            child = dict(child)
+            index = child.pop("index")
+            out = await self.branch_graph.ainvoke({"apr_spawn_input": child, "messages": []}, config)
+            results.append(self._branch_result(out, index))
+            traces.append(out.get("apr_trace", {}))
+        return {"apr_branch_results": results, "apr_trace": _fold(traces)}
+
+    def branch_sync(self, payload: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
+        assert self.branch_graph is not None
+        results, traces = [], []
+        for child in payload["children"]:
+            child = dict(child)
+            index = child.pop("index")
+            out = self.branch_graph.invoke({"apr_spawn_input": child, "messages": []}, config)
+            results.append(self._branch_result(out, index))
+            traces.append(out.get("apr_trace", {}))
+        return {"apr_branch_results": results, "apr_trace": _fold(traces)}
+
+    @staticmethod
+    def _branch_result(out: dict[str, Any], index: int) -> dict[str, Any]:
+        c = out["apr"]
+        return {"id": c["id"], "label": c["label"], "index": index, "text": c["text"], "end": c["end"],
+                "outline": c["rec"].get("outline")}
+
+    async def merge(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
+        ctx = _copy_ctx(state["apr"])
+        ctx["messages"] = list(ctx["messages"])
+        spawn = ctx["pending_spawn"]
+        wanted = {c["cid"] for c in spawn["children"]}
+        results = sorted((r for r in state.get("apr_branch_results", []) if r["id"] in wanted),
+                         key=lambda r: r["index"])
+        if self.merge_strategy is not None:
+            text = self.merge_strategy(results, None)
+        else:
+            text = default_chat_merge(results)
+        if spawn["skipped"]:
+            first = len(results) + 1
+            text += "\n\nNot run (max_total_threads reached; do these yourself):\n" + "\n".join(
+                f"[{first + k}] {t}" for k, t in enumerate(spawn["skipped"]))
+        answer = ToolMessage(text, tool_call_id=spawn["call_id"], name=SPAWN_TOOL_NAME)
+        for i in spawn["order"]:
+            ctx["messages"].append(message_to_dict(answer) if i == spawn["call_id"] else spawn["answers"][i])
+        ctx["pending_spawn"] = None
+        _emit({"apr": "merge", "ctx": ctx["id"], "children": [r["id"] for r in results]})
+        return {"apr": ctx, "apr_branch_results": [{RESET: True}], "apr_trace": self._trace(ctx)}
+
+    async def finalize(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
+        ctx = _copy_ctx(state["apr"])
+        messages = messages_from_dict(ctx["messages"])
+        rec = ctx["rec"]
+        rec["ended"] = time.time()
+        rec["end"] = ctx["end"]
+        ctx["text"] = _last_ai_text(messages[ctx["prefix_len"]:])
+        rec["text"] = render_transcript(messages[ctx["prefix_len"]:])
+        if ctx["depth"] > 0:
+            _emit({"apr": "branch_end", "ctx": ctx["id"], "end": ctx["end"], "tokens": rec["completion_tokens"]})
+            return {"apr": ctx, "apr_trace": self._trace(ctx)}
+        self.budget.release_run(ctx["run"])
+        full = dict(state.get("apr_trace", {}))
+        full["contexts"] = {**full.get("contexts", {}), "root": rec}
+        msg = AIMessage(content=ctx["text"], response_metadata={"apr_end": ctx["end"], "apr_run_id": ctx["run"]})
+        return {"apr": ctx, "messages": [msg],
+                "apr_trace": {"contexts": {"root": rec}, "summary": summarize(full),
+                              "transcript": render_transcript(messages)}}
+
+    # -- routing -------------------------------------------------------------
+    @staticmethod
+    def route_generate(state: APRState) -> str:
+        return "tools" if state["apr"].get("pending_tools") else "finalize"
+
+    def route_tools(self, state: APRState) -> str | list[Send]:
+        spawn = state["apr"].get("pending_spawn")
+        if not spawn:
+            return "generate"
+        children = spawn["children"]
+        if self.config.parallel:
+            return [Send("branch", {"children": [c]}) for c in children]
+        return [Send("branch", {"children": children})]
+
+
+def create_chat_apr_agent(
+    chat_model: BaseChatModel,
+    tools: Sequence[BaseTool] = (),
+    config: APRConfig | None = None,
+    *,
+    checkpointer: BaseCheckpointSaver | Literal[False] | None = None,
+    name: str = "apr_agent",
+    merge_strategy: ChatMergeStrategy | None = None,
+    system_prompt: str | None = None,
+    bind_tools_kwargs: BindKwargs | None = None,
+    empty_tool_call_content: str | None = None,
+) -> CompiledStateGraph:
+    """The APR agent for a LangChain chat model with tool calling; spawning goes through a ``spawn`` tool.
+
+    ``system_prompt``: ``None`` ships ``DEFAULT_CHAT_SYSTEM_PROMPT``; ``""`` adds none; any other text
+    replaces it (``{max_threads}`` is filled in). A system message already in the input is kept after it.
+    ``bind_tools_kwargs``: extra ``bind_tools`` keywords (e.g. ``{"tool_choice": "auto"}``, which
+    llama-cpp-python's server needs), or a function of the step returning them.
+    ``empty_tool_call_content``: text sent in place of the empty content of an assistant message that
+    only makes tool calls. OpenAI clients send ``null`` there, which some servers reject (llama-cpp-python's
+    answers HTTP 500); e.g. ``" "`` works around it. The stored conversation is not changed.
+    """
+    if not isinstance(chat_model, BaseChatModel):
+        raise TypeError(f"chat_model must be a LangChain BaseChatModel, not {type(chat_model).__name__}")
+    config = config or APRConfig()
+    if not isinstance(config, APRConfig):
+        raise TypeError(f"config must be an APRConfig, not {type(config).__name__}")
+    tools = list(tools)
+    for t in tools:
+        if not isinstance(t, BaseTool):
+            raise TypeError(f"tools must be LangChain BaseTool objects (e.g. from @tool); got {t!r}")
+    names = [t.name for t in tools]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate tool names: {sorted(n for n in set(names) if names.count(n) > 1)}")
+    if SPAWN_TOOL_NAME in names:
+        raise ValueError(f"a tool may not be named {SPAWN_TOOL_NAME!r}: the agent binds its own spawn tool")
+    if system_prompt is not None and not isinstance(system_prompt, str):
+        raise TypeError("system_prompt must be a string (or None for the default)")
+    try:
+        chat_model.bind_tools([spawn_tool_schema(config.max_threads)])
+    except NotImplementedError as exc:
+        raise TypeError(f"{type(chat_model).__name__} has no tool calling (bind_tools); the tool-call mode "
+                        "needs it. Use a text-protocol backend instead.") from exc
+    agent = _ChatAgent(chat_model, tools, config, system_prompt=system_prompt, merge_strategy=merge_strategy,
+                       bind_tools_kwargs=bind_tools_kwargs, empty_tool_call_content=empty_tool_call_content)
+
+    def build() -> StateGraph:
+        g = StateGraph(APRState, input_schema=APRInput, output_schema=APROutput)
+        g.add_node("prepare", _node(agent.prepare, name="prepare"))
+        g.add_node("generate", _node(agent.generate, name="generate"))
+        g.add_node("tools", _node(agent.tools_node, name="tools"))
+        g.add_node("branch", _node(agent.branch, agent.branch_sync, name="branch"))
+        g.add_node("merge", _node(agent.merge, name="merge"))
+        g.add_node("finalize", _node(agent.finalize, name="finalize"))
+        g.add_edge(START, "prepare")
+        g.add_edge("prepare", "generate")
+        g.add_conditional_edges("generate", agent.route_generate, ["tools", "finalize"])
+        g.add_conditional_edges("tools", agent.route_tools, ["branch", "generate"])
+        g.add_edge("branch", "merge")
+        g.add_edge("merge", "generate")
+        g.add_edge("finalize", END)
+        return g
+
+    agent.branch_graph = build().compile(name=f"{name}_branch")
+    graph = build().compile(checkpointer=checkpointer, name=name)
+    graph.apr_agent = agent  # type: ignore[attr-defined]
+    return graph

@@ -1,0 +1,133 @@
+"""The served graph: an APR agent configured from environment variables.
+
+``graphs/apr_graph.py`` calls ``graph_from_env()`` and the LangGraph server
+(``langgraph dev`` / ``langgraph up``) serves the result; see docs/deployment.md.
+
+Variables (all optional):
+
+- ``APR_BACKEND``: ``embedded`` (default: the CPU model of ``default_backend()``),
+  ``scripted`` (FAKE, tests and load runs), ``openai`` (an OpenAI-compatible
+  completions server, e.g. ``vllm serve``) or ``vllm`` (in-process vLLM).
+- ``APR_MODEL``: model name (``openai``) or name/folder (``vllm``); for
+  ``embedded``, an optional GGUF path instead of the shipped one.
+- ``APR_BASE_URL``: ``openai`` server URL; comma-separated for replicas.
+- ``APR_API_KEY``: ``openai`` key, if the server wants one.
+- ``APR_SCRIPT``: ``scripted`` only: ``arith`` (default: the load-test task of
+  ``apr_agents.bench.load``), ``demo`` (the CLI demo), or a JSON object
+  ``{context path: reply}``; ``APR_SCRIPT_FILE``: the same JSON in a file.
+- ``APR_TOKEN_LATENCY_S``, ``APR_CALL_LATENCY_S``: ``scripted`` simulated latency.
+- ``APR_TOOLS``: demo tools to offer (``all`` default, or e.g. ``calculator,lookup``;
+  ``none`` for no tools); ``APR_TOOL_LATENCY_S``: add this delay to every tool call.
+- ``APR_<FIELD>`` for every ``APRConfig`` field, e.g. ``APR_MAX_THREADS=8``,
+  ``APR_MAX_DEPTH``, ``APR_MAX_TOTAL_THREADS``, ``APR_MAX_TOKENS``,
+  ``APR_THREAD_TIMEOUT_S``, ``APR_RUN_TIMEOUT_S``, ``APR_LLM_CONCURRENCY``,
+  ``APR_TOOL_CONCURRENCY``, ``APR_TOOL_RATE_PER_S`` (``none`` for no cap),
+  ``APR_DIALECT``, ``APR_PARALLEL``. Invalid values fail at start with
+  APRConfig's message.
+- ``APR_GRAPH_NAME``: the compiled graph's name (default ``apr_agent``).
+
+The server brings its own checkpointer (every thread is durable there), so
+the graph is compiled without one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..config import APRConfig
+
+_NONE = {"", "none", "null"}
+
+
+def config_from_env(env: Mapping[str, str] | None = None) -> APRConfig:
+    """``APRConfig`` from ``APR_<FIELD>`` variables; unset ones keep their defaults."""
+    env = os.environ if env is None else env
+    fields: dict[str, Any] = {}
+    for name, info in APRConfig.model_fields.items():
+        raw = env.get(f"APR_{name.upper()}")
+        if raw is None:
+            continue
+        optional = info.default is None
+        fields[name] = None if optional and raw.strip().lower() in _NONE else raw.strip()
+    try:
+        return APRConfig(**fields)
+    except ValueError as exc:
+        raise ValueError(f"invalid APR_* environment settings: {exc}") from exc
+
+
+def backend_from_env(env: Mapping[str, str] | None = None) -> Any:
+    env = os.environ if env is None else env
+    kind = env.get("APR_BACKEND", "embedded").strip().lower()
+    model = env.get("APR_MODEL") or None
+    if kind == "embedded":
+        from ..backends import default_backend
+
+        return default_backend(**({"model_path": model} if model else {}))
+    if kind == "scripted":
+        from ..backends import ScriptedBackend
+
+        return ScriptedBackend(_script(env), token_latency_s=float(env.get("APR_TOKEN_LATENCY_S", "0")),
+                               call_latency_s=float(env.get("APR_CALL_LATENCY_S", "0")))
+    if kind == "openai":
+        from ..backends import OpenAICompatibleBackend
+
+        url = env.get("APR_BASE_URL")
+        if not url or not model:
+            raise ValueError("APR_BACKEND=openai needs APR_BASE_URL and APR_MODEL")
+        urls = [u.strip() for u in url.split(",") if u.strip()]
+        return OpenAICompatibleBackend(urls if len(urls) > 1 else urls[0], model,
+                                       api_key=env.get("APR_API_KEY") or None)
+    if kind == "vllm":
+        from ..backends import VLLMBackend
+
+        if not model:
+            raise ValueError("APR_BACKEND=vllm needs APR_MODEL (a model name or checkpoint folder)")
+        return VLLMBackend(model)
+    raise ValueError(f"unknown APR_BACKEND {kind!r}: use embedded, scripted, openai or vllm")
+
+
+def _script(env: Mapping[str, str]) -> Any:
+    if path := env.get("APR_SCRIPT_FILE"):
+        return _checked(json.loads(Path(path).read_text()))
+    raw = env.get("APR_SCRIPT", "arith").strip()
+    if raw == "arith":
+        from ..bench.load import arith_script
+
+        return arith_script()
+    if raw == "demo":
+        from ..demo import demo_script
+
+        return demo_script()
+    return _checked(json.loads(raw))
+
+
+def _checked(script: Any) -> dict[str, str]:
+    if not (isinstance(script, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in script.items())):
+        raise ValueError('a scripted backend script is a JSON object {"context path": "reply", ...}')
+    return script
+
+
+def tools_from_env(env: Mapping[str, str] | None = None) -> list[Any]:
+    env = os.environ if env is None else env
+    names = env.get("APR_TOOLS", "all").strip()
+    if names.lower() in _NONE:
+        return []
+    from apr_tools import get_tools
+
+    from ..demo import with_latency
+
+    latency = float(env.get("APR_TOOL_LATENCY_S", "0"))
+    return [with_latency(t, latency) for t in get_tools(names)]
+
+
+def graph_from_env(env: Mapping[str, str] | None = None, **kwargs: Any) -> Any:
+    """The compiled APR graph the server serves (no checkpointer: the server supplies one)."""
+    from .agent import create_apr_agent
+
+    env = os.environ if env is None else env
+    return create_apr_agent(backend_from_env(env), tools_from_env(env), config_from_env(env),
+                            name=env.get("APR_GRAPH_NAME", "apr_agent"), **kwargs)

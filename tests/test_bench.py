@@ -1,0 +1,60 @@
+"""The benchmark module runs and writes its reports. Only what cannot flake is asserted:
+speed goals live in the benchmark's tables, not here."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+
+from apr_agents.bench.__main__ import main
+
+
+def test_quick_overhead_suite_writes_tables(tmp_path: Path) -> None:
+    assert main(["overhead", "--quick", "--out", str(tmp_path)]) == 0
+    md, js = tmp_path / "overhead-quick.md", tmp_path / "overhead-quick.json"
+    assert md.exists() and js.exists()
+    assert "plain LangGraph" in md.read_text(encoding="utf-8")
+    data = json.loads(js.read_text(encoding="utf-8"))
+    assert data["machine"]["nproc"] >= 1 and data["machine"]["cpu"]
+    rows = data["data"]["rows"]
+    assert [r["k"] for r in rows] == [1, 8, 64]
+    for r in rows:
+        assert r["same_transcript"], "the three variants must do the same work"
+        calls = r["backend_calls_per_run"]
+        assert calls["plugin"] == calls["langgraph"] == calls["gather"] == 2 + 2 * r["k"]
+        for key in ("plugin_vs_langgraph", "langgraph_vs_gather", "plugin_vs_gather"):
+            assert math.isfinite(r[key]) and r[key] > 0
+    assert data["goals"] and all(g["measured"] > 0 for g in data["goals"])
+
+
+def test_unknown_suite_is_a_usage_error(tmp_path: Path) -> None:
+    assert main(["nope", "--out", str(tmp_path)]) == 2
+
+
+def test_fake_chat_model_pays_the_same_cost_model_as_the_text_backend() -> None:
+    from langchain_core.messages import HumanMessage
+
+    from apr_agents.bench.costmodel import CostModel
+    from apr_agents.bench.fake_chat import FakeCostChatModel
+
+    cost = CostModel(call_latency_s=0.0, prefill_s_per_token=0.0, decode_s_per_token=0.0)
+    model = FakeCostChatModel(policy=lambda msgs: ("one two three", [{"name": "t", "args": {"x": 1}}]), cost=cost)
+    msg = asyncio.run(model.ainvoke([HumanMessage("hi")]))
+    assert msg.content == "one two three"
+    assert msg.tool_calls[0]["name"] == "t" and msg.tool_calls[0]["args"] == {"x": 1}
+    # the engine generated the text and the Hermes tool call, token by token
+    assert model.engine.generated[""] == msg.usage_metadata["output_tokens"] > 3
+
+
+def test_trace_critical_path_of_a_nested_block() -> None:
+    from apr_agents.bench.traces import measure, whitespace_tokens
+
+    text = ("pre\n<Parallel>\n<Goal>\n<Outline>\n1: a\n</Outline>\n<Outline>\n2: b\n</Outline>\n</Goal>\n"
+            "<Path>\n1: x x x x x x\n</Path>\n<Path>\n2: y\n</Path>\n<Conclusion>\nz\n</Conclusion>\n"
+            "</Parallel>\nend")
+    m = measure(text, whitespace_tokens)
+    # the shorter path (2 tokens: "2:" "y") is off the critical path
+    assert m["total"] == len(text.split()) and m["critical_path"] == m["total"] - 2
+    assert m["blocks"] == 1 and m["threads"] == 2
