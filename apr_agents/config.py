@@ -23,7 +23,8 @@ class APRConfig(BaseModel):
     run_timeout_s: float | None = Field(None, gt=0, description="wall-clock budget of the whole run")
     llm_concurrency: int = Field(16, ge=1, le=10_000, description="backend calls in flight at once")
     tool_concurrency: int = Field(16, ge=1, le=10_000, description="tool calls in flight at once")
-    tool_rate_per_s: float | None = Field(None, gt=0, description="tool calls started per second (None: no cap)")
+    tool_rate_per_s: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                          description="tool calls started per second (None: no cap)")
     tool_timeout_s: float = Field(60.0, gt=0, description="one tool call's budget")
     max_tool_output_chars: int = Field(8000, ge=64, description="longer tool output is cut with a marker")
     max_tool_calls_per_step: int = Field(16, ge=1, le=1024)

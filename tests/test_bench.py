@@ -58,3 +58,28 @@ def test_trace_critical_path_of_a_nested_block() -> None:
     # the shorter path (2 tokens: "2:" "y") is off the critical path
     assert m["total"] == len(text.split()) and m["critical_path"] == m["total"] - 2
     assert m["blocks"] == 1 and m["threads"] == 2
+
+
+def test_engine_batching_measurement_runs_on_a_fake_engine() -> None:
+    from apr_agents.backends.base import Completion
+    from apr_agents.bench.engines import bench_engine
+
+    class FakeEngine:
+        """FAKE engine: each call 'decodes' max_tokens tokens after a short sleep."""
+
+        def render(self, messages: list, tools: list) -> str:
+            return "prompt: " + " ".join(str(m.content) for m in messages) + "\n"
+
+        async def complete(self, prompt: str, *, stop: list[str], max_tokens: int, temperature: float = 0.0,
+                           ignore_eos: bool = False) -> Completion:
+            await asyncio.sleep(0.01)
+            return Completion(text=" x" * max_tokens, finish_reason="length", prompt_tokens=10,
+                              completion_tokens=max_tokens, cached_prompt_tokens=5)
+
+    rows = asyncio.run(bench_engine(FakeEngine(), [1, 2], tokens=4, reps=1))
+    assert [r["k"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["max_concurrent"] == r["k"]
+        assert min(r["generated_per_branch"]) == 4
+        assert math.isfinite(r["speedup"]) and r["speedup"] > 0
+        assert r["prefix_cache_hit"] == 0.5

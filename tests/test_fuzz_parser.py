@@ -9,6 +9,7 @@ never loop, and keep its structural invariants. Sizes: ``HYPOTHESIS_PROFILE=ci``
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 
@@ -141,7 +142,7 @@ def chunked(draw: st.DrawFn) -> tuple[str, list[str]]:
     text = draw(st.one_of(mutated(), st.lists(FRAGMENT, max_size=40).map("".join)))
     cuts = sorted(set(draw(st.lists(st.integers(0, len(text)), max_size=12))))
     bounds = [0, *cuts, len(text)]
-    return text, [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return text, [text[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def run_parser(dialect: str, chunks: list[str]) -> tuple[list[object], StreamParser]:

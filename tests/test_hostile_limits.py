@@ -1,31 +1,75 @@
 """Fork bombs and budgets: a hostile model cannot make a run hang, grow without bound or hide it.
 
-Every test drives the FAKE ScriptedBackend with a model that answers every prompt with the same
-hostile text, and checks that the run ends within its limits, with the limit named in
+The tests drive FAKE models (``Hostile`` below answers every prompt with the same hostile text,
+whatever it already wrote; ``ScriptedBackend`` where a context's text is scripted) and check that the run ends within its limits, with the limit named in
 ``state["apr_trace"]["limits"]``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import tracemalloc
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from langchain_core.messages import HumanMessage
+from langchain_core.messages import BaseMessage, HumanMessage
 
-from apr_agents import APRConfig, ScriptedBackend, create_apr_agent
+from apr_agents import APRConfig, Completion, ScriptedBackend, create_apr_agent
+from apr_agents.backends.base import first_stop
+from apr_agents.backends.scripted import tokenize
 from apr_agents.protocol import get_dialect
 
 Q = {"messages": [HumanMessage("go")]}
 
 
+class Hostile:
+    """FAKE model that answers every prompt with the same text, whatever it already wrote.
+
+    Cut at the call's stop strings like an engine; ``latency(prompt)`` seconds per token.
+    """
+
+    def __init__(self, reply: str | Callable[[str], str], latency: Callable[[str], float] = lambda p: 0.0) -> None:
+        self.reply = reply
+        self.latency = latency
+        self.calls = 0
+
+    def render(self, messages: list[BaseMessage], tools: list[dict[str, Any]]) -> str:
+        return "".join(f"{m.type}: {m.content}\n" for m in messages) + "assistant: "
+
+    async def complete(self, prompt: str, *, stop: list[str], max_tokens: int,
+                       temperature: float = 0.0) -> Completion:
+        final = None
+        async for item in self.stream(prompt, stop=stop, max_tokens=max_tokens):
+            final = item
+        assert isinstance(final, Completion)
+        return final
+
+    async def stream(self, prompt: str, *, stop: list[str], max_tokens: int,
+                     temperature: float = 0.0) -> AsyncIterator[str | Completion]:
+        self.calls += 1
+        text, hit = first_stop(self.reply(prompt) if callable(self.reply) else self.reply, stop)
+        pieces = tokenize(text)
+        finish = "stop" if hit else "eos"
+        if len(pieces) > max_tokens:
+            pieces, hit, finish = pieces[:max_tokens], None, "length"
+        delay = self.latency(prompt)
+        for p in pieces:
+            if delay:
+                await asyncio.sleep(delay)
+            yield p
+        yield Completion(text="".join(pieces), stop=hit, finish_reason=finish, prompt_tokens=len(prompt) // 4,
+                         completion_tokens=len(pieces))
+
+
 def bomb(n: int, dialect: str = "canonical", tail: str = " done") -> str:
+    """n outlines (one token each), the spawn marker, a tail, a thread close."""
     d = get_dialect(dialect)
     if dialect == "apr":
-        return "spawn(" + json.dumps([f"task {i}" for i in range(1, n + 1)]) + ")" + tail + d.thread_close
-    outlines = "\n".join(f"{d.outline_open}{i}: task {i}{d.outline_close}" for i in range(1, n + 1))
+        return "spawn(" + json.dumps([f"t{i}" for i in range(1, n + 1)]) + ")" + tail + d.thread_close
+    outlines = "\n".join(f"{d.outline_open}{i}:t{i}{d.outline_close}" for i in range(1, n + 1))
     return f"{d.parallel_open}\n{d.outlines_open}\n{outlines}\n{d.spawn_marker}{tail}{d.thread_close}"
 
 
@@ -38,10 +82,11 @@ def branch_count(state: dict[str, Any]) -> int:
 
 
 @pytest.mark.parametrize("dialect", ["canonical", "multiverse", "apr"])
-async def test_ten_thousand_outlines_everywhere(dialect: str) -> None:
-    """Every context writes 10,000 outlines: max_threads per spawn, max_total_threads per run."""
-    backend = ScriptedBackend(lambda prompt: bomb(10_000, dialect), dialect=dialect)
-    cfg = APRConfig(dialect=dialect, max_threads=4, max_total_threads=12, max_depth=3, max_tokens=200_000,
+async def test_ten_thousand_outlines_in_every_reply(dialect: str) -> None:
+    """Every call answers with 10,000 outlines: max_threads per spawn, max_total_threads per run,
+    max_tokens per context end it; memory stays bounded."""
+    backend = Hostile(bomb(10_000, dialect))
+    cfg = APRConfig(dialect=dialect, max_threads=3, max_total_threads=6, max_depth=3, max_tokens=25_000,
                     run_timeout_s=60)
     tracemalloc.start()
     t0 = time.perf_counter()
@@ -51,43 +96,45 @@ async def test_ten_thousand_outlines_everywhere(dialect: str) -> None:
     finally:
         tracemalloc.stop()
     wall = time.perf_counter() - t0
-    assert branch_count(state) == 12  # 4 + 4 + 4: the budget, not 10,000 ** depth
-    assert {"max_threads", "max_total_threads"} <= limits_hit(state)
-    spawns = [g for c in state["apr_trace"]["contexts"].values() for g in c["spawns"]]
-    assert all(len(g) <= 4 for g in spawns)
-    assert peak < 400 * 2**20, f"peak {peak / 2**20:.0f} MiB"  # text is ~0.3 MB per context
+    ctxs = state["apr_trace"]["contexts"]
+    assert branch_count(state) == 6  # the run's budget, not 10,000 ** depth
+    assert all(len(g) <= 3 for c in ctxs.values() for g in c["spawns"])
+    assert {"max_threads", "max_total_threads", "max_tokens"} <= limits_hit(state)
+    assert all(c["completion_tokens"] <= 25_000 and c["end"] is not None for c in ctxs.values())
+    assert peak < 300 * 2**20, f"peak {peak / 2**20:.0f} MiB"  # each context holds ~25k tokens of text
     assert wall < 60
     json.dumps(state["apr_trace"])
 
 
-async def test_hundred_deep_nesting_stops_at_max_depth() -> None:
-    """Every context spawns one branch: recursion stops at max_depth and the trace says so."""
-    one = "<Parallel>\n<Outlines>\n<Outline>1: go deeper</Outline>\n</Outlines>\n back</Thread>"
-    backend = ScriptedBackend(lambda prompt: one)
-    state = await create_apr_agent(backend, [], APRConfig(max_depth=3)).ainvoke(Q)
-    depths = [c["depth"] for c in state["apr_trace"]["contexts"].values()]
-    assert max(depths) == 3 and branch_count(state) == 3
+@pytest.mark.parametrize("dialect", ["canonical", "multiverse", "apr"])
+async def test_nesting_a_hundred_deep_stops_at_max_depth(dialect: str) -> None:
+    """Every context spawns one branch, which spawns one branch...: it stops at max_depth, and the
+    spawn written past it is recorded."""
+    backend = Hostile(bomb(1, dialect, tail=" back"))
+    state = await create_apr_agent(backend, [], APRConfig(dialect=dialect, max_depth=3, max_steps=8)).ainvoke(Q)
+    ctxs = state["apr_trace"]["contexts"]
+    assert max(c["depth"] for c in ctxs.values()) == 3
     assert "max_depth" in limits_hit(state)
-    deepest = next(c for c in state["apr_trace"]["contexts"].values() if c["depth"] == 3)
-    assert deepest["spawns"] == [] and "<Outline>1: go deeper</Outline>" in deepest["text"]  # written inline
+    assert all(c["spawns"] == [] for c in ctxs.values() if c["depth"] == 3)
+    assert all(c["end"] is not None for c in ctxs.values())
 
 
 async def test_a_hundred_levels_in_one_reply() -> None:
-    """One reply nests 100 blocks: spawns down to max_depth, the rest is written inline, bounded."""
+    """Every reply nests 100 blocks: spawns down to max_depth, deeper levels are written inline, and
+    each inline </Thread> costs a call, so max_steps / max_tokens bound the deepest branch."""
     d = 100
     text = ("<Parallel><Outlines><Outline>1: a</Outline></Outlines><Thread>1: " * d
             + "leaf" + "</Thread></Parallel>" * d + " end")
-    backend = ScriptedBackend(lambda prompt: text)
     cfg = APRConfig(max_depth=2, max_steps=20, max_total_threads=10)
     t0 = time.perf_counter()
-    state = await create_apr_agent(backend, [], cfg).ainvoke(Q)
+    state = await create_apr_agent(Hostile(text), [], cfg).ainvoke(Q)
     assert time.perf_counter() - t0 < 30
     ctxs = state["apr_trace"]["contexts"]
-    assert max(c["depth"] for c in ctxs.values()) == 2
-    # the depth-2 branch writes 100 levels inline: each inner </Thread> costs a call until max_steps
-    assert "max_steps" in limits_hit(state) or all(c["end"] is not None for c in ctxs.values())
-    assert all(c["calls"] <= 20 for c in ctxs.values())
-    assert "max_depth" in limits_hit(state)
+    assert max(c["depth"] for c in ctxs.values()) == 2 and branch_count(state) == 2
+    assert all(c["calls"] <= 20 and c["end"] is not None for c in ctxs.values())
+    deepest = next(c for c in ctxs.values() if c["depth"] == 2)
+    assert deepest["end"] in ("max_steps", "max_tokens") and deepest["spawns"] == []
+    assert {"max_depth", deepest["end"]} <= limits_hit(state)
 
 
 async def test_a_thread_that_never_closes_hits_its_token_budget() -> None:
@@ -97,7 +144,7 @@ async def test_a_thread_that_never_closes_hits_its_token_budget() -> None:
         rec = state["apr_trace"]["contexts"][f"root/1.{i}"]
         assert rec["end"] == "max_tokens" and rec["truncated"] and rec["completion_tokens"] == 300
     assert limits_hit(state) == {"max_tokens"}
-    assert state["messages"][-1].content.endswith("merged.")
+    assert state["messages"][-1].content == "merged."  # the parent went on after the merge
 
 
 async def test_a_slow_thread_that_never_closes_hits_thread_timeout() -> None:
@@ -108,21 +155,26 @@ async def test_a_slow_thread_that_never_closes_hits_thread_timeout() -> None:
     assert time.perf_counter() - t0 < 5
     slow = state["apr_trace"]["contexts"]["root/1.1"]
     assert slow["end"] == "timeout" and slow["truncated"] and 0 < slow["completion_tokens"] < 10_000
+    assert " slow slow" in slow["text"]  # what was streamed before the deadline is kept
     assert state["apr_trace"]["contexts"]["root/1.2"]["end"] == "thread_end"
     assert limits_hit(state) == {"thread_timeout_s"}
+    assert state["messages"][-1].content == "merged."
 
 
 async def test_run_deadline_ends_a_fork_bomb_with_slow_branches() -> None:
-    backend = ScriptedBackend(lambda prompt: bomb(50) if prompt.endswith("### Assistant\n") else " " + "zz " * 10_000,
-                              token_latency_s=0.01)
-    cfg = APRConfig(max_threads=50, max_total_threads=50, run_timeout_s=0.8, thread_timeout_s=100,
-                    max_tokens=100_000)
+    backend = Hostile(lambda p: bomb(50) if p.endswith("assistant: ") else " zz" * 10_000,
+                      latency=lambda p: 0.0 if p.endswith("assistant: ") else 0.01)
+    cfg = APRConfig(max_threads=50, max_total_threads=50, run_timeout_s=1.0, thread_timeout_s=100,
+                    max_tokens=100_000, llm_concurrency=5)
     t0 = time.perf_counter()
     state = await create_apr_agent(backend, [], cfg).ainvoke(Q)
-    assert time.perf_counter() - t0 < 5  # the deadline, not the 100 s thread budget
+    # the run's deadline, not the 100 s thread budget; and branches queued behind llm_concurrency
+    # do not get a fresh budget when their turn comes (10 waves of 5 took 10 s before the fix)
+    assert time.perf_counter() - t0 < 4
     assert "run_timeout_s" in limits_hit(state)
     branches = [c for c in state["apr_trace"]["contexts"].values() if c["depth"] == 1]
     assert len(branches) == 50 and all(c["end"] == "timeout" for c in branches)
+    assert state["apr_trace"]["contexts"]["root"]["end"] == "timeout"
 
 
 async def test_max_steps_bounds_a_model_that_loops_on_stray_stops() -> None:
@@ -135,8 +187,7 @@ async def test_max_steps_bounds_a_model_that_loops_on_stray_stops() -> None:
 
 
 async def test_total_thread_budget_is_per_run_not_per_agent() -> None:
-    backend = ScriptedBackend(lambda prompt: bomb(3))
-    graph = create_apr_agent(backend, [], APRConfig(max_total_threads=3, max_depth=1))
+    graph = create_apr_agent(Hostile(bomb(3)), [], APRConfig(max_total_threads=3, max_depth=1, max_steps=4))
     first = await graph.ainvoke(Q)
     second = await graph.ainvoke(Q)  # a fresh run gets a fresh budget
     assert branch_count(first) == branch_count(second) == 3

@@ -111,7 +111,7 @@ def test_nested_blocks_carry_their_depth(dialect: str) -> None:
     assert [e.depth for e in events if isinstance(e, ParallelOpen)] == [1, 2]
     assert [e.depth for e in events if isinstance(e, ParallelClose)] == [2, 1]
     assert spawn_of(events, 2).outlines[0].text == "in"
-    outer = [e for e in events if isinstance(e, ThreadClose) and e.depth == 1][0]
+    outer = next(e for e in events if isinstance(e, ThreadClose) and e.depth == 1)
     assert outer.text.endswith(" back") and inner in outer.text
     doc = parse_document(text, dialect)
     assert len(doc.all_blocks()) == 2 and doc.final_text == "after"

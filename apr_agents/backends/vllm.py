@@ -346,9 +346,15 @@ class VLLMBackend:
                                         bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
         # vLLM's tokenizer adds BOS itself: drop the template's, or the model sees two.
         bos = getattr(tok, "bos_token", None)
-        if bos and text.startswith(bos) and getattr(tok, "add_bos_token", True):
+        if bos and text.startswith(bos) and self._adds_bos(tok):
             text = text[len(bos):]
         return text
+
+    @staticmethod
+    def _adds_bos(tok: Any) -> bool:
+        bos_id = getattr(tok, "bos_token_id", None)
+        ids = tok.encode("a")  # with the special tokens the engine's tokenizer adds to a prompt
+        return bos_id is not None and bool(ids) and ids[0] == bos_id
 
     async def complete(self, prompt: str, *, stop: list[str], max_tokens: int, temperature: float = 0.0,
                        ignore_eos: bool | None = None) -> Completion:
@@ -525,7 +531,10 @@ class VLLMBackend:
                 self._stats["aborted"] += 1
             # generate() aborts what it registered; abort by our id too in case the
             # cancellation hit while the request was still being added.
-            await engine.abort(rid)
+            try:
+                await engine.abort(rid)
+            except Exception:  # noqa: BLE001 - the engine is going away (shutdown): nothing to abort
+                pass
             raise
         except EngineDeadError as exc:
             raise BackendUnavailable(f"the vLLM engine died: {exc}") from exc

@@ -42,7 +42,9 @@ def _runner(name: str, args: argparse.Namespace, out: Path) -> Callable[[], Any]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="apr bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="apr bench", description="Benchmarks: overhead, tool-bound latency, engine batching, token latency "
+        "of recorded trajectories. Writes <suite>.md, .json and .png into --out.")
     p.add_argument("suites", nargs="*", default=["all"], metavar="suite",
                    help=f"one or more of {', '.join(SUITES)}, or all (default)")
     p.add_argument("--quick", action="store_true", help="fewer repetitions and sizes (all suites < 5 min on 2 cores)")

@@ -48,6 +48,7 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "langgraph": ver("langgraph"),
         "langchain-core": ver("langchain-core"),
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -101,8 +102,8 @@ def write_result(res: SuiteResult, out_dir: Path, mach: dict[str, Any]) -> list[
     stem = res.name + ("-quick" if res.quick else "")
     lines = [f"# {res.title}", "",
              f"_{mach['date']} · {mach['nproc']} CPU ({mach['cpu']}) · Python {mach['python']} · "
-             f"langgraph {mach['langgraph']} · {'quick' if res.quick else 'full'} run · "
-             f"{res.seconds:.0f} s_", ""]
+             f"langgraph {mach['langgraph']} · load average {mach.get('load_avg_1m')} at start (shared machine) · "
+             f"{'quick' if res.quick else 'full'} run · {res.seconds:.0f} s_", ""]
     if res.goals:
         lines += ["## Goals", "",
                   md_table(["goal", "measured", "target", "met", "note"],

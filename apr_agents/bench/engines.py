@@ -216,14 +216,15 @@ def run(quick: bool = False, out_dir: Path | None = None, engines: tuple[str, ..
         "in the prefix cache). The root is a FAKE stand-in that "
         "writes the spawn block; only branch work reaches the engine and is counted. **speedup** = sequential "
         "wall / parallel wall (1.0 = the engine gains nothing from concurrent branches; K = ideal batching). "
-        "**prefix-cache hit** = cached / total prompt tokens of the branch calls (parallel runs).", ""]
+        "**prefix-cache hit** = cached / total prompt tokens of the branch calls, as the engine reports them.", ""]
     for name, r in results.items():
         parts += [f"### {name}: `{r['engine']}`", "", md_table(
             ["K", "parallel wall s (best)", "sequential wall s (best)", "speedup", "tokens/s parallel", "tokens/s sequential",
-             "min tokens per branch", "finish", "prefix-cache hit", "max concurrent"],
+             "min tokens per branch", "finish", "prefix-cache hit (parallel / sequential)", "max concurrent"],
             [[x["k"], x["parallel_wall_s"], x["sequential_wall_s"], x["speedup"], x["parallel_tokens_per_s"],
               x["sequential_tokens_per_s"], min(x["generated_per_branch"]), ", ".join(x["finish"]),
-              x["prefix_cache_hit"], x["max_concurrent"]] for x in r["rows"]]), ""]
+              f"{x['prefix_cache_hit']:.2f} / {x['prefix_cache_hit_sequential']:.2f}", x["max_concurrent"]]
+             for x in r["rows"]]), ""]
         best = max(r["rows"], key=lambda x: x["k"])
         res.goal(f"{name}: K={best['k']} parallel vs sequential", best["speedup"], "> 1 (batching helps)",
                  None if best["speedup"] is None else best["speedup"] > 1.1,

@@ -168,17 +168,21 @@ async def _measure(k: int, reps: int, bar: Bar | None) -> dict[str, Any]:
     same = len(set(outs.values())) == 1
     calls0 = {"plugin": b_plugin.calls, "langgraph": b_plain.calls, "gather": b_gather.calls}
     times: dict[str, list[float]] = {n: [] for n in runners}
+    cpu: dict[str, list[float]] = {n: [] for n in runners}
     for _ in range(reps):  # interleaved, so drift on a shared machine hits all three alike
         for name, fn in runners.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             await fn()
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)  # this process only: robust to other load
         if bar:
             bar.step(f"K={k}")
     calls = {"plugin": b_plugin.calls, "langgraph": b_plain.calls, "gather": b_gather.calls}
     per_run_calls = {n: (calls[n] - calls0[n]) / reps for n in calls}
     ms = {n: median(v) * 1000 for n, v in times.items()}
+    cpu_ms = {n: median(v) * 1000 for n, v in cpu.items()}
     return {
+        "cpu_ms_median": cpu_ms, "plugin_vs_langgraph_cpu": cpu_ms["plugin"] / cpu_ms["langgraph"],
         "k": k, "reps": reps, "same_transcript": same, "backend_calls_per_run": per_run_calls,
         "ms_median": ms, "ms_min": {n: min(v) * 1000 for n, v in times.items()},
         "plugin_vs_langgraph": ms["plugin"] / ms["langgraph"],
@@ -197,24 +201,32 @@ def run(quick: bool = False, ks: tuple[int, ...] = (1, 8, 64), out_dir: Path | N
     res.data = {"rows": rows, "ks": list(ks)}
     table = md_table(
         ["K branches", "reps", "plugin ms", "plain LangGraph ms", "asyncio.gather ms", "plugin / LangGraph",
-         "LangGraph / gather", "backend calls per run", "same transcript"],
+         "LangGraph / gather", "plugin / LangGraph (CPU time)", "backend calls per run", "same transcript"],
         [[r["k"], r["reps"], r["ms_median"]["plugin"], r["ms_median"]["langgraph"], r["ms_median"]["gather"],
-          r["plugin_vs_langgraph"], r["langgraph_vs_gather"], r["backend_calls_per_run"]["plugin"],
-          r["same_transcript"]] for r in rows])
+          r["plugin_vs_langgraph"], r["langgraph_vs_gather"], r["plugin_vs_langgraph_cpu"],
+          r["backend_calls_per_run"]["plugin"], r["same_transcript"]] for r in rows])
     res.markdown = "\n".join([
         "Median wall time of one whole run (root spawn → K branches, each one zero-latency tool call → merge "
         "→ answer), FAKE `ScriptedBackend` with zero latency. All three variants make the same 2 + 2K backend "
         "calls with the same prompts and the same K tool calls, and write the same transcript (checked). "
-        "Runs are interleaved plugin/LangGraph/gather so machine noise hits all three alike.", "",
+        "Runs are interleaved plugin/LangGraph/gather so machine noise hits all three alike; the CPU-time "
+        "column (this process's `process_time`, median) is the same ratio without other processes' load.", "",
         "- **plugin**: `create_apr_agent` (each branch is a run of the branch graph inside the `branch` node).",
         "- **plain LangGraph**: a hand-written `StateGraph`: root node, one `Send` per outline, a list reducer, "
         "merge node (no limits, no trace, no checkpoints per branch).",
         "- **asyncio.gather**: the same calls with no graph at all.", "",
-        table])
+        table, "",
+        "**Where the plugin's extra time goes** (cProfile): each branch is a whole run of the branch graph "
+        "inside the `branch` node (prepare → generate → tools → generate → finalize: five Pregel supersteps, "
+        "each with its own task setup, config and channel writes), where the plain graph runs a branch as one "
+        "node call; the root adds its prepare, merge and finalize supersteps, and every step folds the trace "
+        "through its reducer. The plugin's own parsing and bookkeeping are a small share; the backend's parsing "
+        "(the same in all three) is what `asyncio.gather` measures."])
     for r in rows:
         ratio = r["plugin_vs_langgraph"]
         res.goal(f"plugin ≤ 1.3× plain LangGraph (K={r['k']})", ratio, "≤ 1.30",
-                 ratio <= 1.3 if finite_pos(ratio) else None)
+                 ratio <= 1.3 if finite_pos(ratio) else None,
+                 f"CPU-time ratio {r['plugin_vs_langgraph_cpu']:.2f}")
     if out_dir is not None:
         res.plot = _plot(rows, out_dir / f"overhead{'-quick' if quick else ''}.png")
     res.seconds = time.perf_counter() - t0

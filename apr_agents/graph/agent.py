@@ -141,6 +141,9 @@ class _Agent:
         if not messages:
             raise ValueError("apr agent needs at least one message in state['messages']")
         prompt = self.backend.render(messages, self.tool_schemas)
+        if not isinstance(prompt, str):
+            raise TypeError(f"{type(self.backend).__name__}.render() must return the prompt as str, "
+                            f"not {type(prompt).__name__}")
         run = uuid.uuid4().hex
         deadline = time.time() + self.config.run_timeout_s if self.config.run_timeout_s else None
         ctx = self._new_context(cid="root", run=run, depth=0, prompt=prompt, label=None, outline=None,
@@ -180,6 +183,9 @@ class _Agent:
                 comp, timed_out = await self._complete(ctx, ctx["prompt"] + ctx["text"], stops, left)
                 self._account(ctx, comp)
                 ctx["text"] += comp.text
+                if ctx["depth"] >= cfg.max_depth and any(  # a spawn written past max_depth runs inline
+                        isinstance(ev, Spawn) for ev in own.feed(comp.text + (comp.stop or ""))):
+                    limits.append(self._limit(ctx, "max_depth", f"spawn at depth {ctx['depth']} written inline"))
                 if timed_out:
                     limits.append(self._limit(ctx, ctx["deadline_kind"] or "thread_timeout_s",
                                               "deadline passed during generation"))
@@ -227,12 +233,14 @@ class _Agent:
         last: BaseException | None = None
         for attempt in range(cfg.backend_attempts):
             pieces: list[str] = []
-            timeout = cfg.backend_timeout_s
-            if ctx["deadline"] is not None:
-                rem = max(0.0, ctx["deadline"] - time.time())
-                timeout = rem if timeout is None else min(timeout, rem)
             try:
                 async with self.limiter.llm():
+                    # the deadline is read after the wait for a slot: a branch queued behind
+                    # llm_concurrency others must not get a full budget from before it waited
+                    timeout = cfg.backend_timeout_s
+                    if ctx["deadline"] is not None:
+                        rem = max(0.0, ctx["deadline"] - time.time())
+                        timeout = rem if timeout is None else min(timeout, rem)
                     return await asyncio.wait_for(self._call(ctx, prompt, stops, max_tokens, pieces),
                                                   timeout), False
             except TimeoutError as exc:
@@ -245,11 +253,12 @@ class _Agent:
                 last = exc
             except (OSError, ConnectionError, ValueError) as exc:
                 last = exc
+            except Exception as exc:  # a bug in the adapter: not retried, but say where it happened
+                raise APRBackendError(f"backend {type(self.backend).__name__} raised in {_where(ctx)}): "
+                                      f"{type(exc).__name__}: {exc}") from exc
             if attempt + 1 < cfg.backend_attempts:
                 await asyncio.sleep(min(2.0, 0.05 * 2 ** attempt) * (1 + random.random()))
-        where = f"context {ctx['id']!r} (depth {ctx['depth']}"
-        if ctx["rec"].get("outline"):
-            where += f", outline {ctx['rec']['outline'][:60]!r}"
+        where = _where(ctx)
         raise APRBackendError(
             f"backend {type(self.backend).__name__} failed in {where}) after {cfg.backend_attempts} "
             f"attempts: {type(last).__name__}: {last}"
@@ -425,6 +434,13 @@ class _Agent:
                 return [Send("branch", {"children": [c]}) for c in children]
             return [Send("branch", {"children": children})]
         return "finalize"
+
+
+def _where(ctx: dict[str, Any]) -> str:
+    where = f"context {ctx['id']!r} (depth {ctx['depth']}"
+    if ctx["rec"].get("outline"):
+        where += f", outline {ctx['rec']['outline'][:60]!r}"
+    return where
 
 
 def _copy_ctx(ctx: dict[str, Any]) -> dict[str, Any]:

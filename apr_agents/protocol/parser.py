@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -135,11 +136,14 @@ class StreamParser:
         self.max_outlines = max_outlines
         self._marker_re, self._prefixes, self._maxlen = _scanner(self.dialect)
         self._pending = ""  # unscanned tail, possibly a split marker
-        self._raw: list[str] = []
+        self._raw: list[str] = []  # consumed text in pieces; _starts[i] is where piece i starts
+        self._starts: list[int] = []
+        self._loose = 0  # pieces appended since the last merge
         self._raw_len = 0
         self._text_start = 0  # start of the text run not yet emitted
         self._mode = "text"  # text | tool_call | tool_response | apr_spawn | apr_join
         self._mode_start = 0
+        self._json_scan = (0, False, False)  # (offset, in a string, after a backslash) in a join payload
         self._stack: list[_Block] = []
         self.closed = False
 
@@ -151,7 +155,7 @@ class StreamParser:
     @property
     def raw(self) -> str:
         if len(self._raw) > 1:
-            self._raw = ["".join(self._raw)]
+            self._raw, self._starts, self._loose = ["".join(self._raw)], [0], 0
         return self._raw[0] if self._raw else ""
 
     def open_threads(self) -> list[tuple[str | None, int]]:
@@ -159,7 +163,7 @@ class StreamParser:
         out = []
         for blk in self._stack:
             if blk.thread_start is not None:
-                label, _ = split_label(self.raw[blk.thread_start: blk.thread_start + 40])
+                label, _ = split_label(self._slice(blk.thread_start, blk.thread_start + 40))
                 out.append((label, blk.thread_start))
         return out
 
@@ -226,13 +230,44 @@ class StreamParser:
                 return k
         return 0
 
+    def _in_json_string(self, end: int) -> bool:
+        """Whether raw offset ``end`` of the join payload lies inside a JSON string (scanned once)."""
+        pos, inside, esc = self._json_scan
+        if pos < self._mode_start:
+            pos, inside, esc = self._mode_start, False, False
+        for ch in self._slice(pos, end):
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = inside
+            elif ch == '"':
+                inside = not inside
+        self._json_scan = (end, inside, esc)
+        return inside
+
     def _consume(self, s: str) -> None:
         if s:
             self._raw.append(s)
+            self._starts.append(self._raw_len)
             self._raw_len += len(s)
+            self._loose += 1
+            if self._loose >= 64:  # merge recent pieces: few pieces, and each character merged once
+                k = len(self._raw) - self._loose
+                self._raw[k:] = ["".join(self._raw[k:])]
+                del self._starts[k + 1:]
+                self._loose = 0
 
     def _slice(self, start: int, end: int | None = None) -> str:
-        return self.raw[start:end]
+        """Text between two offsets. Joins only the pieces that hold it: joining the whole text at
+        every marker made parsing quadratic (a 10,000-outline reply took minutes)."""
+        end = self._raw_len if end is None else min(end, self._raw_len)
+        if start >= end:
+            return ""
+        i = bisect_right(self._starts, start) - 1
+        j = bisect_left(self._starts, end, i + 1)
+        base = self._starts[i]
+        piece = self._raw[i] if j == i + 1 else "".join(self._raw[i:j])
+        return piece[start - base:end - base]
 
     def _flush_text(self, events: list[Event]) -> None:
         if self._mode == "text" and self._raw_len > self._text_start:
@@ -262,8 +297,10 @@ class StreamParser:
                 self._consume(mk)
             return
         if self._mode == "apr_join":  # the parent's join([...results...]): data, not structure
+            # a "])" inside one of the JSON strings (code in a branch's text) does not end it
+            end = mk == d.spawn_marker and not self._in_json_string(self._raw_len)
             self._consume(mk)
-            if mk == d.spawn_marker:
+            if end:
                 self._mode = "text"
                 self._text_start = self._raw_len
             return

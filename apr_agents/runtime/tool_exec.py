@@ -41,6 +41,29 @@ def truncate(text: str, limit: int) -> str:
     return text[:limit] + f"\n[... truncated {len(text) - limit} characters]"
 
 
+async def _bounded(coro: Any, seconds: float) -> Any:
+    """Await ``coro`` for at most ``seconds``. Unlike ``asyncio.wait_for``, a tool that swallows
+    its cancellation is abandoned (cancelled, not awaited) instead of hanging the run; a cancelled
+    run still cancels the tool."""
+    task = asyncio.ensure_future(coro)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # no "never retrieved" noise
+        raise TimeoutError
+    if task.cancelled():  # the tool raised CancelledError itself: its failure, not the run's cancellation
+        raise ToolCancelled("the tool's own task was cancelled")
+    return task.result()
+
+
+class ToolCancelled(Exception):
+    """A tool raised ``CancelledError`` without the run being cancelled."""
+
+
 async def run_tool_call(
     call: ToolCall,
     tools: Mapping[str, BaseTool],
@@ -56,20 +79,29 @@ async def run_tool_call(
     t0 = time.perf_counter()
     if call.error:
         rec["error"] = call.error
-        return f"error: {call.error}", rec
+        return neutralize(f"error: {call.error}"), rec
     tool = tools.get(call.name)
     if tool is None:
         rec["error"] = "unknown_tool"
         known = ", ".join(sorted(tools)) or "none"
-        return f"error: unknown tool {call.name!r}; available tools: {known}", rec
+        return neutralize(f"error: unknown tool {call.name!r}; available tools: {known}"), rec  # quotes model text
     emit({"apr": "tool_start", "ctx": ctx_id, "name": call.name, "args": call.arguments})
     timeout = config.tool_timeout_s
-    if deadline is not None:
-        timeout = max(0.0, min(timeout, deadline - time.time()))
-    try:
+
+    async def slot_then_run() -> Any:
+        nonlocal timeout
         async with limiter.tool():
             rec["started"] = time.time()
-            result = await asyncio.wait_for(tool.ainvoke(call.arguments), timeout)
+            if deadline is not None:  # read after the wait for a slot, not before
+                timeout = max(0.0, min(timeout, deadline - time.time()))
+            return await _bounded(tool.ainvoke(call.arguments), timeout)
+
+    try:
+        if deadline is None:
+            result = await slot_then_run()
+        else:  # the wait for a slot (concurrency, rate limit) counts against the deadline too
+            timeout = max(0.0, deadline - time.time())
+            result = await asyncio.wait_for(slot_then_run(), timeout)
         text = to_text(result)
     except TimeoutError:
         rec["error"] = "timeout"

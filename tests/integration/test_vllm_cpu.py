@@ -63,7 +63,17 @@ def backend():
     asyncio.run(b.start())  # the engine lives on the backend's own loop: later tests use other loops
     print(f"\nvLLM engine start: {time.perf_counter() - t0:.1f} s")
     yield b
-    b.shutdown()
+
+    async def shutdown_while_decoding() -> None:
+        long = asyncio.create_task(b.complete("Count: 1, 2, 3,", stop=[], max_tokens=4000, ignore_eos=True))
+        await asyncio.sleep(1.5)
+        await b.aclose()
+        with pytest.raises(BackendUnavailable, match="shut down"):
+            await asyncio.wait_for(long, 30)  # the in-flight request fails clearly, it does not hang
+        with pytest.raises(BackendUnavailable, match="shut down"):
+            await b.complete("x", stop=[], max_tokens=1)
+
+    asyncio.run(shutdown_while_decoding())
 
 
 @pytest.fixture(scope="module")
