@@ -13,6 +13,7 @@ from typing import Any
 from langchain_core.messages import HumanMessage
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from .config import APRConfig
@@ -31,7 +32,9 @@ def make_backend(args: argparse.Namespace) -> Any:
     if kind == "embedded":
         from .backends import default_backend
 
-        return default_backend()
+        grammar = getattr(args, "grammar", "none")
+        return default_backend(grammar=None if grammar == "none" else grammar,
+                               reuse_prefix=not getattr(args, "fresh_prefill", False))
     if kind == "openai":
         from .backends.openai_compat import OpenAICompatibleBackend
 
@@ -151,7 +154,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
         final = await run_live(create_apr_agent(backend, tools, cfg), args.question, show=not args.quiet)
     wall = time.perf_counter() - t0
     answer = final["messages"][-1].content if final.get("messages") else ""
-    console.print(f"\n[bold]answer:[/bold] {answer}")
+    console.print(f"\n[bold]answer:[/bold] {escape(str(answer))}")
     summary = final.get("apr_trace", {}).get("summary", {})
     console.print(summary_table([("parallel" if cfg.parallel else "sequential", summary, wall)]))
     if args.trace_out:
@@ -161,13 +164,18 @@ async def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DEMO_QUESTION
+    from .demo import DEMO_QUESTION, EMBEDDED_DEMO_QUESTION
     from .graph import create_apr_agent
 
-    question = args.question or DEMO_QUESTION
+    question = args.question or (EMBEDDED_DEMO_QUESTION if args.backend == "embedded" else DEMO_QUESTION)
     console.print(f"[bold]backend:[/bold] {args.backend}   [bold]tool latency:[/bold] {args.tool_latency} s "
                   "(a stand-in for remote APIs)")
-    console.print(f"[bold]question:[/bold] {question}\n")
+    console.print(f"[bold]question:[/bold] {question}")
+    if args.backend == "embedded":
+        console.print("[dim]model: Gemma 3 270M base (Q4_K_M, llama.cpp, CPU), few-shot prompt, "
+                      f"grammar={args.grammar}, fresh prefill per call={args.fresh_prefill}. A 270M base model "
+                      "follows the protocol but its content is weak: watch the runtime, not the facts.[/dim]")
+    console.print()
     t_load = time.perf_counter()
     backend = make_backend(args)
     if hasattr(backend, "start"):
@@ -180,14 +188,16 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     results = {}
     for mode, parallel in (("parallel", True), ("sequential", False)):
         console.rule(f"{mode} run")
-        graph = create_apr_agent(backend, tools, make_config(args, parallel=parallel))
+        demo_limits = {"max_tokens": 320, "max_threads": 4, "max_depth": 1}
+        demo_limits.update({k: v for k, v in vars(args).items() if k in demo_limits and v is not None})
+        graph = create_apr_agent(backend, tools, make_config(args, parallel=parallel, **demo_limits))
         t0 = time.perf_counter()
         final = await run_live(graph, question, show=not args.quiet)
         wall = time.perf_counter() - t0
         trace = final["apr_trace"]
         results[mode] = final
         rows.append((mode, trace["summary"], wall))
-        console.print(f"[bold]answer ({mode}):[/bold] {final['messages'][-1].content}")
+        console.print(f"[bold]answer ({mode}):[/bold] {escape(str(final['messages'][-1].content))}")
         (out / f"demo-trace-{mode}.json").write_text(json.dumps(trace, indent=1, default=str))
         plot_timeline(trace, out / f"demo-timeline-{mode}.png", title=f"apr demo ({mode}, {args.backend})")
     console.print(summary_table(rows))
@@ -225,11 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--db", help="SQLite checkpoint file (enables resume)")
     r.add_argument("--thread-id", help="checkpoint thread id for a new run")
     r.add_argument("--resume", metavar="THREAD_ID", help="resume an interrupted run from --db")
+    r.add_argument("--grammar", choices=["protocol", "none"], default="none",
+                   help="embedded: grammar-constrained decoding (slower, always parses)")
 
     d = sub.add_parser("demo", help="the embedded-model demo: parallel vs sequential, trace and timeline")
     d.add_argument("question", nargs="?")
     common(d, "embedded")
-    d.set_defaults(tool_latency=0.5)
+    d.set_defaults(tool_latency=1.0, grammar="protocol", fresh_prefill=True, tools="calculator,lookup")
+    d.add_argument("--grammar", choices=["protocol", "none"],
+                   help="embedded: grammar-constrained decoding so every reply parses (default: protocol)")
+    d.add_argument("--reuse-prefix", dest="fresh_prefill", action="store_false",
+                   help="embedded: reuse llama.cpp's KV cache across calls (faster; the two runs may then "
+                        "write different text)")
     d.add_argument("--out", default="out/demo", help="folder for traces and timeline PNGs")
 
     b = sub.add_parser("bench", help="benchmarks (same as python -m apr_agents.bench)")

@@ -18,6 +18,10 @@ DEMO_QUESTION = (
 )
 DEMO_COUNTRIES = ("France", "Japan", "Kenya")
 
+#: What ``apr demo`` asks the embedded 270M base model: close to its few-shot
+#: example, so a model that small still writes a well-formed spawn, tool calls and a merge.
+EMBEDDED_DEMO_QUESTION = "What is the population of France plus the population of Canada, in millions?"
+
 
 def with_latency(tool: BaseTool, seconds: float) -> BaseTool:
     """The same tool, answering only after ``seconds``: a stand-in for a remote API's latency."""

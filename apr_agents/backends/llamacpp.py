@@ -105,10 +105,13 @@ def protocol_gbnf(*, branch: bool, can_spawn: bool, max_outlines: int = 4) -> st
         for o in reversed(outlines[2:]):
             optional = f"( {o} {optional})? "
         rules.append(rf'spawn ::= "<Parallel>\n<Outlines>\n" {outlines[0]} {outlines[1]} {optional}"</Outlines>"')
-        rules.append(r"otext ::= [^<\n]+")
+        rules.append(r"otext ::= [^<\n]{1,80}")  # bounded: a small model can loop on digits forever
     if branch:
         items.append("close")
         rules.append(r'close ::= "</Thread>"')
+    else:
+        items.append("end")  # the few-shot end-of-answer marker (FEWSHOT_END_STOPS)
+        rules.append(r'end ::= "<end>"')
     return "\n".join([f"root ::= ( {' | '.join(items)} )*", *rules]) + "\n"
 
 
@@ -130,6 +133,11 @@ class LlamaCppBackend:
     ``True`` uses the GGUF file's own chat template; a string is a Jinja template.
     ``end_stops``: extra stop strings reported as end of sequence; by default the
     few-shot turn markers when rendering few-shot, none with a chat template.
+    ``reuse_prefix``: keep the KV cache of the previous call and evaluate only the
+    new suffix (fast). ``False`` evaluates every prompt from scratch: slower, but
+    the output then depends on the prompt alone, not on which call ran before
+    (cached and fresh prefills differ in the last bits, and greedy decoding of a
+    small model can flip on that), so parallel and sequential runs write the same text.
     Other keywords go to ``llama_cpp.Llama``.
     """
 
@@ -144,6 +152,7 @@ class LlamaCppBackend:
         chat_template: bool | str | None = None,
         end_stops: Sequence[str] | None = None,
         verbose: bool = False,
+        reuse_prefix: bool = True,
         **llama_kwargs: Any,
     ) -> None:
         llama_cpp = _import_llama_cpp()
@@ -195,6 +204,7 @@ class LlamaCppBackend:
             if len(ids) == 1:
                 self._end_token_ids.add(ids[0])
 
+        self.reuse_prefix = reuse_prefix
         self.grammar = grammar
         self._grammar_cache: dict[tuple[bool, bool], Any] = {}
         self._stats_lock = threading.Lock()
@@ -335,6 +345,8 @@ class LlamaCppBackend:
             raise BackendError(f"prompt has {n_prompt} tokens but the context window is n_ctx={self.n_ctx}; "
                                "construct LlamaCppBackend with a larger n_ctx or lower APRConfig.max_tokens")
         budget = max(0, min(max_tokens, self.n_ctx - n_prompt))
+        if not self.reuse_prefix:
+            llm.reset()
         cached = min(llm.longest_token_prefix(llm._input_ids.tolist(), tokens), n_prompt - 1)
         if cancel.is_set():
             return self._finish("", None, "abort", n_prompt, 0, cached)

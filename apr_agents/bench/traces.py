@@ -30,7 +30,10 @@ ANCHORS = {"ThreadWeaver (mean)": 1.22, "ThreadWeaver (best benchmark)": 1.53, "
 
 def traces_dir() -> Path:
     env = os.environ.get("APR_TRACES")
-    return Path(env) if env else REPO.parent / "shared" / "traces"
+    if env:
+        return Path(env)
+    bundled = REPO / "tests" / "data" / "traces"  # the repo's copy of ../shared/traces
+    return bundled if bundled.is_dir() else REPO.parent / "shared" / "traces"
 
 
 def model_text(path: Path) -> str:

@@ -84,9 +84,7 @@ def _run_sync(coro: Coroutine[Any, Any, T]) -> T:
 def final_answer(text: str, dialect: Dialect) -> str:
     """The root text after the last protocol block (SPEC §2.8)."""
     doc = parse_document(text, dialect)
-    if doc.final_text:
-        return doc.final_text
-    return text.strip().rsplit("</tool_response>", 1)[-1].strip()
+    return doc.final_text or doc.last_text
 
 
 class _Agent:
@@ -417,7 +415,8 @@ class _Agent:
         full = dict(state.get("apr_trace", {}))
         full["contexts"] = {**full.get("contexts", {}), "root": ctx["rec"]}
         summary = summarize(full)
-        answer = final_answer(ctx["text"], self.dialect)
+        answer = final_answer(ctx["text"], self.dialect) or (
+            f"[apr-agents: the model wrote no answer; the root context ended with {ctx['end']!r}]")
         msg = AIMessage(content=answer, response_metadata={"apr_end": ctx["end"], "apr_run_id": ctx["run"]})
         return {"apr": ctx, "messages": [msg],
                 "apr_trace": {"contexts": {"root": ctx["rec"]}, "summary": summary, "transcript": ctx["text"]}}

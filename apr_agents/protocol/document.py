@@ -47,6 +47,7 @@ class Document:
     repairs: list[Repair] = field(default_factory=list)
     tool_calls: list[ToolCall] = field(default_factory=list)
     final_text: str = ""
+    last_text: str = ""  # the last non-blank top-level text, even if a block came after it
 
     def all_blocks(self) -> list[BlockNode]:
         out: list[BlockNode] = []
@@ -101,5 +102,7 @@ def parse_document(text: str, dialect: str | Dialect = "canonical") -> Document:
             doc.final_text = ""
         elif isinstance(ev, Text) and ev.depth == 0:
             doc.final_text += ev.text
+            if ev.text.strip():
+                doc.last_text = ev.text.strip()
     doc.final_text = doc.final_text.strip()
     return doc
