@@ -2,7 +2,7 @@
 
 vLLM 0.32 has no GGUF loader, and transformers 5 keeps a GGUF model quantized
 (it refuses ``save_pretrained`` and ``dequantize``). What works (see
-``docs/engines-vllm.md``):
+``docs/engines.md, section vLLM``):
 
 1. build the model skeleton on the meta device from
    ``AutoConfig.from_pretrained(dir, gguf_file=...)`` (no memory, no weights);

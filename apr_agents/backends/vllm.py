@@ -576,7 +576,7 @@ def default_vllm_backend(**kwargs: Any) -> VLLMBackend:
     """The embedded Gemma 3 270M on vLLM (converted once from its GGUF; see ``convert.py``).
 
     ``enforce_eager`` defaults to True: on a 2-core CPU the engine starts in about
-    half the time (no torch.compile) for slightly slower decoding (docs/engines-vllm.md).
+    half the time (no torch.compile) for slightly slower decoding (docs/engines.md, section vLLM).
     Other keywords go to ``VLLMBackend``.
     """
     kwargs.setdefault("enforce_eager", True)

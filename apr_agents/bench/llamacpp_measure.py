@@ -1,6 +1,6 @@
 """Measure the embedded llama.cpp backend and the OpenAI-compatible backend on this machine.
 
-    python docs/engines_bench.py [--reps 3] [--skip-server] [--out bench.json]
+    python -m apr_agents.bench.llamacpp_measure [--reps 3] [--skip-server] [--out bench.json]
 
 Feeds the numbers in docs/engines.md. It prints the machine (``nproc``, CPU
 model, load average before and after: other processes on a 2-core machine skew

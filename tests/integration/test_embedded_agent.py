@@ -1,0 +1,51 @@
+"""The whole agent on the real embedded model (Gemma 3 270M, llama.cpp): the README's main job."""
+
+from __future__ import annotations
+
+import pytest
+from langchain_core.messages import HumanMessage
+
+from apr_agents import APRConfig, create_apr_agent
+from apr_agents.demo import EMBEDDED_DEMO_QUESTION, with_latency
+from apr_agents.protocol import parse_document
+
+pytestmark = [pytest.mark.engine, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def backend():  # type: ignore[no-untyped-def]
+    pytest.importorskip("llama_cpp", reason="needs the [embedded] extra")
+    from apr_agents.backends import default_backend
+
+    b = default_backend(grammar="protocol", reuse_prefix=False)
+    yield b
+    b.close()
+
+
+async def test_embedded_model_drives_spawn_tools_and_merge(backend) -> None:  # type: ignore[no-untyped-def]
+    from apr_tools import calculator, lookup
+
+    cfg = APRConfig(max_tokens=320, max_threads=4, max_depth=1)
+    runs = {}
+    for parallel in (True, False):
+        graph = create_apr_agent(backend, [with_latency(calculator, 0.3), with_latency(lookup, 0.3)],
+                                 cfg.model_copy(update={"parallel": parallel}))
+        runs[parallel] = await graph.ainvoke({"messages": [HumanMessage(EMBEDDED_DEMO_QUESTION)]})
+    par, seq = runs[True], runs[False]
+    summary = par["apr_trace"]["summary"]
+    # What the real model did on this prompt (greedy, grammar-constrained, fresh prefill per call):
+    assert summary["branches"] >= 2, par["apr_trace"]["transcript"][:600]
+    assert summary["tool_calls"] >= 2
+    assert summary["critical_path_tokens"] < summary["total_tokens"]
+    assert summary["max_concurrent_branches"] >= 2
+    for cid, rec in par["apr_trace"]["contexts"].items():
+        assert rec["end"] in ("eos", "thread_end", "max_tokens"), (cid, rec["end"])
+        assert rec["completion_tokens"] > 0 and rec["prompt_tokens"] > 0
+    # The grammar keeps every reply well-formed: the transcript parses with no repairs.
+    doc = parse_document(par["apr_trace"]["transcript"])
+    assert not doc.repairs, doc.repairs
+    assert len(doc.blocks[0].threads) == summary["branches"]
+    # Fresh prefill makes the text depend on the prompt alone: both modes write the same transcript.
+    assert seq["apr_trace"]["transcript"] == par["apr_trace"]["transcript"]
+    assert seq["apr_trace"]["summary"]["max_concurrent_branches"] == 1
+    assert par["messages"][-1].content == seq["messages"][-1].content != ""
