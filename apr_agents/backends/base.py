@@ -99,3 +99,14 @@ def first_stop(text: str, stops: Sequence[str]) -> tuple[str, str | None]:
     if best is None:
         return text, None
     return text[: best[0]], best[1]
+
+
+async def complete_from_stream(stream: AsyncIterator[str | Completion]) -> Completion:
+    """``complete`` for a backend whose ``stream`` ends with the ``Completion``."""
+    final: Completion | None = None
+    async for item in stream:
+        if isinstance(item, Completion):
+            final = item
+    if final is None:
+        raise BackendError("stream ended without a completion")
+    return final

@@ -23,7 +23,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 
 from ..protocol.dialects import TOOL_CALL_CLOSE, Dialect, get_dialect
 from ..protocol.parser import StreamParser
-from .base import BackendError, Completion, first_stop
+from .base import BackendError, Completion, complete_from_stream, first_stop
 
 Reply = str | Callable[[str], str]
 ASSISTANT = "### Assistant\n"
@@ -92,12 +92,8 @@ class ScriptedBackend:
 
     async def complete(self, prompt: str, *, stop: list[str], max_tokens: int,
                        temperature: float = 0.0) -> Completion:
-        final: Completion | None = None
-        async for item in self.stream(prompt, stop=stop, max_tokens=max_tokens, temperature=temperature):
-            if isinstance(item, Completion):
-                final = item
-        assert final is not None
-        return final
+        return await complete_from_stream(
+            self.stream(prompt, stop=stop, max_tokens=max_tokens, temperature=temperature))
 
     async def stream(self, prompt: str, *, stop: list[str], max_tokens: int,
                      temperature: float = 0.0) -> AsyncIterator[str | Completion]:

@@ -87,7 +87,44 @@ def final_answer(text: str, dialect: Dialect) -> str:
     return doc.final_text or doc.last_text
 
 
-class _Agent:
+class BranchRunner:
+    """The ``branch`` node of both modes: run each child as a run of the branch graph.
+
+    One ``Send`` carries one child (parallel) or all of a spawn's children
+    (``parallel=False``: they run one after another in this task).
+    """
+
+    branch_graph: CompiledStateGraph | None = None
+
+    async def branch(self, payload: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
+        assert self.branch_graph is not None
+        outs = []
+        for child in payload["children"]:
+            child = dict(child)
+            index = child.pop("index")
+            outs.append((await self.branch_graph.ainvoke({"apr_spawn_input": child, "messages": []}, config), index))
+        return self._collect(outs)
+
+    def branch_sync(self, payload: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
+        assert self.branch_graph is not None
+        outs = []
+        for child in payload["children"]:
+            child = dict(child)
+            index = child.pop("index")
+            outs.append((self.branch_graph.invoke({"apr_spawn_input": child, "messages": []}, config), index))
+        return self._collect(outs)
+
+    @staticmethod
+    def _collect(outs: list[tuple[dict[str, Any], int]]) -> dict[str, Any]:
+        results = []
+        for out, index in outs:
+            c = out["apr"]
+            results.append({"id": c["id"], "label": c["label"], "index": index, "text": c["text"],
+                            "end": c["end"], "outline": c["rec"].get("outline")})
+        return {"apr_branch_results": results, "apr_trace": _fold([o.get("apr_trace", {}) for o, _ in outs])}
+
+
+class _Agent(BranchRunner):
     def __init__(self, backend: Any, tools: Sequence[BaseTool], config: APRConfig,
                  merge_strategy: MergeStrategy | None) -> None:
         self.backend = backend
@@ -360,32 +397,6 @@ class _Agent:
         ctx["rec"]["tool_calls"] = [*ctx["rec"]["tool_calls"], *(rec for _, rec in results)]
         ctx["pending_tools"] = []
         return {"apr": ctx, "apr_trace": self._trace(ctx)}
-
-    async def branch(self, payload: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
-        assert self.branch_graph is not None
-        results, traces = [], []
-        for child in payload["children"]:
-            index = child.pop("index")
-            out = await self.branch_graph.ainvoke({"apr_spawn_input": child, "messages": []}, config)
-            results.append(self._branch_result(out, index))
-            traces.append(out.get("apr_trace", {}))
-        return {"apr_branch_results": results, "apr_trace": _fold(traces)}
-
-    def branch_sync(self, payload: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
-        assert self.branch_graph is not None
-        results, traces = [], []
-        for child in payload["children"]:
-            index = child.pop("index")
-            out = self.branch_graph.invoke({"apr_spawn_input": child, "messages": []}, config)
-            results.append(self._branch_result(out, index))
-            traces.append(out.get("apr_trace", {}))
-        return {"apr_branch_results": results, "apr_trace": _fold(traces)}
-
-    @staticmethod
-    def _branch_result(out: dict[str, Any], index: int) -> dict[str, Any]:
-        c = out["apr"]
-        return {"id": c["id"], "label": c["label"], "index": index, "text": c["text"], "end": c["end"],
-                "outline": c["rec"].get("outline")}
 
     async def merge(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
         ctx = _copy_ctx(state["apr"])

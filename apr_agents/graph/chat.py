@@ -48,7 +48,7 @@ from ..protocol.parser import ToolCall
 from ..runtime.limits import Limiter, ThreadBudget
 from ..runtime.tool_exec import run_tool_calls, truncate
 from ..runtime.trace import RESET, summarize
-from .agent import APRBackendError, _copy_ctx, _emit, _fold, _node
+from .agent import APRBackendError, BranchRunner, _copy_ctx, _emit, _node
 from .chat_prompt import (
     DEFAULT_CHAT_SYSTEM_PROMPT,
     SPAWN_TASKS_DESCRIPTION,
@@ -180,7 +180,7 @@ def _last_ai_text(messages: Sequence[BaseMessage]) -> str:
     return ""
 
 
-class _ChatAgent:
+class _ChatAgent(BranchRunner):
     def __init__(self, model: BaseChatModel, tools: Sequence[BaseTool], config: APRConfig, *,
                  system_prompt: str | None, merge_strategy: ChatMergeStrategy | None,
                  bind_tools_kwargs: BindKwargs | None, empty_tool_call_content: str | None = None) -> None:
@@ -498,34 +498,6 @@ class _ChatAgent:
         ctx["rec"]["spawns"] = [*ctx["rec"]["spawns"], [c["cid"] for c in children]]
         _emit({"apr": "spawn", "ctx": ctx["id"], "outlines": [[c["label"], c["outline"]] for c in children],
                "skipped": len(spawn["skipped"])})
-
-    async def branch(self, payload: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
-        assert self.branch_graph is not None
-        results, traces = [], []
-        for child in payload["children"]:
-            child = dict(child)
-            index = child.pop("index")
-            out = await self.branch_graph.ainvoke({"apr_spawn_input": child, "messages": []}, config)
-            results.append(self._branch_result(out, index))
-            traces.append(out.get("apr_trace", {}))
-        return {"apr_branch_results": results, "apr_trace": _fold(traces)}
-
-    def branch_sync(self, payload: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
-        assert self.branch_graph is not None
-        results, traces = [], []
-        for child in payload["children"]:
-            child = dict(child)
-            index = child.pop("index")
-            out = self.branch_graph.invoke({"apr_spawn_input": child, "messages": []}, config)
-            results.append(self._branch_result(out, index))
-            traces.append(out.get("apr_trace", {}))
-        return {"apr_branch_results": results, "apr_trace": _fold(traces)}
-
-    @staticmethod
-    def _branch_result(out: dict[str, Any], index: int) -> dict[str, Any]:
-        c = out["apr"]
-        return {"id": c["id"], "label": c["label"], "index": index, "text": c["text"], "end": c["end"],
-                "outline": c["rec"].get("outline")}
 
     async def merge(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
         ctx = _copy_ctx(state["apr"])
