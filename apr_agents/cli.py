@@ -105,6 +105,8 @@ async def run_live(graph: Any, question: str, *, show: bool = True) -> dict[str,
             tree(ev)
             if ev["apr"] == "done":
                 final = ev["state"]
+    if show:
+        console.print()
     return final
 
 

@@ -96,6 +96,24 @@ class BranchRunner:
 
     branch_graph: CompiledStateGraph | None = None
 
+    def _new_context(self, **spec: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _start_branch(self, spawn: dict[str, Any]) -> dict[str, Any]:
+        """``prepare`` for a graph run a parent started as one of its branches."""
+        ctx = self._new_context(**spawn)
+        _emit({"apr": "branch_start", "ctx": ctx["id"], "label": ctx["label"],
+               "outline": ctx["rec"]["outline"], "depth": ctx["depth"]})
+        return {"apr": ctx, "apr_spawn_input": None, "apr_trace": self._trace(ctx)}
+
+    @staticmethod
+    def _trace(ctx: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        return {"contexts": {ctx["id"]: dict(ctx["rec"])}, **extra}
+
+    @staticmethod
+    def _limit(ctx: dict[str, Any], limit: str, detail: str) -> dict[str, Any]:
+        return {"ctx": ctx["id"], "limit": limit, "detail": detail}
+
     async def branch(self, payload: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
         assert self.branch_graph is not None
         outs = []
@@ -154,24 +172,11 @@ class _Agent(BranchRunner):
                     "end": None, "truncated": False},
         }
 
-    @staticmethod
-    def _trace(ctx: dict[str, Any], **extra: Any) -> dict[str, Any]:
-        out: dict[str, Any] = {"contexts": {ctx["id"]: dict(ctx["rec"])}}
-        for k, v in extra.items():
-            out[k] = v
-        return out
-
-    def _limit(self, ctx: dict[str, Any], limit: str, detail: str) -> dict[str, Any]:
-        return {"ctx": ctx["id"], "limit": limit, "detail": detail}
-
     # -- nodes ---------------------------------------------------------------
     async def prepare(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
         spawn = state.get("apr_spawn_input")
         if spawn:
-            ctx = self._new_context(**spawn)
-            _emit({"apr": "branch_start", "ctx": ctx["id"], "label": ctx["label"],
-                   "outline": ctx["rec"]["outline"], "depth": ctx["depth"]})
-            return {"apr": ctx, "apr_spawn_input": None, "apr_trace": self._trace(ctx)}
+            return self._start_branch(spawn)
         messages = [_neutralized(m) for m in state.get("messages", [])]
         if not messages:
             raise ValueError("apr agent needs at least one message in state['messages']")

@@ -227,22 +227,11 @@ class _ChatAgent(BranchRunner):
                     "end": None, "truncated": False},
         }
 
-    @staticmethod
-    def _trace(ctx: dict[str, Any], **extra: Any) -> dict[str, Any]:
-        return {"contexts": {ctx["id"]: dict(ctx["rec"])}, **extra}
-
-    @staticmethod
-    def _limit(ctx: dict[str, Any], limit: str, detail: str) -> dict[str, Any]:
-        return {"ctx": ctx["id"], "limit": limit, "detail": detail}
-
     # -- nodes ---------------------------------------------------------------
     async def prepare(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
         spawn = state.get("apr_spawn_input")
         if spawn:
-            ctx = self._new_context(**spawn)
-            _emit({"apr": "branch_start", "ctx": ctx["id"], "label": ctx["label"],
-                   "outline": ctx["rec"]["outline"], "depth": ctx["depth"]})
-            return {"apr": ctx, "apr_spawn_input": None, "apr_trace": self._trace(ctx)}
+            return self._start_branch(spawn)
         messages = list(state.get("messages", []))
         if not messages:
             raise ValueError("apr agent needs at least one message in state['messages']")
