@@ -114,9 +114,9 @@ async def test_down_replica_is_tried_again_after_down_for_s(fakes):
 async def test_failover_on_connection_refused_and_timeout_and_drop(fakes):
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     hang, drop, good = fakes
-    hang.mode, hang.hang_s = "hang", 3.0
+    hang.mode, hang.hang_s = "hang", 30.0  # far past the timeout: a slow machine cannot blur the two
     drop.mode = "drop"
-    backend = _backend([dead, hang.url, drop.url, good.url], timeout_s=0.5)
+    backend = _backend([dead, hang.url, drop.url, good.url], timeout_s=2.0)
     for key in ("a", "b", "c", "d", "e"):
         c = await _call(backend, key)
         assert c.text == f"served {key}"
