@@ -215,7 +215,7 @@ class _Agent(BranchRunner):
                     limits.append(self._limit(ctx, ctx["deadline_kind"], "deadline passed"))
                     ctx["end"], ctx["rec"]["truncated"] = "timeout", True
                     break
-                own = StreamParser(self.dialect)
+                own = StreamParser(self.dialect, max_outlines=cfg.max_threads + 1)
                 own.feed(ctx["text"])
                 # The spawn marker is a stop wherever spawning is allowed, even with a block still open
                 # (Multiverse leaves it open for the model's <Conclusion>): the parser decides below.
@@ -252,9 +252,13 @@ class _Agent(BranchRunner):
                         break
                     continue
                 if comp.stop == self.dialect.spawn_marker and ctx["spawn_ok"]:
-                    own.feed(comp.text)  # spawn only where the marker closes a top-level block's outlines
-                    if any(isinstance(ev, Spawn) and ev.depth == 1 for ev in own.feed(comp.stop)):
-                        spawn = self._plan_spawn(ctx, limits, repairs, state.get("apr_trace"))
+                    # spawn only where the marker closes a top-level block's outlines
+                    events = own.feed(comp.text) + own.feed(comp.stop)
+                    spawn_ev = next((ev for ev in reversed(events) if isinstance(ev, Spawn) and ev.depth == 1), None)
+                    if spawn_ev is not None:
+                        repairs.extend({"ctx": ctx["id"], "kind": ev.kind, "detail": ev.detail}
+                                       for ev in events if isinstance(ev, Repair))
+                        spawn = self._plan_spawn(ctx, spawn_ev, limits, repairs, state.get("apr_trace"))
                         if spawn is not None:
                             ctx["pending_spawn"] = spawn
                             break
@@ -341,17 +345,11 @@ class _Agent(BranchRunner):
             repairs.append({"ctx": ctx["id"], "kind": "stray_close", "detail": TOOL_CALL_CLOSE})
         return calls
 
-    def _plan_spawn(self, ctx: dict[str, Any], limits: list[dict[str, Any]],
+    def _plan_spawn(self, ctx: dict[str, Any], spawn_ev: Spawn, limits: list[dict[str, Any]],
                     repairs: list[dict[str, Any]], trace: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """Turn the outlines the model just closed into children, within the run's limits."""
         cfg = self.config
-        spawn_ev: Spawn | None = None
-        parser = StreamParser(self.dialect, max_outlines=cfg.max_threads + 1)
-        for ev in parser.feed(ctx["text"]):
-            if isinstance(ev, Spawn):
-                spawn_ev = ev
-            elif isinstance(ev, Repair):
-                repairs.append({"ctx": ctx["id"], "kind": ev.kind, "detail": ev.detail})
-        outlines = list(spawn_ev.outlines) if spawn_ev else []
+        outlines = list(spawn_ev.outlines)
         if not outlines:
             repairs.append({"ctx": ctx["id"], "kind": "empty_spawn", "detail": "no outlines before the spawn point"})
             ctx["text"] += self.dialect.spawn_suffix()
