@@ -251,12 +251,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "write different text)")
     d.add_argument("--out", default="out/demo", help="folder for traces and timeline PNGs")
 
-    b = sub.add_parser("bench", help="benchmarks (same as python -m apr_agents.bench)")
+    b = sub.add_parser("bench", help="benchmarks (same as python -m apr_agents.bench)", add_help=False)
     b.add_argument("rest", nargs=argparse.REMAINDER)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser, options and --help included
+        from .bench.__main__ import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.cmd == "bench":
         from .bench.__main__ import main as bench_main
