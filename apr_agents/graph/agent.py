@@ -521,6 +521,19 @@ def create_apr_agent(
         return create_chat_apr_agent(backend, tools, config, checkpointer=checkpointer, name=name,
                                      merge_strategy=merge_strategy)
     check_backend(backend)
+    config, tools = checked_config_and_tools(config, tools)
+    agent = _Agent(backend, tools, config, merge_strategy)
+
+    def wire(g: StateGraph) -> None:
+        g.add_conditional_edges("generate", agent.route, ["tools", "branch", "finalize"])
+        g.add_edge("tools", "generate")
+
+    return compile_agent(agent, wire, checkpointer=checkpointer, name=name)
+
+
+def checked_config_and_tools(config: APRConfig | None,
+                             tools: Sequence[BaseTool]) -> tuple[APRConfig, list[BaseTool]]:
+    """One clear error at construction for a bad config or tool list (both modes)."""
     config = config or APRConfig()
     if not isinstance(config, APRConfig):
         raise TypeError(f"config must be an APRConfig, not {type(config).__name__}")
@@ -531,7 +544,16 @@ def create_apr_agent(
     names = [t.name for t in tools]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate tool names: {sorted(n for n in set(names) if names.count(n) > 1)}")
-    agent = _Agent(backend, tools, config, merge_strategy)
+    return config, tools
+
+
+def compile_agent(agent: Any, wire: Callable[[StateGraph], None], *,
+                  checkpointer: BaseCheckpointSaver | Literal[False] | None, name: str) -> CompiledStateGraph:
+    """The node set both modes share; ``wire`` adds the mode's edges out of generate and tools.
+
+    Compiled twice from the same builder: the branch graph (no checkpointer of its own, so a
+    branch run inherits its parent's) and the root graph the user gets.
+    """
 
     def build() -> StateGraph:
         g = StateGraph(APRState, input_schema=APRInput, output_schema=APROutput)
@@ -543,8 +565,7 @@ def create_apr_agent(
         g.add_node("finalize", _node(agent.finalize, name="finalize"))
         g.add_edge(START, "prepare")
         g.add_edge("prepare", "generate")
-        g.add_conditional_edges("generate", agent.route, ["tools", "branch", "finalize"])
-        g.add_edge("tools", "generate")
+        wire(g)
         g.add_edge("branch", "merge")
         g.add_edge("merge", "generate")
         g.add_edge("finalize", END)

@@ -38,7 +38,7 @@ from langchain_core.messages import (
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool
 from langgraph.checkpoint.base import BaseCheckpointSaver
-from langgraph.graph import END, START, StateGraph
+from langgraph.graph import StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Send
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
@@ -48,7 +48,7 @@ from ..protocol.parser import ToolCall
 from ..runtime.limits import Limiter, ThreadBudget
 from ..runtime.tool_exec import run_tool_calls, truncate
 from ..runtime.trace import RESET, summarize
-from .agent import APRBackendError, BranchRunner, _copy_ctx, _emit, _node
+from .agent import APRBackendError, BranchRunner, _copy_ctx, _emit, checked_config_and_tools, compile_agent
 from .chat_prompt import (
     DEFAULT_CHAT_SYSTEM_PROMPT,
     SPAWN_TASKS_DESCRIPTION,
@@ -58,7 +58,7 @@ from .chat_prompt import (
     format_system_prompt,
     spawn_ack,
 )
-from .state import APRInput, APROutput, APRState
+from .state import APRState
 
 # (results in task order, dialect) -> the spawn ToolMessage's text. Results carry the
 # same keys as in the text mode (id, label, index, text, end, outline=the task); the
@@ -568,17 +568,8 @@ def create_chat_apr_agent(
     """
     if not isinstance(chat_model, BaseChatModel):
         raise TypeError(f"chat_model must be a LangChain BaseChatModel, not {type(chat_model).__name__}")
-    config = config or APRConfig()
-    if not isinstance(config, APRConfig):
-        raise TypeError(f"config must be an APRConfig, not {type(config).__name__}")
-    tools = list(tools)
-    for t in tools:
-        if not isinstance(t, BaseTool):
-            raise TypeError(f"tools must be LangChain BaseTool objects (e.g. from @tool); got {t!r}")
-    names = [t.name for t in tools]
-    if len(set(names)) != len(names):
-        raise ValueError(f"duplicate tool names: {sorted(n for n in set(names) if names.count(n) > 1)}")
-    if SPAWN_TOOL_NAME in names:
+    config, tools = checked_config_and_tools(config, tools)
+    if SPAWN_TOOL_NAME in (t.name for t in tools):
         raise ValueError(f"a tool may not be named {SPAWN_TOOL_NAME!r}: the agent binds its own spawn tool")
     if system_prompt is not None and not isinstance(system_prompt, str):
         raise TypeError("system_prompt must be a string (or None for the default)")
@@ -590,24 +581,8 @@ def create_chat_apr_agent(
     agent = _ChatAgent(chat_model, tools, config, system_prompt=system_prompt, merge_strategy=merge_strategy,
                        bind_tools_kwargs=bind_tools_kwargs, empty_tool_call_content=empty_tool_call_content)
 
-    def build() -> StateGraph:
-        g = StateGraph(APRState, input_schema=APRInput, output_schema=APROutput)
-        g.add_node("prepare", _node(agent.prepare, name="prepare"))
-        g.add_node("generate", _node(agent.generate, name="generate"))
-        g.add_node("tools", _node(agent.tools_node, name="tools"))
-        g.add_node("branch", _node(agent.branch, agent.branch_sync, name="branch"))
-        g.add_node("merge", _node(agent.merge, name="merge"))
-        g.add_node("finalize", _node(agent.finalize, name="finalize"))
-        g.add_edge(START, "prepare")
-        g.add_edge("prepare", "generate")
+    def wire(g: StateGraph) -> None:
         g.add_conditional_edges("generate", agent.route_generate, ["tools", "finalize"])
         g.add_conditional_edges("tools", agent.route_tools, ["branch", "generate"])
-        g.add_edge("branch", "merge")
-        g.add_edge("merge", "generate")
-        g.add_edge("finalize", END)
-        return g
 
-    agent.branch_graph = build().compile(name=f"{name}_branch")
-    graph = build().compile(checkpointer=checkpointer, name=name)
-    graph.apr_agent = agent  # type: ignore[attr-defined]
-    return graph
+    return compile_agent(agent, wire, checkpointer=checkpointer, name=name)
