@@ -39,7 +39,7 @@ from ..protocol.document import parse_document
 from ..protocol.parser import Repair, Spawn, StreamParser, parse_tool_call
 from ..runtime.limits import Limiter, ThreadBudget
 from ..runtime.tool_exec import run_tool_calls
-from ..runtime.trace import RESET, summarize
+from ..runtime.trace import RESET, merge_traces, new_record, summarize
 from .state import APRInput, APROutput, APRState
 
 T = TypeVar("T")
@@ -159,17 +159,13 @@ class _Agent(BranchRunner):
     def _new_context(self, *, cid: str, run: str, depth: int, prompt: str, label: str | None,
                      outline: str | None, parent: str | None, deadline: float | None,
                      deadline_kind: str | None, budget_seed: int = 0) -> dict[str, Any]:
-        now = time.time()
         return {
             "id": cid, "run": run, "depth": depth, "prompt": prompt, "text": "", "label": label,
             "deadline": deadline, "deadline_kind": deadline_kind,
             "spawn_ok": depth < self.config.max_depth, "spawns": 0, "end": None,
             "pending_tools": [], "pending_spawn": None,
             "budget_seed": budget_seed,  # branches of the run already started when this one was (resume)
-            "rec": {"id": cid, "parent": parent, "depth": depth, "label": label, "outline": outline,
-                    "started": now, "ended": None, "prompt_tokens": 0, "completion_tokens": 0,
-                    "cached_prompt_tokens": 0, "calls": 0, "tool_calls": [], "spawns": [],
-                    "end": None, "truncated": False},
+            "rec": new_record(cid, parent=parent, depth=depth, label=label, outline=outline),
         }
 
     # -- nodes ---------------------------------------------------------------
@@ -223,8 +219,9 @@ class _Agent(BranchRunner):
                 comp, timed_out = await self._complete(ctx, ctx["prompt"] + ctx["text"], stops, left)
                 self._account(ctx, comp)
                 ctx["text"] += comp.text
+                events = own.feed(comp.text)  # `own` now holds the whole context text, stop excluded
                 if ctx["depth"] >= cfg.max_depth and any(  # a spawn written past max_depth runs inline
-                        isinstance(ev, Spawn) for ev in own.feed(comp.text + (comp.stop or ""))):
+                        isinstance(ev, Spawn) for ev in events):
                     limits.append(self._limit(ctx, "max_depth", f"spawn at depth {ctx['depth']} written inline"))
                 if timed_out:
                     limits.append(self._limit(ctx, ctx["deadline_kind"] or "thread_timeout_s",
@@ -239,8 +236,6 @@ class _Agent(BranchRunner):
                         ctx["end"] = "eos"
                     break
                 if comp.stop == self.dialect.thread_close and ctx["depth"] > 0:
-                    own = StreamParser(self.dialect)
-                    own.feed(ctx["text"])
                     if own.depth == 0:  # not the close of a block the branch writes inline
                         ctx["end"] = "thread_end"
                         break
@@ -253,7 +248,7 @@ class _Agent(BranchRunner):
                     continue
                 if comp.stop == self.dialect.spawn_marker and ctx["spawn_ok"]:
                     # spawn only where the marker closes a top-level block's outlines
-                    events = own.feed(comp.text) + own.feed(comp.stop)
+                    events += own.feed(comp.stop)
                     spawn_ev = next((ev for ev in reversed(events) if isinstance(ev, Spawn) and ev.depth == 1), None)
                     if spawn_ev is not None:
                         repairs.extend({"ctx": ctx["id"], "kind": ev.kind, "detail": ev.detail}
@@ -471,8 +466,6 @@ def _spawned_in(trace: dict[str, Any] | None, ctx: dict[str, Any]) -> int:
 
 
 def _fold(traces: list[dict[str, Any]]) -> dict[str, Any]:
-    from ..runtime.trace import merge_traces
-
     out: dict[str, Any] = {}
     for t in traces:
         out = merge_traces(out, t)

@@ -47,7 +47,7 @@ from ..config import APRConfig
 from ..protocol.parser import ToolCall
 from ..runtime.limits import Limiter, ThreadBudget
 from ..runtime.tool_exec import run_tool_calls, truncate
-from ..runtime.trace import RESET, summarize
+from ..runtime.trace import RESET, new_record, summarize
 from .agent import APRBackendError, BranchRunner, _copy_ctx, _emit, checked_config_and_tools, compile_agent
 from .chat_prompt import (
     DEFAULT_CHAT_SYSTEM_PROMPT,
@@ -221,10 +221,7 @@ class _ChatAgent(BranchRunner):
             "label": label, "deadline": deadline, "deadline_kind": deadline_kind,
             "spawn_ok": depth < self.config.max_depth, "spawns": 0, "end": None,
             "pending_tools": False, "pending_spawn": None, "text": "",
-            "rec": {"id": cid, "parent": parent, "depth": depth, "label": label, "outline": outline,
-                    "started": time.time(), "ended": None, "prompt_tokens": 0, "completion_tokens": 0,
-                    "cached_prompt_tokens": 0, "calls": 0, "tool_calls": [], "spawns": [],
-                    "end": None, "truncated": False},
+            "rec": new_record(cid, parent=parent, depth=depth, label=label, outline=outline),
         }
 
     # -- nodes ---------------------------------------------------------------

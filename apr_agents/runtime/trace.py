@@ -7,9 +7,19 @@ clobbering each other.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 RESET = "__reset__"
+
+
+def new_record(cid: str, *, parent: str | None, depth: int, label: str | None,
+               outline: str | None) -> dict[str, Any]:
+    """A context's trace record as it starts (SPEC §5); both agent modes fill in the rest."""
+    return {"id": cid, "parent": parent, "depth": depth, "label": label, "outline": outline,
+            "started": time.time(), "ended": None, "prompt_tokens": 0, "completion_tokens": 0,
+            "cached_prompt_tokens": 0, "calls": 0, "tool_calls": [], "spawns": [],
+            "end": None, "truncated": False}
 
 
 def merge_traces(left: dict[str, Any] | None, right: dict[str, Any] | None) -> dict[str, Any]:
