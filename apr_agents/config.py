@@ -33,3 +33,9 @@ class APRConfig(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=5.0)
     dialect: Dialect = "canonical"
     parallel: bool = Field(True, description="False runs every spawn's branches one after another")
+    branch_runs: Literal["auto", "subgraph", "inline"] = Field(
+        "auto",
+        description="how the branch node runs a branch: 'subgraph' (a run of the branch graph, with its own "
+                    "checkpoints and stream namespace), 'inline' (the same nodes called in one task: no "
+                    "per-branch supersteps, so less overhead, but a branch cut short reruns whole on resume), "
+                    "'auto' (subgraph when the run has a checkpointer, else inline)")

@@ -412,7 +412,8 @@ async def test_bind_tools_kwargs_per_step() -> None:
 
 async def test_custom_stream_events() -> None:
     model = ScriptedChatModel(respond=fan_out(["a", "b"], [0.05, 0.05]))
-    items = [x async for x in create_apr_agent(model, [wait]).astream(Q, stream_mode="custom", subgraphs=True)]
+    agent = create_apr_agent(model, [wait], APRConfig(branch_runs="subgraph"))
+    items = [x async for x in agent.astream(Q, stream_mode="custom", subgraphs=True)]
     events = [e for _, e in items]
     kinds = [e["apr"] for e in events]
     ns_of = {e["ctx"]: ns for ns, e in items if e["apr"] == "branch_start"}

@@ -223,23 +223,25 @@ def _child(db: Path, work: Path, *extra: str) -> subprocess.Popen[str]:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize(("mode", "store"), [("parallel", "sqlite"), ("sequential", "sqlite"),
+@pytest.mark.parametrize(("mode", "store"), [("parallel", "sqlite"), ("sequential", "sqlite"), ("inline", "sqlite"),
                                              pytest.param("parallel", "postgres", marks=pytest.mark.slow)])
 def test_sigkill_mid_fan_out_then_resume(tmp_path: Path, mode: str, store: str,
                                          request: pytest.FixtureRequest) -> None:
-    """parallel: one Send task per branch; sequential: all four inside one ``branch`` node."""
+    """parallel: one Send task per branch, each a subgraph run (``branch_runs="auto"`` with a
+    checkpointer); sequential: all four inside one ``branch`` node; inline: one Send task per
+    branch, run inline (no checkpoints of its own)."""
     work = tmp_path
     db: str | Path = tmp_path / "runs.sqlite"
     if store == "postgres":
         db = request.getfixturevalue("postgres_url")
         _drop_thread(str(db), "thread-A")
-    flags = ("--sequential",) if mode == "sequential" else ()
+    flags = {"sequential": ("--sequential",), "inline": ("--inline",)}.get(mode, ())
     first = _child(db, work, *flags)
     deadline = time.monotonic() + 60
     ready = False
     while time.monotonic() < deadline and first.poll() is None:
         tools = {(ev, tag) for _, ev, tag in _lines(work / "tools.log")}
-        if mode == "parallel":
+        if mode in ("parallel", "inline"):
             # branches 1 and 2 finished and their writes are in the file; 3 and 4 are blocked in their tool
             on_disk = _branch_writes_on_disk(db)
             ready = {("end", "1"), ("end", "2"), ("start", "3"), ("start", "4")} <= tools and on_disk >= 2
@@ -283,6 +285,11 @@ def test_sigkill_mid_fan_out_then_resume(tmp_path: Path, mode: str, store: str,
         assert tools[pid1] == {**done_before, "start 3": 1, "start 4": 1}
         # 3 and 4 resume inside their subgraph: the tool in flight runs again, their first step does not
         assert calls[pid2]["3"] == 1 and calls[pid2]["4"] == 1
+    elif mode == "inline":
+        assert calls[pid1] == {"root": 1, "1": 2, "2": 2, "3": 1, "4": 1}
+        assert tools[pid1] == {**done_before, "start 3": 1, "start 4": 1}
+        # an inline branch has no checkpoint of its own: 3 and 4 run again from their start
+        assert calls[pid2]["3"] == 2 and calls[pid2]["4"] == 2
     else:
         assert calls[pid1] == {"root": 1, "1": 2, "2": 2, "3": 1}
         assert tools[pid1] == {**done_before, "start 3": 1}

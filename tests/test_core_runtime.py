@@ -1,4 +1,8 @@
-"""Core runtime on the FAKE ScriptedBackend: spawn, merge, nesting, tools, limits, embedding."""
+"""Core runtime on the FAKE ScriptedBackend: spawn, merge, nesting, tools, limits, embedding.
+
+Every test runs twice: branches as subgraph runs and branches run inline
+(``APRConfig.branch_runs``); both must behave the same.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +15,24 @@ from langchain_core.messages import HumanMessage
 from langchain_core.tools import tool
 from langgraph.graph import START, MessagesState, StateGraph
 
-from apr_agents import APRConfig, ScriptedBackend, create_apr_agent
+from apr_agents import APRConfig, ScriptedBackend
+from apr_agents import create_apr_agent as _create_apr_agent
 from apr_agents.protocol import parse_document
 
 Q = {"messages": [HumanMessage("question")]}
+BRANCH_RUNS = {"mode": "inline"}
+
+
+@pytest.fixture(autouse=True, params=["inline", "subgraph"])
+def branch_runs(request: pytest.FixtureRequest) -> str:
+    BRANCH_RUNS["mode"] = request.param
+    return request.param
+
+
+def create_apr_agent(backend: object, tools: object = (), config: APRConfig | None = None, **kw: object) -> object:
+    """``create_apr_agent`` with this test's ``branch_runs`` mode."""
+    config = (config or APRConfig()).model_copy(update={"branch_runs": BRANCH_RUNS["mode"]})
+    return _create_apr_agent(backend, tools, config, **kw)
 
 
 def spawn_text(n: int, tail: str = "Final answer.") -> str:

@@ -10,11 +10,12 @@ import json
 from collections import defaultdict
 from typing import Any
 
+import pytest
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.tools import tool
 from langgraph.graph import START, MessagesState, StateGraph
 
-from apr_agents import ScriptedBackend, create_apr_agent
+from apr_agents import APRConfig, ScriptedBackend, create_apr_agent
 from apr_agents.graph.streaming import APR_EVENTS, stream_events
 
 
@@ -36,6 +37,8 @@ SCRIPT = {
     "2/1": " c is fine</Thread>",
 }
 Q = {"messages": [HumanMessage("question")]}
+SUBGRAPH = APRConfig(branch_runs="subgraph")
+INLINE = APRConfig(branch_runs="inline")
 
 
 def model_text(reply: str) -> str:
@@ -50,26 +53,10 @@ async def collect(graph: Any, **kw: Any) -> list[tuple[tuple[str, ...], str, Any
     return out
 
 
-async def test_each_branch_is_told_apart_with_subgraphs() -> None:
-    graph = create_apr_agent(ScriptedBackend(SCRIPT, token_latency_s=0.001), [echo])
-    items = await collect(graph, subgraphs=True)
-    custom = [(ns, ev) for ns, mode, ev in items if mode == "custom"]
-    assert {ev["apr"] for _, ev in custom} == set(APR_EVENTS)
-
-    # one namespace per context: the branch_start event names it, every later event agrees
-    ns_of: dict[str, tuple[str, ...]] = {"root": ()}
-    for ns, ev in custom:
-        if ev["apr"] == "branch_start":
-            assert ev["ctx"] not in ns_of
-            ns_of[ev["ctx"]] = ns
-    assert sorted(ns_of) == ["root", "root/1.1", "root/1.2", "root/1.2/1.1"]
-    assert len(set(ns_of.values())) == 4
-    assert ns_of["root/1.2/1.1"][:-1] == ns_of["root/1.2"]  # the nested branch sits under its parent
-    for ns, ev in custom:
-        assert ns == ns_of[ev["ctx"]], ev
-
+def check_events_per_context(custom: list[dict[str, Any]]) -> None:
+    """What each context's own events must say, told apart by their ``ctx`` alone."""
     by_ctx: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for _, ev in custom:
+    for ev in custom:
         by_ctx[ev["ctx"]].append(ev)
     # spawn, with its outlines, in the parent
     spawns = [ev for ev in by_ctx["root"] if ev["apr"] == "spawn"]
@@ -90,13 +77,34 @@ async def test_each_branch_is_told_apart_with_subgraphs() -> None:
         assert by_ctx[cid][-1]["end"] == "thread_end" and by_ctx[cid][-1]["tokens"] > 0
         assert by_ctx[cid][0]["outline"] and by_ctx[cid][0]["depth"] == cid.count("/")
     # merge: children in outline order, after every child ended
-    order = [(ev["apr"], ev["ctx"]) for _, ev in custom]
-    merges = [ev for _, ev in custom if ev["apr"] == "merge"]
+    order = [(ev["apr"], ev["ctx"]) for ev in custom]
+    merges = [ev for ev in custom if ev["apr"] == "merge"]
     assert [m["ctx"] for m in merges] == ["root/1.2", "root"]
     assert merges[1]["children"] == ["root/1.1", "root/1.2"]
     assert merges[0]["children"] == ["root/1.2/1.1"]
     root_merge = order.index(("merge", "root"))
     assert all(order.index(("branch_end", c)) < root_merge for c in ("root/1.1", "root/1.2", "root/1.2/1.1"))
+
+
+async def test_each_branch_is_told_apart_with_subgraphs() -> None:
+    graph = create_apr_agent(ScriptedBackend(SCRIPT, token_latency_s=0.001), [echo], SUBGRAPH)
+    items = await collect(graph, subgraphs=True)
+    custom = [(ns, ev) for ns, mode, ev in items if mode == "custom"]
+    assert {ev["apr"] for _, ev in custom} == set(APR_EVENTS) - {"step"}  # steps come as updates
+
+    # one namespace per context: the branch_start event names it, every later event agrees
+    ns_of: dict[str, tuple[str, ...]] = {"root": ()}
+    for ns, ev in custom:
+        if ev["apr"] == "branch_start":
+            assert ev["ctx"] not in ns_of
+            ns_of[ev["ctx"]] = ns
+    assert sorted(ns_of) == ["root", "root/1.1", "root/1.2", "root/1.2/1.1"]
+    assert len(set(ns_of.values())) == 4
+    assert ns_of["root/1.2/1.1"][:-1] == ns_of["root/1.2"]  # the nested branch sits under its parent
+    for ns, ev in custom:
+        assert ns == ns_of[ev["ctx"]], ev
+
+    check_events_per_context([ev for _, ev in custom])
 
     # updates: every node update of a branch comes in that branch's namespace and names its context
     for ns, mode, upd in items:
@@ -114,8 +122,26 @@ async def test_each_branch_is_told_apart_with_subgraphs() -> None:
     assert isinstance(msgs[0][1], AIMessage)
 
 
+async def test_inline_branches_stream_from_the_branch_node_told_apart_by_context() -> None:
+    graph = create_apr_agent(ScriptedBackend(SCRIPT, token_latency_s=0.001), [echo], INLINE)
+    for subgraphs in (True, False):  # inline branches are no subgraphs: the flag changes nothing
+        items = await collect(graph, subgraphs=subgraphs)
+        custom = [ev for ns, mode, ev in items if mode == "custom" and ns == ()]
+        assert len(custom) == len([1 for _, mode, _ in items if mode == "custom"])
+        assert {ev["apr"] for ev in custom} == set(APR_EVENTS)
+        check_events_per_context([ev for ev in custom if ev["apr"] != "step"])
+        # each branch node that finished, as a custom step event in its own context
+        steps = {(ev["ctx"], ev["node"]) for ev in custom if ev["apr"] == "step"}
+        assert {("root/1.1", "prepare"), ("root/1.1", "tools"), ("root/1.1", "finalize"),
+                ("root/1.2", "branch"), ("root/1.2", "merge"), ("root/1.2/1.1", "finalize")} <= steps
+        assert not any(ctx == "root" for ctx, _ in steps)  # the root's nodes report as updates
+        updates = [upd for _, mode, upd in items if mode == "updates"]
+        assert [node for upd in updates for node in upd] == [
+            "prepare", "generate", "branch", "branch", "merge", "generate", "finalize"]
+
+
 async def test_without_subgraphs_only_the_root_graph_events_arrive() -> None:
-    graph = create_apr_agent(ScriptedBackend(SCRIPT), [echo])
+    graph = create_apr_agent(ScriptedBackend(SCRIPT), [echo], SUBGRAPH)
     items = await collect(graph)
     custom = [ev for _, mode, ev in items if mode == "custom"]
     assert {ev["ctx"] for ev in custom} == {"root"}
@@ -123,8 +149,9 @@ async def test_without_subgraphs_only_the_root_graph_events_arrive() -> None:
     assert "".join(ev["text"] for ev in custom if ev["apr"] == "token").startswith("Go.\n<Parallel>")
 
 
-async def test_stream_events_normalises_and_ends_with_done() -> None:
-    graph = create_apr_agent(ScriptedBackend(SCRIPT), [echo])
+@pytest.mark.parametrize("config", [SUBGRAPH, INLINE], ids=["subgraph", "inline"])
+async def test_stream_events_normalises_and_ends_with_done(config: APRConfig) -> None:
+    graph = create_apr_agent(ScriptedBackend(SCRIPT), [echo], config)
     events = [ev async for ev in stream_events(graph, Q)]
     assert events[-1]["apr"] == "done" and events[-1]["answer"] == "Done: both."
     assert events[-1]["state"]["apr_trace"]["summary"]["branches"] == 3
@@ -141,8 +168,9 @@ async def test_stream_events_normalises_and_ends_with_done() -> None:
     assert not any(ev["apr"] == "step" for ev in quiet) and quiet[-1]["answer"] == "Done: both."
 
 
-async def test_events_keep_their_context_when_the_agent_is_a_node_of_a_user_graph() -> None:
-    agent = create_apr_agent(ScriptedBackend(SCRIPT), [echo])
+@pytest.mark.parametrize("config", [SUBGRAPH, INLINE], ids=["subgraph", "inline"])
+async def test_events_keep_their_context_when_the_agent_is_a_node_of_a_user_graph(config: APRConfig) -> None:
+    agent = create_apr_agent(ScriptedBackend(SCRIPT), [echo], config)
     outer = StateGraph(MessagesState)
     outer.add_node("agent", agent)
     outer.add_edge(START, "agent")

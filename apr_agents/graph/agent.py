@@ -24,6 +24,7 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
+from langgraph.graph.message import add_messages
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Send
 
@@ -31,6 +32,10 @@ try:  # LangGraph's own node wrapper: no per-call signature inspection, no callb
     from langgraph._internal._runnable import RunnableCallable
 except ImportError:  # pragma: no cover - a LangGraph that moved it: fall back to RunnableLambda
     RunnableCallable = None
+try:  # the key under which Pregel hands a run's checkpointer (None when it has none) to its nodes
+    from langgraph._internal._constants import CONFIG_KEY_CHECKPOINTER
+except ImportError:  # pragma: no cover
+    CONFIG_KEY_CHECKPOINTER = "__pregel_checkpointer"
 
 from ..backends.base import BackendError, Completion, check_backend, route_key
 from ..config import APRConfig
@@ -40,7 +45,7 @@ from ..protocol.parser import Repair, Spawn, StreamParser, parse_tool_call
 from ..runtime.limits import Limiter, ThreadBudget
 from ..runtime.tool_exec import run_tool_calls
 from ..runtime.trace import RESET, merge_traces, new_record, summarize
-from .state import APRInput, APROutput, APRState
+from .state import APRInput, APROutput, APRState, collect_results
 
 T = TypeVar("T")
 MergeStrategy = Callable[[list[dict[str, Any]], Dialect], str]
@@ -88,13 +93,22 @@ def final_answer(text: str, dialect: Dialect) -> str:
 
 
 class BranchRunner:
-    """The ``branch`` node of both modes: run each child as a run of the branch graph.
+    """The ``branch`` node of both modes: run each child as a branch of its parent.
 
     One ``Send`` carries one child (parallel) or all of a spawn's children
-    (``parallel=False``: they run one after another in this task).
+    (``parallel=False``: they run one after another in this task). A child runs
+    either as a run of the branch graph (``subgraph``: its own checkpoints and
+    stream namespace) or ``inline``: the same node functions called in this task
+    along the same edges (``flow``), with the state's reducers applied by hand.
+    Inline skips the per-branch Pregel supersteps, the plugin's main overhead
+    (docs/benchmarks/overhead.md); what it gives up is resuming a branch halfway.
     """
 
     branch_graph: CompiledStateGraph | None = None
+    config: APRConfig
+    #: node name -> next node, or (route function, its possible targets); filled by compile_agent
+    flow: dict[str, Any]
+    nodes: dict[str, Callable[[Any, RunnableConfig], Coroutine[Any, Any, dict[str, Any]]]]
 
     def _new_context(self, **spec: Any) -> dict[str, Any]:
         raise NotImplementedError
@@ -114,23 +128,52 @@ class BranchRunner:
     def _limit(ctx: dict[str, Any], limit: str, detail: str) -> dict[str, Any]:
         return {"ctx": ctx["id"], "limit": limit, "detail": detail}
 
+    def _inline(self, config: RunnableConfig) -> bool:
+        mode = self.config.branch_runs
+        if mode == "auto":  # a checkpointer in effect (compiled in, inherited, or the server's)
+            return not (config.get("configurable") or {}).get(CONFIG_KEY_CHECKPOINTER)
+        return mode == "inline"
+
     async def branch(self, payload: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
         assert self.branch_graph is not None
+        inline = self._inline(config)
         outs = []
         for child in payload["children"]:
             child = dict(child)
             index = child.pop("index")
-            outs.append((await self.branch_graph.ainvoke({"apr_spawn_input": child, "messages": []}, config), index))
+            inp = {"apr_spawn_input": child, "messages": []}
+            out = await (self._run_inline(inp, config) if inline else self.branch_graph.ainvoke(inp, config))
+            outs.append((out, index))
         return self._collect(outs)
 
     def branch_sync(self, payload: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
         assert self.branch_graph is not None
+        if self._inline(config):
+            return _run_sync(self.branch(payload, config))
         outs = []
         for child in payload["children"]:
             child = dict(child)
             index = child.pop("index")
             outs.append((self.branch_graph.invoke({"apr_spawn_input": child, "messages": []}, config), index))
         return self._collect(outs)
+
+    async def _run_inline(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
+        """One branch: the graph's nodes along its edges, in this task; nested spawns run concurrently."""
+        state = {"messages": [], "apr_trace": {}, "apr_branch_results": [], **state}
+        node = "prepare"
+        while node != END:
+            _apply(state, await self.nodes[node](state, config))
+            _emit({"apr": "step", "ctx": state["apr"]["id"], "node": node})
+            nxt = self.flow[node]
+            if isinstance(nxt, tuple):
+                nxt = nxt[0](state)
+            if isinstance(nxt, list):  # Sends to the branch node: one task each, like a superstep
+                for update in await _gather_or_cancel([self.branch(send.arg, config) for send in nxt]):
+                    _apply(state, update)
+                _emit({"apr": "step", "ctx": state["apr"]["id"], "node": "branch"})
+                nxt = self.flow["branch"]
+            node = nxt
+        return state
 
     @staticmethod
     def _collect(outs: list[tuple[dict[str, Any], int]]) -> dict[str, Any]:
@@ -280,8 +323,8 @@ class _Agent(BranchRunner):
                     if ctx["deadline"] is not None:
                         rem = max(0.0, ctx["deadline"] - time.time())
                         timeout = rem if timeout is None else min(timeout, rem)
-                    return await asyncio.wait_for(self._call(ctx, prompt, stops, max_tokens, pieces),
-                                                  timeout), False
+                    async with asyncio.timeout(timeout):  # no extra task, unlike wait_for
+                        return await self._call(ctx, prompt, stops, max_tokens, pieces), False
             except TimeoutError as exc:
                 if ctx["deadline"] is not None and time.time() >= ctx["deadline"] - 1e-3:
                     text = "".join(pieces)
@@ -472,6 +515,30 @@ def _fold(traces: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+_REDUCERS: dict[str, Callable[[Any, Any], Any]] = {
+    "messages": add_messages, "apr_trace": merge_traces, "apr_branch_results": collect_results,
+}
+
+
+def _apply(state: dict[str, Any], update: dict[str, Any]) -> None:
+    """A node's update folded into ``state`` the way APRState's channels would fold it."""
+    for key, value in update.items():
+        reducer = _REDUCERS.get(key)
+        state[key] = reducer(state.get(key), value) if reducer else value
+
+
+async def _gather_or_cancel(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """All results, or the first error with the others cancelled (as a failing superstep does)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 def _neutralized(m: BaseMessage) -> BaseMessage:
     if isinstance(m, SystemMessage) or not isinstance(m.content, str):
         return m
@@ -517,11 +584,8 @@ def create_apr_agent(
     config, tools = checked_config_and_tools(config, tools)
     agent = _Agent(backend, tools, config, merge_strategy)
 
-    def wire(g: StateGraph) -> None:
-        g.add_conditional_edges("generate", agent.route, ["tools", "branch", "finalize"])
-        g.add_edge("tools", "generate")
-
-    return compile_agent(agent, wire, checkpointer=checkpointer, name=name)
+    routes = {"generate": (agent.route, ["tools", "branch", "finalize"]), "tools": "generate"}
+    return compile_agent(agent, routes, checkpointer=checkpointer, name=name)
 
 
 def checked_config_and_tools(config: APRConfig | None,
@@ -540,28 +604,30 @@ def checked_config_and_tools(config: APRConfig | None,
     return config, tools
 
 
-def compile_agent(agent: Any, wire: Callable[[StateGraph], None], *,
+def compile_agent(agent: Any, routes: dict[str, Any], *,
                   checkpointer: BaseCheckpointSaver | Literal[False] | None, name: str) -> CompiledStateGraph:
-    """The node set both modes share; ``wire`` adds the mode's edges out of generate and tools.
+    """The node set both modes share; ``routes`` gives the mode's edges out of generate and tools.
 
-    Compiled twice from the same builder: the branch graph (no checkpointer of its own, so a
-    branch run inherits its parent's) and the root graph the user gets.
+    A route is a node name or ``(function, targets)`` for a conditional edge. The same table
+    drives the graph and the inline branch runner. Compiled twice from the same builder: the
+    branch graph (no checkpointer of its own, so a branch run inherits its parent's) and the
+    root graph the user gets.
     """
+    agent.flow = {"prepare": "generate", **routes, "branch": "merge", "merge": "generate", "finalize": END}
+    agent.nodes = {"prepare": agent.prepare, "generate": agent.generate, "tools": agent.tools_node,
+                   "branch": agent.branch, "merge": agent.merge, "finalize": agent.finalize}
+    syncs = {"branch": agent.branch_sync}
 
     def build() -> StateGraph:
         g = StateGraph(APRState, input_schema=APRInput, output_schema=APROutput)
-        g.add_node("prepare", _node(agent.prepare, name="prepare"))
-        g.add_node("generate", _node(agent.generate, name="generate"))
-        g.add_node("tools", _node(agent.tools_node, name="tools"))
-        g.add_node("branch", _node(agent.branch, agent.branch_sync, name="branch"))
-        g.add_node("merge", _node(agent.merge, name="merge"))
-        g.add_node("finalize", _node(agent.finalize, name="finalize"))
+        for node, afunc in agent.nodes.items():
+            g.add_node(node, _node(afunc, syncs.get(node), name=node))
         g.add_edge(START, "prepare")
-        g.add_edge("prepare", "generate")
-        wire(g)
-        g.add_edge("branch", "merge")
-        g.add_edge("merge", "generate")
-        g.add_edge("finalize", END)
+        for node, nxt in agent.flow.items():
+            if isinstance(nxt, tuple):
+                g.add_conditional_edges(node, nxt[0], nxt[1])
+            else:
+                g.add_edge(node, nxt)
         return g
 
     agent.branch_graph = build().compile(name=f"{name}_branch")

@@ -38,7 +38,6 @@ from langchain_core.messages import (
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool
 from langgraph.checkpoint.base import BaseCheckpointSaver
-from langgraph.graph import StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Send
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
@@ -297,8 +296,8 @@ class _ChatAgent(BranchRunner):
                 rem = max(0.0, ctx["deadline"] - time.time())
                 timeout = rem if timeout is None else min(timeout, rem)
             try:
-                async with self.limiter.llm():
-                    out = await asyncio.wait_for(model.ainvoke(messages, config), timeout)
+                async with self.limiter.llm(), asyncio.timeout(timeout):
+                    out = await model.ainvoke(messages, config)
                 if not isinstance(out, AIMessage):
                     raise TypeError(f"chat model returned {type(out).__name__}, not an AIMessage")
                 return out
@@ -578,8 +577,6 @@ def create_chat_apr_agent(
     agent = _ChatAgent(chat_model, tools, config, system_prompt=system_prompt, merge_strategy=merge_strategy,
                        bind_tools_kwargs=bind_tools_kwargs, empty_tool_call_content=empty_tool_call_content)
 
-    def wire(g: StateGraph) -> None:
-        g.add_conditional_edges("generate", agent.route_generate, ["tools", "finalize"])
-        g.add_conditional_edges("tools", agent.route_tools, ["branch", "generate"])
-
-    return compile_agent(agent, wire, checkpointer=checkpointer, name=name)
+    routes = {"generate": (agent.route_generate, ["tools", "finalize"]),
+              "tools": (agent.route_tools, ["branch", "generate"])}
+    return compile_agent(agent, routes, checkpointer=checkpointer, name=name)

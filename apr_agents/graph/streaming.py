@@ -1,10 +1,11 @@
 """Per-branch streaming: LangGraph's stream modes, normalised to one event shape.
 
 The runtime writes its own events to LangGraph's ``custom`` stream (through
-``get_stream_writer``); each branch runs as a subgraph, so with
-``subgraphs=True`` every event arrives with the namespace of the branch that
-wrote it, and every event also names its context (``"ctx"``: ``"root"``,
-``"root/1.2"``, ``"root/1.2/1.1"``). See docs/streaming.md for every shape.
+``get_stream_writer``). Every event names its context (``"ctx"``: ``"root"``,
+``"root/1.2"``, ``"root/1.2/1.1"``); when branches run as subgraphs
+(``APRConfig.branch_runs``), with ``subgraphs=True`` each event also arrives
+with the namespace of the branch that wrote it. See docs/streaming.md for
+every shape.
 
 ``stream_events`` is what the CLI's live tree consumes.
 """
@@ -15,7 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-APR_EVENTS = ("branch_start", "token", "tool_start", "tool_end", "spawn", "merge", "branch_end")
+APR_EVENTS = ("branch_start", "token", "tool_start", "tool_end", "spawn", "merge", "branch_end", "step")
 
 
 def ns_key(ns: tuple[str, ...] | list[str] | str) -> str:
@@ -62,6 +63,8 @@ async def stream_events(
         if mode == "custom":
             if not (isinstance(chunk, dict) and chunk.get("apr") in APR_EVENTS):
                 continue  # another node's custom event (a user graph around the agent)
+            if chunk["apr"] == "step" and not steps:
+                continue  # an inline branch's node finished (subgraph branches report it as updates)
             if chunk["apr"] == "branch_start":
                 ns_ctx[key] = chunk["ctx"]
             yield {**chunk, "ns": key, "t": now}

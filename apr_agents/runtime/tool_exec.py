@@ -101,7 +101,8 @@ async def run_tool_call(
             result = await slot_then_run()
         else:  # the wait for a slot (concurrency, rate limit) counts against the deadline too
             timeout = max(0.0, deadline - time.time())
-            result = await asyncio.wait_for(slot_then_run(), timeout)
+            async with asyncio.timeout(timeout):  # no extra task, unlike wait_for
+                result = await slot_then_run()
         text = to_text(result)
     except TimeoutError:
         rec["error"] = "timeout"
@@ -130,6 +131,9 @@ async def run_tool_calls(
     ctx_id: str,
 ) -> list[tuple[str, dict[str, Any]]]:
     """All calls at once; results come back in call order."""
+    if len(calls) == 1:  # the common case: no task to schedule
+        return [await run_tool_call(calls[0], tools, limiter, config, deadline=deadline, emit=emit,
+                                    ctx_id=ctx_id)]
     return list(await asyncio.gather(*(
         run_tool_call(c, tools, limiter, config, deadline=deadline, emit=emit, ctx_id=ctx_id) for c in calls
     )))

@@ -48,6 +48,14 @@ async def _call(backend, key, prompt=None, **kw):
         route_key.reset(token)
 
 
+def _key_homed_on(backend, url, skip=0):
+    """The ``skip``-th key (of k0, k1, ...) whose first-choice replica is ``url``."""
+    homed = (f"k{i}" for i in range(10_000) if backend.replica_for(f"k{i}") == url)
+    for _ in range(skip):
+        next(homed)
+    return next(homed)
+
+
 def _served_by(fakes):
     out = {}
     for s in fakes:
@@ -117,14 +125,20 @@ async def test_failover_on_connection_refused_and_timeout_and_drop(fakes):
     hang.mode, hang.hang_s = "hang", 30.0  # far past the timeout: a slow machine cannot blur the two
     drop.mode = "drop"
     backend = _backend([dead, hang.url, drop.url, good.url], timeout_s=2.0)
-    for key in ("a", "b", "c", "d", "e"):
+    # Ports are random, so hashing decides which replica a key tries first. Pick
+    # one key homed on each failing replica, so each is tried before any other
+    # failure marks it down, whatever the ports; then two keys homed on `good`.
+    keys = [_key_homed_on(backend, url) for url in (dead, hang.url, drop.url)]
+    keys += [_key_homed_on(backend, good.url, skip=i) for i in range(2)]
+    for key in keys:
         c = await _call(backend, key)
         assert c.text == f"served {key}"
     stats = backend.stats()
     assert stats[dead]["failures"] >= 1 and "ConnectError" in stats[dead]["last_error"]
     assert stats[hang.url]["failures"] >= 1 and "Timeout" in stats[hang.url]["last_error"]
     assert stats[drop.url]["failures"] >= 1
-    assert stats[good.url]["ok"] == 5
+    assert stats[good.url]["ok"] == len(keys)
+    assert stats[good.url]["failures"] == 0
 
 
 async def test_all_replicas_failing_raises_unavailable_naming_each(fakes):
