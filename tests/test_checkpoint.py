@@ -198,9 +198,14 @@ def postgres_url() -> Iterator[str]:
 
 
 def _branch_writes_on_disk(db: str | Path) -> int:
-    """Finished root-level branch tasks whose writes the store holds, read from outside the child."""
+    """Finished root-level branch tasks whose writes the store holds, read from outside the child.
+
+    Only writes attached to the root's newest checkpoint (the step that sent the branches):
+    ``prepare`` also writes ``apr_branch_results`` (its reset), under an older checkpoint.
+    """
     sql = ("SELECT count(DISTINCT task_id) FROM {table} "
-           "WHERE checkpoint_ns = '' AND channel = 'apr_branch_results'")
+           "WHERE checkpoint_ns = '' AND channel = 'apr_branch_results' AND checkpoint_id = "
+           "(SELECT max(checkpoint_id) FROM checkpoints WHERE checkpoint_ns = '')")
     if str(db).startswith("postgresql://"):
         import psycopg
 

@@ -3,7 +3,8 @@
 One graph serves the root and every branch. A context loops
 ``generate -> tools -> generate`` until its model stops at a spawn point; then
 each outline becomes a ``Send`` to the ``branch`` node, which runs the same
-graph again for that branch (a subgraph run with its own checkpoints). When
+graph again for that branch (a subgraph run with its own checkpoints, or the
+same nodes called inline: ``APRConfig.branch_runs``). When
 all branches of the spawn are back, ``merge`` folds them into the parent's text
 in outline order and the parent goes on generating.
 """

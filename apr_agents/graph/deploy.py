@@ -22,7 +22,7 @@ Variables (all optional):
   ``APR_MAX_DEPTH``, ``APR_MAX_TOTAL_THREADS``, ``APR_MAX_TOKENS``,
   ``APR_THREAD_TIMEOUT_S``, ``APR_RUN_TIMEOUT_S``, ``APR_LLM_CONCURRENCY``,
   ``APR_TOOL_CONCURRENCY``, ``APR_TOOL_RATE_PER_S`` (``none`` for no cap),
-  ``APR_DIALECT``, ``APR_PARALLEL``. Invalid values fail at start with
+  ``APR_DIALECT``, ``APR_PARALLEL``, ``APR_BRANCH_RUNS``. Invalid values fail at start with
   APRConfig's message.
 - ``APR_GRAPH_NAME``: the compiled graph's name (default ``apr_agent``).
 
