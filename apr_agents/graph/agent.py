@@ -16,6 +16,7 @@ import random
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Literal, TypeVar
 
@@ -49,6 +50,7 @@ from ..runtime.trace import RESET, merge_traces, new_record, summarize
 from .state import APRInput, APROutput, APRState, collect_results
 
 T = TypeVar("T")
+_PARSER_CACHE_SIZE = 4096  # contexts whose parse is kept between steps (LRU)
 MergeStrategy = Callable[[list[dict[str, Any]], Dialect], str]
 
 
@@ -198,6 +200,7 @@ class _Agent(BranchRunner):
         self.budget = ThreadBudget()
         self.merge_strategy = merge_strategy
         self.branch_graph: CompiledStateGraph | None = None
+        self._parsers: OrderedDict[tuple[str, str], tuple[StreamParser, str]] = OrderedDict()
 
     # -- context bookkeeping -------------------------------------------------
     def _new_context(self, *, cid: str, run: str, depth: int, prompt: str, label: str | None,
@@ -255,15 +258,14 @@ class _Agent(BranchRunner):
                     limits.append(self._limit(ctx, ctx["deadline_kind"], "deadline passed"))
                     ctx["end"], ctx["rec"]["truncated"] = "timeout", True
                     break
-                own = StreamParser(self.dialect, max_outlines=cfg.max_threads + 1)
-                own.feed(ctx["text"])
+                own = self._parser_of(ctx)  # holds the whole context text
                 # The spawn marker is a stop wherever spawning is allowed, even with a block still open
                 # (Multiverse leaves it open for the model's <Conclusion>): the parser decides below.
                 stops = self.dialect.stops(branch=ctx["depth"] > 0, can_spawn=ctx["spawn_ok"])
                 comp, timed_out = await self._complete(ctx, ctx["prompt"] + ctx["text"], stops, left)
                 self._account(ctx, comp)
                 ctx["text"] += comp.text
-                events = own.feed(comp.text)  # `own` now holds the whole context text, stop excluded
+                events = self._feed(own, ctx, comp.text)  # the whole context text, stop excluded
                 if ctx["depth"] >= cfg.max_depth and any(  # a spawn written past max_depth runs inline
                         isinstance(ev, Spawn) for ev in events):
                     limits.append(self._limit(ctx, "max_depth", f"spawn at depth {ctx['depth']} written inline"))
@@ -292,7 +294,7 @@ class _Agent(BranchRunner):
                     continue
                 if comp.stop == self.dialect.spawn_marker and ctx["spawn_ok"]:
                     # spawn only where the marker closes a top-level block's outlines
-                    events += own.feed(comp.stop)
+                    events += self._feed(own, ctx, comp.stop)
                     spawn_ev = next((ev for ev in reversed(events) if isinstance(ev, Spawn) and ev.depth == 1), None)
                     if spawn_ev is not None:
                         repairs.extend({"ctx": ctx["id"], "kind": ev.kind, "detail": ev.detail}
@@ -307,7 +309,37 @@ class _Agent(BranchRunner):
             route_key.reset(token)
         if ctx["end"] is not None:
             ctx["rec"]["end"] = ctx["end"]
+            self._parsers.pop((ctx["run"], ctx["id"]), None)
         return {"apr": ctx, "apr_trace": self._trace(ctx, limits=limits, repairs=repairs)}
+
+    # -- the context's own parse, kept between steps -----------------------------
+    def _parser_of(self, ctx: dict[str, Any]) -> StreamParser:
+        """A parser that has consumed exactly ``ctx["text"]``.
+
+        Kept in memory between the steps of a context, so each step feeds only what was added
+        since (its model text, tool responses, merged threads) instead of the whole context
+        again. A miss (a resumed run, another process, a text that is not a continuation of the
+        one parsed) parses the whole text, which is always correct.
+        """
+        key = (ctx["run"], ctx["id"])
+        hit = self._parsers.pop(key, None)
+        text = ctx["text"]
+        if hit is not None and text.startswith(hit[1]):
+            parser, seen = hit
+            parser.feed(text[len(seen):])
+        else:
+            parser = StreamParser(self.dialect, max_outlines=self.config.max_threads + 1)
+            parser.feed(text)
+        self._parsers[key] = (parser, text)
+        while len(self._parsers) > _PARSER_CACHE_SIZE:  # contexts of abandoned runs
+            self._parsers.popitem(last=False)
+        return parser
+
+    def _feed(self, parser: StreamParser, ctx: dict[str, Any], piece: str) -> list[Any]:
+        """Feed ``piece``, the end of ``ctx["text"]``, and remember that the parser has seen it."""
+        events = parser.feed(piece)
+        self._parsers[(ctx["run"], ctx["id"])] = (parser, ctx["text"])
+        return events
 
     async def _complete(self, ctx: dict[str, Any], prompt: str, stops: list[str],
                         max_tokens: int) -> tuple[Completion, bool]:
