@@ -3,6 +3,7 @@
     python examples/stream_branches.py              # FAKE scripted model, instant
     python examples/stream_branches.py --raw        # LangGraph's own stream tuples instead
     python examples/stream_branches.py --backend embedded   # the embedded CPU model
+    python examples/stream_branches.py --raw --branch-runs subgraph   # a namespace per branch
 
 Uses ``apr_agents.graph.streaming.stream_events`` (the normalised events the
 CLI's live tree draws); ``--raw`` shows what it is built on:
@@ -25,7 +26,7 @@ from apr_agents.graph.streaming import stream_events
 from apr_tools import calculator, lookup
 
 
-def build(backend_kind: str) -> Any:
+def build(backend_kind: str, branch_runs: str = "auto") -> Any:
     if backend_kind == "embedded":
         from apr_agents import default_backend
 
@@ -33,7 +34,7 @@ def build(backend_kind: str) -> Any:
     else:
         backend = ScriptedBackend(demo_script(), token_latency_s=0.01)  # FAKE model
     tools = [with_latency(lookup, 0.3), with_latency(calculator, 0.1)]  # slow "APIs"
-    return create_apr_agent(backend, tools, APRConfig(max_threads=4))
+    return create_apr_agent(backend, tools, APRConfig(max_threads=4, branch_runs=branch_runs))
 
 
 async def normalised(graph: Any) -> None:
@@ -85,8 +86,10 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--raw", action="store_true", help="print LangGraph's stream tuples")
     p.add_argument("--backend", choices=["scripted", "embedded"], default="scripted")
+    p.add_argument("--branch-runs", choices=["auto", "inline", "subgraph"], default="auto",
+                   help="inline (auto here: no checkpointer) or subgraph branches (a namespace each)")
     args = p.parse_args()
-    graph = build(args.backend)
+    graph = build(args.backend, args.branch_runs)
     asyncio.run(raw(graph) if args.raw else normalised(graph))
 
 
