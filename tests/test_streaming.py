@@ -181,3 +181,11 @@ async def test_events_keep_their_context_when_the_agent_is_a_node_of_a_user_grap
     assert starts == {"root/1.1", "root/1.2", "root/1.2/1.1"}
     root_spawn = next(ev for ev in events if ev["apr"] == "spawn" and ev["ctx"] == "root")
     assert root_spawn["ns"].startswith("agent:")  # the whole agent runs under the user's node
+
+
+@pytest.mark.parametrize("config", [SUBGRAPH, INLINE], ids=["subgraph", "inline"])
+def test_sync_stream_carries_every_branch_event(config: APRConfig) -> None:
+    """The sync facade runs nodes on a shared loop; the caller's stream writer goes with them."""
+    graph = create_apr_agent(ScriptedBackend(SCRIPT), [echo], config)
+    custom = [ev for _, ev in graph.stream(Q, stream_mode="custom", subgraphs=True)]
+    check_events_per_context([ev for ev in custom if ev["apr"] != "step"])

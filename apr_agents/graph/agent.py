@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -45,6 +44,7 @@ from ..protocol.dialects import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Dialect, get_di
 from ..protocol.document import parse_document
 from ..protocol.parser import Repair, Spawn, StreamParser, parse_tool_call
 from ..runtime.limits import Limiter, ThreadBudget
+from ..runtime.sync_loop import run_sync
 from ..runtime.tool_exec import run_tool_calls
 from ..runtime.trace import RESET, merge_traces, new_record, summarize
 from .state import APRInput, APROutput, APRState, collect_results
@@ -65,28 +65,6 @@ def _emit(event: dict[str, Any]) -> None:
         get_stream_writer()(event)
     except (RuntimeError, LookupError, KeyError):  # not inside a streaming run
         pass
-
-
-def _run_sync(coro: Coroutine[Any, Any, T]) -> T:
-    """The sync facade: run a node's coroutine on a loop of its own."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = asyncio.run(coro)
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            box["error"] = exc
-
-    t = threading.Thread(target=target)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def final_answer(text: str, dialect: Dialect) -> str:
@@ -152,7 +130,7 @@ class BranchRunner:
     def branch_sync(self, payload: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
         assert self.branch_graph is not None
         if self._inline(config):
-            return _run_sync(self.branch(payload, config))
+            return run_sync(self.branch(payload, config))
         outs = []
         for child in payload["children"]:
             child = dict(child)
@@ -589,7 +567,7 @@ def _node(afunc: Callable[..., Any], sync: Callable[..., Any] | None = None, nam
     """
 
     def default_sync(state: Any, config: RunnableConfig) -> Any:
-        return _run_sync(afunc(state, config))
+        return run_sync(afunc(state, config))
 
     if RunnableCallable is not None:
         return RunnableCallable(sync or default_sync, afunc, name=name, trace=False)

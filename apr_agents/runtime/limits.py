@@ -16,7 +16,8 @@ from ..config import APRConfig
 
 
 class Limiter:
-    """One per agent. Semaphores are per event loop (asyncio primitives bind to one)."""
+    """One per agent. Semaphores are per event loop (asyncio primitives bind to one); the sync
+    facade runs every node on one shared loop (``sync_loop``), so the bounds hold there too."""
 
     def __init__(self, config: APRConfig) -> None:
         self.config = config
