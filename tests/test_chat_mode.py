@@ -461,7 +461,7 @@ async def test_checkpointing_with_in_memory_saver_and_a_second_turn() -> None:
     assert snap.values["apr_trace"]["summary"]["branches"] == 2
     assert [m.content for m in snap.values["messages"]] == ["question", "first answer"]
     steps = [s async for s in graph.aget_state_history(cfg)]
-    assert len(steps) >= 6  # prepare, generate, tools, branch+merge, generate, finalize all checkpointed
+    assert len(steps) >= 6  # input, prepare, generate, tools, branch, merge, generate: each checkpointed
     state2 = await graph.ainvoke({"messages": [HumanMessage("again")]}, cfg)
     assert state2["messages"][-1].content == "history: questio / first a / again"
     assert state2["apr_trace"]["summary"]["branches"] == 0  # the new run's trace, not the old one

@@ -114,11 +114,11 @@ async def test_each_branch_is_told_apart_with_subgraphs() -> None:
             if isinstance(val, dict) and "apr" in val:
                 assert ns_of[val["apr"]["id"]] == ns, (node, ns)
     branch_nodes = {node for ns, mode, upd in items if mode == "updates" and ns == ns_of["root/1.1"] for node in upd}
-    assert {"prepare", "generate", "tools", "finalize"} <= branch_nodes
+    assert branch_nodes == {"generate", "tools"}  # set up in its first generate, closed in its last
 
-    # messages: the answer, from the root's finalize node
+    # messages: the answer, from the root's last generate step (which closed the root context)
     msgs = [(ns, m, meta) for ns, mode, (m, meta) in ((i[0], i[1], i[2]) for i in items if i[1] == "messages")]
-    assert [(ns, m.content, meta["langgraph_node"]) for ns, m, meta in msgs] == [((), "Done: both.", "finalize")]
+    assert [(ns, m.content, meta["langgraph_node"]) for ns, m, meta in msgs] == [((), "Done: both.", "generate")]
     assert isinstance(msgs[0][1], AIMessage)
 
 
@@ -132,12 +132,13 @@ async def test_inline_branches_stream_from_the_branch_node_told_apart_by_context
         check_events_per_context([ev for ev in custom if ev["apr"] != "step"])
         # each branch node that finished, as a custom step event in its own context
         steps = {(ev["ctx"], ev["node"]) for ev in custom if ev["apr"] == "step"}
-        assert {("root/1.1", "prepare"), ("root/1.1", "tools"), ("root/1.1", "finalize"),
-                ("root/1.2", "branch"), ("root/1.2", "merge"), ("root/1.2/1.1", "finalize")} <= steps
+        assert {("root/1.1", "generate"), ("root/1.1", "tools"), ("root/1.2", "branch"), ("root/1.2", "merge"),
+                ("root/1.2/1.1", "generate")} <= steps
+        assert {node for _, node in steps} == {"generate", "tools", "branch", "merge"}
         assert not any(ctx == "root" for ctx, _ in steps)  # the root's nodes report as updates
         updates = [upd for _, mode, upd in items if mode == "updates"]
         assert [node for upd in updates for node in upd] == [
-            "prepare", "generate", "branch", "branch", "merge", "generate", "finalize"]
+            "prepare", "generate", "branch", "branch", "merge", "generate"]
 
 
 async def test_without_subgraphs_only_the_root_graph_events_arrive() -> None:
@@ -161,7 +162,7 @@ async def test_stream_events_normalises_and_ends_with_done(config: APRConfig) ->
     for ev in steps:
         assert ev["ns"] == ns_of.get(ev["ctx"], ""), ev
     assert {(ev["ctx"], ev["node"]) for ev in steps} >= {("root/1.1", "tools"), ("root", "merge"),
-                                                          ("root/1.2", "merge"), ("root/1.2/1.1", "finalize")}
+                                                          ("root/1.2", "merge"), ("root/1.2/1.1", "generate")}
     ts = [ev["t"] for ev in events]
     assert ts == sorted(ts)
     quiet = [ev async for ev in stream_events(graph, Q, steps=False)]

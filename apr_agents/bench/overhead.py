@@ -230,12 +230,19 @@ def run(quick: bool = False, ks: tuple[int, ...] = (1, 8, 64), out_dir: Path | N
         "merge node (no limits, no trace, no checkpoints per branch).",
         "- **asyncio.gather**: the same calls with no graph at all.", "",
         table, "",
-        "**Where the extra time goes** (cProfile): a subgraph branch is a whole run of the branch graph "
-        "inside the `branch` node (prepare → generate → tools → generate → finalize: five Pregel supersteps, "
-        "each with its own task setup, config, channel writes and checkpoint bookkeeping), where the plain "
-        "graph runs a branch as one node call. An inline branch calls the same five node functions directly, "
-        "so what is left is the root's extra supersteps (prepare, merge, finalize), the trace each step folds "
-        "through its reducer, and the plugin's limits and parsing; the backend's parsing (the same in all "
+        "**Where the extra time goes.** Split of each variant's median into a cost per run and a cost per "
+        "branch (a straight line through its smallest and largest K; approximate, since the backend's own "
+        "parse of a branch prompt grows with the number of outlines in it):", "",
+        _split_table(rows), "",
+        "A subgraph branch is a whole run of the branch graph inside the `branch` node (generate → tools → "
+        "generate: three Pregel supersteps, each with its own task setup, config, channel writes and "
+        "checkpoint bookkeeping), where the plain graph runs a branch as one node call. An inline branch "
+        "calls the same node functions directly; what it adds per branch is the plugin's own work: its "
+        "context record and trace (folded through the reducer after each node), the limits (semaphores, "
+        "deadline, the tool's timeout task), the incremental parse of its text and the stream events. Per "
+        "run, the root has two supersteps more than the plain graph (`prepare`, and the answer's `generate` "
+        "after `merge`, which the plain graph writes inside its merge node), renders the prompt and computes "
+        "the trace summary. The backend's parsing (the same in all "
         "variants) is what `asyncio.gather` measures."])
     for r in rows:
         ratio = r["plugin_vs_langgraph"]
@@ -246,6 +253,21 @@ def run(quick: bool = False, ks: tuple[int, ...] = (1, 8, 64), out_dir: Path | N
         res.plot = _plot(rows, out_dir / f"overhead{'-quick' if quick else ''}.png")
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _split_table(rows: list[dict[str, Any]]) -> str:
+    lo, hi = min(rows, key=lambda r: r["k"]), max(rows, key=lambda r: r["k"])
+    names = [("plugin", "plugin (inline branches)"), ("plugin_subgraph", "plugin (subgraph branches)"),
+             ("langgraph", "plain LangGraph"), ("gather", "asyncio.gather")]
+    out = []
+    for key, label in names:
+        if hi["k"] == lo["k"]:
+            per_branch, per_run = float("nan"), lo["ms_median"][key]
+        else:
+            per_branch = (hi["ms_median"][key] - lo["ms_median"][key]) / (hi["k"] - lo["k"])
+            per_run = lo["ms_median"][key] - per_branch * lo["k"]
+        out.append([label, per_run, per_branch * 1000])
+    return md_table(["variant", "ms per run", "µs per branch"], out)
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> str | None:

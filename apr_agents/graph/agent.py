@@ -141,7 +141,7 @@ class BranchRunner:
     async def _run_inline(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
         """One branch: the graph's nodes along its edges, in this task; nested spawns run concurrently."""
         state = {"messages": [], "apr_trace": {}, "apr_branch_results": [], **state}
-        node = "prepare"
+        node = _start_node(state)
         while node != END:
             _apply(state, await self.nodes[node](state, config))
             _emit({"apr": "step", "ctx": state["apr"]["id"], "node": node})
@@ -619,21 +619,49 @@ def compile_agent(agent: Any, routes: dict[str, Any], *,
                   checkpointer: BaseCheckpointSaver | Literal[False] | None, name: str) -> CompiledStateGraph:
     """The node set both modes share; ``routes`` gives the mode's edges out of generate and tools.
 
-    A route is a node name or ``(function, targets)`` for a conditional edge. The same table
-    drives the graph and the inline branch runner. Compiled twice from the same builder: the
-    branch graph (no checkpointer of its own, so a branch run inherits its parent's) and the
-    root graph the user gets.
+    A route is a node name or ``(function, targets)`` for a conditional edge; the generate
+    route may answer ``"finalize"``. The same table drives the graph and the inline branch
+    runner. Compiled twice from the same builder: the branch graph (no checkpointer of its
+    own, so a branch run inherits its parent's) and the root graph the user gets.
+
+    Fewer supersteps, fewer checkpoints: a branch's setup runs in its first ``generate``
+    step (the root keeps a ``prepare`` node: it starts each new question), and a context
+    that ends is closed in the ``generate`` step that ended it.
     """
-    agent.flow = {"prepare": "generate", **routes, "branch": "merge", "merge": "generate", "finalize": END}
-    agent.nodes = {"prepare": agent.prepare, "generate": agent.generate, "tools": agent.tools_node,
-                   "branch": agent.branch, "merge": agent.merge, "finalize": agent.finalize}
+    route_generate, targets = routes["generate"]
+
+    async def generate(state: APRState, config: RunnableConfig) -> dict[str, Any]:
+        update: dict[str, Any] = {}
+        if state.get("apr_spawn_input"):  # a branch's first step: set its context up
+            update = await agent.prepare(state, config)
+            state = _applied(state, update)
+        step = await agent.generate(state, config)
+        state = _applied(state, step)
+        update = _combined(update, step)
+        if route_generate(state) == "finalize":
+            update = _combined(update, await agent.finalize(state, config))
+        return update
+
+    def after_generate(state: APRState) -> str | list[Send]:
+        nxt = route_generate(state)
+        return END if nxt == "finalize" else nxt
+
+    agent.flow = {
+        "prepare": "generate",
+        "generate": (after_generate, [t for t in targets if t != "finalize"] + [END]),
+        **{k: v for k, v in routes.items() if k != "generate"},
+        "branch": "merge",
+        "merge": "generate",
+    }
+    agent.nodes = {"prepare": agent.prepare, "generate": generate, "tools": agent.tools_node,
+                   "branch": agent.branch, "merge": agent.merge}
     syncs = {"branch": agent.branch_sync}
 
-    def build() -> StateGraph:
+    def build(entry: str) -> StateGraph:
         g = StateGraph(APRState, input_schema=APRInput, output_schema=APROutput)
         for node, afunc in agent.nodes.items():
             g.add_node(node, _node(afunc, syncs.get(node), name=node))
-        g.add_edge(START, "prepare")
+        g.add_edge(START, entry)
         for node, nxt in agent.flow.items():
             if isinstance(nxt, tuple):
                 g.add_conditional_edges(node, nxt[0], nxt[1])
@@ -641,7 +669,33 @@ def compile_agent(agent: Any, routes: dict[str, Any], *,
                 g.add_edge(node, nxt)
         return g
 
-    agent.branch_graph = build().compile(name=f"{name}_branch")
-    graph = build().compile(checkpointer=checkpointer, name=name)
+    agent.branch_graph = build("generate").compile(name=f"{name}_branch")  # always started by a Send
+    graph = build("prepare").compile(checkpointer=checkpointer, name=name)
     graph.apr_agent = agent  # type: ignore[attr-defined]  # for tests and tools that inspect limits
     return graph
+
+
+def _start_node(state: Any) -> str:
+    """A parent's ``Send`` starts a branch in ``generate``; a new question goes through ``prepare``."""
+    return "generate" if state.get("apr_spawn_input") else "prepare"
+
+
+def _applied(state: Any, update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(state)
+    _apply(out, update)
+    return out
+
+
+def _combined(first: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
+    """One update that folds into the state like ``first`` and then ``then`` would."""
+    out = dict(first)
+    for key, value in then.items():
+        if key not in out:
+            out[key] = value
+        elif key == "apr_trace":
+            out[key] = merge_traces(out[key], value)  # keeps a reset from ``first`` in front
+        elif key in ("messages", "apr_branch_results"):
+            out[key] = value if value and isinstance(value[0], dict) and value[0].get(RESET) else [*out[key], *value]
+        else:
+            out[key] = value
+    return out

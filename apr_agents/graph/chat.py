@@ -10,8 +10,9 @@ again (up to ``max_depth``) and ends with a message without tool calls. The
 merge answers the parent's ``spawn`` call with one ``ToolMessage`` holding
 every branch's result in task order, and the parent goes on.
 
-Nodes: ``prepare -> generate -> tools -> (branch* -> merge ->) generate ... ->
-finalize``; one model call per ``generate`` step, so each step is checkpointed.
+Nodes: ``prepare -> generate -> tools -> (branch* -> merge ->) generate ... -> END``
+(the step whose message has no tool call also closes the context); one model call
+per ``generate`` step, so each step is checkpointed.
 Trace, limits and custom stream events are those of the text mode.
 """
 

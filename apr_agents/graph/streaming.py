@@ -45,8 +45,8 @@ async def stream_events(
     - ``tool_start``: ``name``, ``args``; ``tool_end``: ``name``, ``duration_s``, ``error``
     - ``branch_end``: ``end`` (``thread_end``/``eos``/``max_tokens``/``timeout``/...), ``tokens``
     - ``merge``: ``children`` (context ids in outline order)
-    - ``step`` (when ``steps``): ``node`` (``prepare``/``generate``/``tools``/``branch``/
-      ``merge``/``finalize``): a node of that context's graph finished
+    - ``step`` (when ``steps``): ``node`` (``prepare`` at the root, ``generate``/``tools``/
+      ``branch``/``merge``): a node of that context's graph finished
     - ``done`` (last): ``state`` (the final state: ``messages``, ``apr_trace``)
       and ``answer`` (the final ``AIMessage``'s text)
 
