@@ -73,8 +73,9 @@ async def test_same_route_key_same_replica(fakes):
     assert all(st["failures"] == 0 for st in backend.stats().values()), backend.stats()
     for k in keys:
         assert served[f"key={k}"] == {backend.replica_for(k)}, k
-    # and the keys spread over the replicas (rendezvous hashing, 24 keys)
-    assert all(len(s.bodies) > 0 for s in fakes)
+    # and the keys spread over the replicas (rendezvous hashing: 24 keys all on one of 3 replicas
+    # has odds of about 1e-11 whatever the random ports; missing one replica, about 2e-4)
+    assert sum(len(s.bodies) > 0 for s in fakes) >= 2
     assert sum(st["requests"] for st in backend.stats().values()) == 72
 
 
