@@ -24,6 +24,7 @@ from langchain_core.runnables import RunnableConfig, RunnableLambda
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.graph.state import CompiledStateGraph
@@ -60,8 +61,6 @@ class APRBackendError(RuntimeError):
 
 def _emit(event: dict[str, Any]) -> None:
     try:
-        from langgraph.config import get_stream_writer
-
         get_stream_writer()(event)
     except (RuntimeError, LookupError, KeyError):  # not inside a streaming run
         pass

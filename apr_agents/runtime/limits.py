@@ -7,8 +7,6 @@ import math
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 from asyncio_throttle import Throttler
 
@@ -39,17 +37,34 @@ class Limiter:
             self._per_loop[loop] = sems
         return sems
 
-    @asynccontextmanager
-    async def llm(self) -> AsyncIterator[None]:
-        async with self._sems()[0]:
-            yield
+    def llm(self) -> asyncio.Semaphore:
+        """``async with limiter.llm():`` around each backend call."""
+        return self._sems()[0]
 
-    @asynccontextmanager
-    async def tool(self) -> AsyncIterator[None]:
-        async with self._sems()[1]:
-            if self.throttler is not None:
+    def tool(self) -> _ToolSlot:
+        """``async with limiter.tool():`` around each tool call: a slot, then the rate limit."""
+        return _ToolSlot(self._sems()[1], self.throttler)
+
+
+class _ToolSlot:
+    """A tool-concurrency slot plus the rate limit (a class, not a generator: it runs per call)."""
+
+    __slots__ = ("sem", "throttler")
+
+    def __init__(self, sem: asyncio.Semaphore, throttler: Throttler | None) -> None:
+        self.sem, self.throttler = sem, throttler
+
+    async def __aenter__(self) -> None:
+        await self.sem.acquire()
+        if self.throttler is not None:
+            try:
                 await self.throttler.acquire()
-            yield
+            except BaseException:
+                self.sem.release()
+                raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.sem.release()
 
 
 class ThreadBudget:
