@@ -159,3 +159,25 @@ def stopwatch() -> Iterator[list[float]]:
         yield box
     finally:
         box.append(time.perf_counter() - t0)
+
+
+def new_figure(path: Path, figsize: tuple[float, float]) -> tuple[Any, Any] | None:
+    """``(fig, ax)`` on matplotlib's file-only Agg backend, or None without matplotlib (no plot then)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return plt.subplots(figsize=figsize)
+
+
+def save_figure(fig: Any, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)

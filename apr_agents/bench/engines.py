@@ -32,7 +32,7 @@ from ..backends.base import Completion
 from ..config import APRConfig
 from ..graph.agent import create_apr_agent
 from ..protocol.parser import StreamParser
-from .common import Bar, SuiteResult, md_table, median
+from .common import Bar, SuiteResult, md_table, median, new_figure, save_figure
 
 REPO = Path(__file__).resolve().parents[2]
 QUESTION = "Write the numbers from 1 to 2000 in words, separated by commas, and nothing else."
@@ -239,15 +239,10 @@ def run(quick: bool = False, out_dir: Path | None = None, engines: tuple[str, ..
 
 
 def _plot(results: dict[str, Any], path: Path) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    made = new_figure(path, (6.0, 3.6))
+    if made is None:
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    fig, ax = made
     for name, r in results.items():
         ks = [x["k"] for x in r["rows"]]
         ax.plot(ks, [x["parallel_tokens_per_s"] for x in r["rows"]], "o-", label=f"{name}, parallel")
@@ -257,7 +252,4 @@ def _plot(results: dict[str, Any], path: Path) -> str | None:
     ax.set_ylabel("generated tokens / s")
     ax.set_title("Engine throughput: K-way spawn")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path)

@@ -29,9 +29,11 @@ from ..backends.scripted import ScriptedBackend
 from ..config import APRConfig
 from ..graph.agent import create_apr_agent
 from ..protocol.dialects import CANONICAL, TOOL_CALL_CLOSE, TOOL_CALL_OPEN
-from .common import Bar, SuiteResult, finite_pos, md_table, median
+from .common import Bar, SuiteResult, finite_pos, md_table, median, new_figure, save_figure
 
 QUESTION = "Run the task on every item."
+VARIANTS = [("plugin", "plugin (inline branches)"), ("plugin_subgraph", "plugin (subgraph branches)"),
+            ("langgraph", "plain LangGraph"), ("gather", "asyncio.gather")]  # result key, label
 _OUTLINE_RE = re.compile(r"<Outline>\s*([0-9.]+)\s*:")
 
 
@@ -257,10 +259,8 @@ def run(quick: bool = False, ks: tuple[int, ...] = (1, 8, 64), out_dir: Path | N
 
 def _split_table(rows: list[dict[str, Any]]) -> str:
     lo, hi = min(rows, key=lambda r: r["k"]), max(rows, key=lambda r: r["k"])
-    names = [("plugin", "plugin (inline branches)"), ("plugin_subgraph", "plugin (subgraph branches)"),
-             ("langgraph", "plain LangGraph"), ("gather", "asyncio.gather")]
     out = []
-    for key, label in names:
+    for key, label in VARIANTS:
         if hi["k"] == lo["k"]:
             per_branch, per_run = float("nan"), lo["ms_median"][key]
         else:
@@ -271,27 +271,17 @@ def _split_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    made = new_figure(path, (6.4, 3.6))
+    if made is None:
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    names = [("plugin", "plugin (inline branches)"), ("plugin_subgraph", "plugin (subgraph branches)"),
-             ("langgraph", "plain LangGraph"), ("gather", "asyncio.gather")]
+    fig, ax = made
     x = range(len(rows))
     w = 0.2
-    for j, (key, label) in enumerate(names):
+    for j, (key, label) in enumerate(VARIANTS):
         ax.bar([i + (j - 1.5) * w for i in x], [r["ms_median"][key] for r in rows], w, label=label)
     ax.set_xticks(list(x), [f"K={r['k']}" for r in rows])
     ax.set_yscale("log")
     ax.set_ylabel("ms per run (median, log)")
     ax.set_title("Overhead per run, zero-latency backend and tools")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path)

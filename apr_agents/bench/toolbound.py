@@ -39,7 +39,7 @@ from langgraph.graph.message import add_messages
 from ..backends.scripted import tokenize
 from ..config import APRConfig
 from ..graph.agent import create_apr_agent
-from .common import Bar, SuiteResult, finite_pos, md_table, median
+from .common import Bar, SuiteResult, finite_pos, md_table, median, new_figure, save_figure
 from .costmodel import CostModel, MeteredScriptedBackend
 from .fake_chat import FakeCostChatModel, tool_call_text
 
@@ -426,15 +426,10 @@ def run(quick: bool = False, ns: tuple[int, ...] = (2, 4, 8), latency: float = 0
 
 
 def _plot(summary: dict[int, Any], ns: tuple[int, ...], path: Path) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    made = new_figure(path, (6.4, 3.8))
+    if made is None:
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig, ax = made
     w = 0.12
     keys = [*METHODS, "cp"]
     labels = {**METHODS, "cp": "critical-path lower bound"}
@@ -446,7 +441,4 @@ def _plot(summary: dict[int, Any], ns: tuple[int, ...], path: Path) -> str | Non
     ax.set_ylabel("wall time, s")
     ax.set_title("Tool-bound tasks: wall time by method")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..protocol.document import BlockNode, ThreadNode, parse_document
-from .common import Bar, SuiteResult, md_table
+from .common import Bar, SuiteResult, md_table, new_figure, save_figure
 
 REPO = Path(__file__).resolve().parents[2]
 ANCHORS = {"ThreadWeaver (mean)": 1.22, "ThreadWeaver (best benchmark)": 1.53, "Multiverse-32B": "1.15–1.18"}
@@ -168,15 +168,10 @@ def run(quick: bool = False, out_dir: Path | None = None, directory: Path | None
 
 
 def _plot(per_file: list[dict[str, Any]], k: str, path: Path) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    made = new_figure(path, (6.4, 3.6))
+    if made is None:
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig, ax = made
     for s in sorted({r["set"] for r in per_file}):
         xs = [r[k]["total"] for r in per_file if r["set"] == s]
         ys = [r[k]["ratio"] for r in per_file if r["set"] == s]
@@ -188,7 +183,4 @@ def _plot(per_file: list[dict[str, Any]], k: str, path: Path) -> str | None:
     ax.set_ylabel("total / critical-path tokens")
     ax.set_title("Token latency of recorded parallel reasoning")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path)
