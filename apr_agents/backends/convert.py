@@ -31,7 +31,6 @@ Run as a module to convert the embedded model and print the comparison::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import BackendUnavailable
+from .embedded import file_sha256
 
 #: Files a finished conversion folder holds; the folder counts as complete only with all of them.
 _DONE_MARKER = "apr-conversion.json"
@@ -51,14 +51,6 @@ INSTALL_HINT = "bash tools/setup_vllm_cpu.sh (or: pip install torch transformers
 def cache_root() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "apr-agents" / "hf"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _gguf_flag(path: Path, key: str) -> bool | None:
@@ -78,7 +70,7 @@ def embedded_gguf() -> Path:
 def converted_dir(gguf_path: str | os.PathLike[str] | None = None) -> Path | None:
     """The cached conversion of ``gguf_path`` (default: the embedded model) if it exists, else None."""
     src = Path(gguf_path) if gguf_path is not None else embedded_gguf()
-    out = cache_root() / _sha256(src)[:16]
+    out = cache_root() / file_sha256(src)[:16]
     try:
         done = json.loads((out / _DONE_MARKER).read_text())
     except (OSError, ValueError):
@@ -99,7 +91,7 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike[str] | None = None,
     src = Path(gguf_path).expanduser() if gguf_path is not None else embedded_gguf()
     if not src.is_file():
         raise BackendUnavailable(f"GGUF file not found: {src}")
-    sha = _sha256(src)
+    sha = file_sha256(src)
     out = Path(out_dir).expanduser() if out_dir is not None else cache_root() / sha[:16]
     marker = out / _DONE_MARKER
     if not overwrite and marker.is_file():

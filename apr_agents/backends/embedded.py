@@ -47,7 +47,7 @@ def _fingerprint(path: Path, sha: str) -> str:
     return f"{st.st_size} {st.st_mtime_ns} {sha}\n"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -65,7 +65,7 @@ def _verified(path: Path, sha: str) -> bool:
             return True
     except OSError:
         pass
-    if _sha256(path) != sha:
+    if file_sha256(path) != sha:
         return False
     try:
         stamp.write_text(_fingerprint(path, sha))

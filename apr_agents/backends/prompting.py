@@ -38,6 +38,16 @@ ANSWER_END = "<end>"
 #: ``<end>`` or opens a new turn is done with its own.
 FEWSHOT_END_STOPS: tuple[str, ...] = (ANSWER_END, TURN_END, TURN_USER.rstrip("\n"))
 
+#: Two demo tools as short OpenAI schemas: the prompts the engine tests and the vLLM
+#: measurement render, so their greedy outputs are comparable run to run.
+PROBE_TOOLS: list[dict[str, Any]] = [
+    {"type": "function", "function": {"name": "calculator", "description": "Evaluate arithmetic.",
+     "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
+                    "required": ["expression"]}}},
+    {"type": "function", "function": {"name": "lookup", "description": "Facts about a country or city.",
+     "parameters": {"type": "object", "properties": {"topic": {"type": "string"}}, "required": ["topic"]}}},
+]
+
 INSTRUCTION = (
     "An assistant answers questions. It calls a tool by writing "
     '<tool_call>{"name": ..., "arguments": {...}}</tool_call>; the result comes back in '

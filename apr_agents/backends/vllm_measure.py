@@ -35,13 +35,8 @@ from typing import Any
 
 from langchain_core.messages import HumanMessage
 
-TOOLS = [
-    {"type": "function", "function": {"name": "calculator", "description": "Evaluate arithmetic.",
-     "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
-                    "required": ["expression"]}}},
-    {"type": "function", "function": {"name": "lookup", "description": "Facts about a country or city.",
-     "parameters": {"type": "object", "properties": {"topic": {"type": "string"}}, "required": ["topic"]}}},
-]
+from .prompting import PROBE_TOOLS as TOOLS
+
 QUESTION = "What are the populations of Japan, Kenya, Brazil and Canada, in millions?"
 OUTLINES = ("<Parallel>\n<Outlines>\n<Outline>1: lookup Japan</Outline>\n<Outline>2: lookup Kenya</Outline>\n"
             "<Outline>3: lookup Brazil</Outline>\n<Outline>4: lookup Canada</Outline>\n</Outlines>\n")

