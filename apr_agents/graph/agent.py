@@ -140,7 +140,7 @@ class BranchRunner:
     async def _run_inline(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
         """One branch: the graph's nodes along its edges, in this task; nested spawns run concurrently."""
         state = {"messages": [], "apr_trace": {}, "apr_branch_results": [], **state}
-        node = _start_node(state)
+        node = "generate"  # where the branch graph starts too: a branch sets itself up there
         while node != END:
             _apply(state, await self.nodes[node](state, config))
             _emit({"apr": "step", "ctx": state["apr"]["id"], "node": node})
@@ -674,11 +674,6 @@ def compile_agent(agent: Any, routes: dict[str, Any], *,
     return graph
 
 
-def _start_node(state: Any) -> str:
-    """A parent's ``Send`` starts a branch in ``generate``; a new question goes through ``prepare``."""
-    return "generate" if state.get("apr_spawn_input") else "prepare"
-
-
 def _applied(state: Any, update: dict[str, Any]) -> dict[str, Any]:
     out = dict(state)
     _apply(out, update)
@@ -686,15 +681,19 @@ def _applied(state: Any, update: dict[str, Any]) -> dict[str, Any]:
 
 
 def _combined(first: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
-    """One update that folds into the state like ``first`` and then ``then`` would."""
+    """One update that folds into the state like ``first`` and then ``then`` would.
+
+    For the keys the steps folded into ``generate`` write (``prepare`` of a branch, ``generate``,
+    ``finalize``): none of them writes ``apr_branch_results``, whose reset would not combine.
+    """
     out = dict(first)
     for key, value in then.items():
         if key not in out:
             out[key] = value
         elif key == "apr_trace":
-            out[key] = merge_traces(out[key], value)  # keeps a reset from ``first`` in front
-        elif key in ("messages", "apr_branch_results"):
-            out[key] = value if value and isinstance(value[0], dict) and value[0].get(RESET) else [*out[key], *value]
+            out[key] = merge_traces(out[key], value)
+        elif key == "messages":
+            out[key] = [*out[key], *value]
         else:
             out[key] = value
     return out
