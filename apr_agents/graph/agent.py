@@ -116,26 +116,14 @@ class BranchRunner:
 
     async def branch(self, payload: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
         assert self.branch_graph is not None
-        inline = self._inline(config)
-        outs = []
-        for child in payload["children"]:
-            child = dict(child)
-            index = child.pop("index")
-            inp = {"apr_spawn_input": child, "messages": []}
-            out = await (self._run_inline(inp, config) if inline else self.branch_graph.ainvoke(inp, config))
-            outs.append((out, index))
-        return self._collect(outs)
+        run = self._run_inline if self._inline(config) else self.branch_graph.ainvoke
+        return self._collect([(await run(inp, config), index) for inp, index in _inputs(payload)])
 
     def branch_sync(self, payload: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
         assert self.branch_graph is not None
         if self._inline(config):
             return run_sync(self.branch(payload, config))
-        outs = []
-        for child in payload["children"]:
-            child = dict(child)
-            index = child.pop("index")
-            outs.append((self.branch_graph.invoke({"apr_spawn_input": child, "messages": []}, config), index))
-        return self._collect(outs)
+        return self._collect([(self.branch_graph.invoke(inp, config), index) for inp, index in _inputs(payload)])
 
     async def _run_inline(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
         """One branch: the graph's nodes along its edges, in this task; nested spawns run concurrently."""
@@ -522,6 +510,16 @@ def _fold(traces: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for t in traces:
         out = merge_traces(out, t)
+    return out
+
+
+def _inputs(payload: dict[str, Any]) -> list[tuple[dict[str, Any], int]]:
+    """Each child of a ``Send`` payload as a branch-graph input, with its outline index."""
+    out = []
+    for child in payload["children"]:
+        child = dict(child)
+        index = child.pop("index")
+        out.append(({"apr_spawn_input": child, "messages": []}, index))
     return out
 
 
