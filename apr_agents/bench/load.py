@@ -2,6 +2,7 @@
 
     python -m apr_agents.bench.load            # starts `langgraph dev` on 127.0.0.1, 100 runs, stops
     python -m apr_agents.bench.load --url http://127.0.0.1:2024 --runs 20   # an already running server
+    python -m apr_agents.bench.load --in-process memory   # the same runs, no server (InMemorySaver)
 
 Loopback only and bounded: a fixed number of runs, an overall timeout, and
 the server it started is stopped at the end. The model is the FAKE
@@ -264,6 +265,43 @@ async def run_load(url: str, runs: int = 100, *, concurrency: int | None = None,
         out.update(i=i, expected=f"Answer: {expected}", ok=out["answer"] == f"Answer: {expected}")
         return out
 
+    return await _measured(task, runs, concurrency, timeout_s)
+
+
+async def run_in_process(runs: int = 100, *, concurrency: int | None = None, seed: int = 0,
+                         checkpointer: str = "none", tool_latency_s: float = 0.2, token_latency_s: float = 0.0,
+                         timeout_s: float = 300.0) -> dict[str, Any]:
+    """The same runs on the same graph (``graph_from_env`` with the load-test settings), in this
+    process with no server: what the HTTP server, its queue and its store add is the difference.
+    ``checkpointer``: ``none`` (branches run inline) or ``memory`` (``InMemorySaver``: subgraph branches)."""
+    from langchain_core.messages import HumanMessage
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    from ..graph.deploy import graph_from_env
+
+    saver = {"none": None, "memory": InMemorySaver()}[checkpointer]
+    graph = graph_from_env(load_env(tool_latency_s, token_latency_s), checkpointer=saver)
+    sem = asyncio.Semaphore(concurrency or runs)
+
+    async def task(i: int) -> dict[str, Any]:
+        question, expected = arith_question(i, seed)
+        async with sem:
+            t0 = time.perf_counter()
+            try:
+                state = await graph.ainvoke({"messages": [HumanMessage(question)]},
+                                            {"configurable": {"thread_id": f"load-{i}"}})
+            except Exception as exc:  # noqa: BLE001 - a failed run is counted, not fatal
+                return {"i": i, "ok": False, "error": f"{type(exc).__name__}: {exc}", "latency_s": None}
+        answer = state["messages"][-1].content
+        return {"i": i, "latency_s": time.perf_counter() - t0, "answer": answer,
+                "summary": state["apr_trace"]["summary"], "expected": f"Answer: {expected}",
+                "ok": answer == f"Answer: {expected}"}
+
+    return await _measured(task, runs, concurrency, timeout_s)
+
+
+async def _measured(task: Any, runs: int, concurrency: int | None, timeout_s: float) -> dict[str, Any]:
+    """Run ``task(i)`` for every run at once (each task bounds itself) and report."""
     t0 = time.perf_counter()
     results = await asyncio.wait_for(asyncio.gather(*(task(i) for i in range(runs))), timeout_s)
     wall = time.perf_counter() - t0
@@ -292,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream", action="store_true", help="stream each run (values + custom, subgraphs)")
     p.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds")
     p.add_argument("--json", dest="json_out", help="also write the report here")
+    p.add_argument("--in-process", choices=["none", "memory"], default=None,
+                   help="no server: run the same graph in this process, with no checkpointer or InMemorySaver")
     args = p.parse_args(argv)
     n_jobs = args.n_jobs_per_worker or args.concurrency or args.runs
 
@@ -299,13 +339,17 @@ def main(argv: list[str] | None = None) -> int:
         return await run_load(url, args.runs, concurrency=args.concurrency, stream=args.stream,
                               timeout_s=args.timeout)
 
-    if args.url:
+    if args.in_process:
+        report = asyncio.run(run_in_process(args.runs, concurrency=args.concurrency, checkpointer=args.in_process,
+                                            tool_latency_s=args.tool_latency, token_latency_s=args.token_latency,
+                                            timeout_s=args.timeout))
+    elif args.url:
         report = asyncio.run(go(args.url))
     else:
         with serve(load_env(args.tool_latency, args.token_latency), n_jobs_per_worker=n_jobs) as url:
             report = asyncio.run(go(url))
     report["settings"] = {"tool_latency_s": args.tool_latency, "token_latency_s": args.token_latency,
-                          "n_jobs_per_worker": n_jobs, "stream": args.stream}
+                          "n_jobs_per_worker": n_jobs, "stream": args.stream, "in_process": args.in_process}
     print(json.dumps(report, indent=1))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=1))
