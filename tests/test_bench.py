@@ -27,6 +27,9 @@ def test_quick_overhead_suite_writes_tables(tmp_path: Path) -> None:
         for key in ("plugin_vs_langgraph", "langgraph_vs_gather", "plugin_vs_gather"):
             assert math.isfinite(r[key]) and r[key] > 0
     assert data["goals"] and all(g["measured"] > 0 for g in data["goals"])
+    durable = data["data"]["checkpointed"]  # the dev install has the sqlite extra
+    assert [r["k"] for r in durable] == [1, 8]
+    assert all(math.isfinite(r["subgraph_vs_inline"]) and r["subgraph_vs_inline"] > 0 for r in durable)
 
 
 def test_unknown_suite_is_a_usage_error(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import asyncio
 import json
 import operator
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
@@ -137,6 +138,37 @@ async def bare_gather(work: _Work) -> str:
     return await work.root_last(prompt, text, list(zip(labels, outs, strict=True)))
 
 
+# -- with a checkpointer -----------------------------------------------------------
+async def _measure_checkpointed(k: int, reps: int, bar: Bar | None) -> dict[str, Any] | None:
+    """ms per run with an ``AsyncSqliteSaver`` on a temp file: inline vs subgraph branches.
+
+    What a durable run pays per step: every superstep writes a checkpoint, and a subgraph
+    branch has its own. None when the ``sqlite`` extra is not installed.
+    """
+    try:
+        from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+    except ImportError:
+        return None
+    cfg = APRConfig(max_threads=max(8, k), max_total_threads=max(64, k))
+    inp = {"messages": [HumanMessage(QUESTION)]}
+    with tempfile.TemporaryDirectory() as tmp:
+        async with AsyncSqliteSaver.from_conn_string(str(Path(tmp) / "bench.sqlite")) as saver:
+            graphs = {mode: create_apr_agent(ScriptedBackend(script(k)), [noop],
+                                             cfg.model_copy(update={"branch_runs": mode}), checkpointer=saver)
+                      for mode in ("inline", "subgraph")}
+            times: dict[str, list[float]] = {mode: [] for mode in graphs}
+            for rep in range(reps + 1):  # the first round warms up
+                for mode, graph in graphs.items():
+                    t0 = time.perf_counter()
+                    await graph.ainvoke(inp, {"configurable": {"thread_id": f"{mode}-{rep}"}})
+                    if rep:
+                        times[mode].append(time.perf_counter() - t0)
+                if bar and rep:
+                    bar.step(f"K={k}, SQLite")
+    ms = {mode: median(v) * 1000 for mode, v in times.items()}
+    return {"k": k, "reps": reps, "ms_median": ms, "subgraph_vs_inline": ms["subgraph"] / ms["inline"]}
+
+
 # -- the suite -------------------------------------------------------------------
 def _reps(k: int, quick: bool) -> int:
     base = {1: 60, 8: 30, 64: 8} if quick else {1: 300, 8: 120, 64: 30}
@@ -206,10 +238,13 @@ def run(quick: bool = False, ks: tuple[int, ...] = (1, 8, 64), out_dir: Path | N
     res = SuiteResult("overhead", "Overhead: plugin vs plain LangGraph fan-out vs asyncio.gather", quick)
     t0 = time.perf_counter()
     rows = []
-    with Bar("overhead", sum(_reps(k, quick) for k in ks)) as bar:
+    ck_reps = 5 if quick else 20
+    ck_ks = (1, 8)
+    with Bar("overhead", sum(_reps(k, quick) for k in ks) + ck_reps * len(ck_ks)) as bar:
         for k in ks:
             rows.append(asyncio.run(_measure(k, _reps(k, quick), bar)))
-    res.data = {"rows": rows, "ks": list(ks)}
+        durable = [asyncio.run(_measure_checkpointed(k, ck_reps, bar)) for k in ck_ks]
+    res.data = {"rows": rows, "ks": list(ks), "checkpointed": durable}
     table = md_table(
         ["K branches", "reps", "plugin ms", "plugin, subgraph branches ms", "plain LangGraph ms",
          "asyncio.gather ms", "plugin / LangGraph", "subgraph branches / LangGraph", "LangGraph / gather",
@@ -245,7 +280,13 @@ def run(quick: bool = False, ks: tuple[int, ...] = (1, 8, 64), out_dir: Path | N
         "run, the root has two supersteps more than the plain graph (`prepare`, and the answer's `generate` "
         "after `merge`, which the plain graph writes inside its merge node), renders the prompt and computes "
         "the trace summary. The backend's parsing (the same in all "
-        "variants) is what `asyncio.gather` measures."])
+        "variants) is what `asyncio.gather` measures.", "",
+        "**With a checkpointer.** The same runs with an `AsyncSqliteSaver` on a temp file, median ms per run "
+        "(each run a new thread), branches inline vs as subgraphs (`auto` picks subgraphs when a checkpointer "
+        "is present: a branch cut short by a crash then resumes from its last step instead of its start). "
+        "Every superstep writes a checkpoint; a subgraph branch takes three (generate, tools, generate) in "
+        "its own namespace:", "",
+        _durable_table(durable)])
     for r in rows:
         ratio = r["plugin_vs_langgraph"]
         res.goal(f"plugin ≤ 1.3× plain LangGraph (K={r['k']})", ratio, "≤ 1.30",
@@ -255,6 +296,14 @@ def run(quick: bool = False, ks: tuple[int, ...] = (1, 8, 64), out_dir: Path | N
         res.plot = _plot(rows, out_dir / f"overhead{'-quick' if quick else ''}.png")
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _durable_table(rows: list[dict[str, Any] | None]) -> str:
+    if any(r is None for r in rows):
+        return "_skipped: the `sqlite` extra (langgraph-checkpoint-sqlite, aiosqlite) is not installed_"
+    return md_table(["K branches", "reps", "inline branches ms", "subgraph branches ms", "subgraph / inline"],
+                    [[r["k"], r["reps"], r["ms_median"]["inline"], r["ms_median"]["subgraph"],
+                      r["subgraph_vs_inline"]] for r in rows if r is not None])
 
 
 def _split_table(rows: list[dict[str, Any]]) -> str:
