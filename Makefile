@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 setup: $(BIN)/python
-	$(BIN)/pip install -q -e ".[embedded,server,sqlite,postgres,bench,serve,chat,dev]"
+	$(BIN)/pip install -q -e ".[embedded,server,sqlite,postgres,bench,serve,chat,eval,dev]"
 
 demo: setup
 	$(BIN)/apr demo
@@ -31,10 +31,10 @@ test-vllm: setup-vllm
 test: test-unit test-engines test-vllm
 
 lint: setup
-	$(BIN)/ruff check apr_agents tools tests graphs examples
+	$(BIN)/ruff check apr_agents apr_cli tools tests graphs examples
 
 bench: setup
-	$(BIN)/python -m apr_agents.bench all
+	$(BIN)/python -m apr_cli.bench all
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache out

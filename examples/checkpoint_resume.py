@@ -30,8 +30,9 @@ from typing import Any
 
 from langchain_core.tools import tool
 
-from apr_agents import ScriptedBackend, create_apr_agent
+from apr_agents import create_apr_agent
 from apr_agents.graph.durable import run_with_checkpoint
+from apr_agents.testing import ScriptedBackend
 
 THREAD = "resume-demo"
 

@@ -19,7 +19,8 @@ from contextlib import nullcontext
 
 from langgraph_sdk import get_client
 
-from apr_agents.bench.load import arith_question, load_env, serve
+from apr_agents.testing.scripts import arith_question
+from apr_cli.bench.load import load_env, serve
 
 
 async def drive(url: str, question: str) -> None:

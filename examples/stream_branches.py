@@ -20,10 +20,11 @@ from typing import Any
 
 from langchain_core.messages import HumanMessage
 
-from apr_agents import APRConfig, ScriptedBackend, create_apr_agent
-from apr_agents.demo import DEMO_QUESTION, demo_script, with_latency
+from apr_agents import APRConfig, create_apr_agent
 from apr_agents.graph.streaming import stream_events
-from apr_tools import calculator, lookup
+from apr_agents.testing import ScriptedBackend
+from apr_agents.testing.scripts import DEMO_QUESTION, demo_script
+from apr_tools import calculator, lookup, with_latency
 
 
 def build(backend_kind: str, branch_runs: str = "auto") -> Any:

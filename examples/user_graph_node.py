@@ -15,9 +15,10 @@ import asyncio
 from langchain_core.messages import AIMessage, HumanMessage
 from langgraph.graph import END, START, MessagesState, StateGraph
 
-from apr_agents import APRConfig, ScriptedBackend, create_apr_agent
-from apr_agents.demo import DEMO_QUESTION, demo_script, with_latency
-from apr_tools import calculator, lookup
+from apr_agents import APRConfig, create_apr_agent
+from apr_agents.testing import ScriptedBackend
+from apr_agents.testing.scripts import DEMO_QUESTION, demo_script
+from apr_tools import calculator, lookup, with_latency
 
 
 def build() -> object:

@@ -28,9 +28,10 @@ from typing import Any
 
 from langchain_core.tools import tool
 
-from apr_agents import APRConfig, ScriptedBackend, create_apr_agent
+from apr_agents import APRConfig, create_apr_agent
 from apr_agents.backends import Completion
 from apr_agents.graph.durable import run_with_checkpoint
+from apr_agents.testing import ScriptedBackend
 
 WORK = Path(sys.argv[2])
 

@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-from apr_agents.bench.__main__ import main
+from apr_cli.bench.__main__ import main
 
 
 def test_quick_overhead_suite_writes_tables(tmp_path: Path) -> None:
@@ -39,8 +39,8 @@ def test_unknown_suite_is_a_usage_error(tmp_path: Path) -> None:
 def test_fake_chat_model_pays_the_same_cost_model_as_the_text_backend() -> None:
     from langchain_core.messages import HumanMessage
 
-    from apr_agents.bench.costmodel import CostModel
-    from apr_agents.bench.fake_chat import FakeCostChatModel
+    from apr_agents.testing.costmodel import CostModel
+    from apr_agents.testing.fake_chat import FakeCostChatModel
 
     cost = CostModel(call_latency_s=0.0, prefill_s_per_token=0.0, decode_s_per_token=0.0)
     model = FakeCostChatModel(policy=lambda msgs: ("one two three", [{"name": "t", "args": {"x": 1}}]), cost=cost)
@@ -52,7 +52,7 @@ def test_fake_chat_model_pays_the_same_cost_model_as_the_text_backend() -> None:
 
 
 def test_trace_critical_path_of_a_nested_block() -> None:
-    from apr_agents.bench.traces import measure, whitespace_tokens
+    from apr_cli.bench.traces import measure, whitespace_tokens
 
     text = ("pre\n<Parallel>\n<Goal>\n<Outline>\n1: a\n</Outline>\n<Outline>\n2: b\n</Outline>\n</Goal>\n"
             "<Path>\n1: x x x x x x\n</Path>\n<Path>\n2: y\n</Path>\n<Conclusion>\nz\n</Conclusion>\n"
@@ -65,7 +65,7 @@ def test_trace_critical_path_of_a_nested_block() -> None:
 
 def test_engine_batching_measurement_runs_on_a_fake_engine() -> None:
     from apr_agents.backends.base import Completion
-    from apr_agents.bench.engines import bench_engine
+    from apr_cli.bench.engines import bench_engine
 
     class FakeEngine:
         """FAKE engine: each call 'decodes' max_tokens tokens after a short sleep."""

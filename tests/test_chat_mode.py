@@ -16,9 +16,9 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import START, MessagesState, StateGraph
 
 from apr_agents import APRBackendError, APRConfig, create_apr_agent
-from apr_agents.backends.scripted_chat import ScriptedChatModel, bad_tool_call, calls, tool_call
 from apr_agents.graph.chat import create_chat_apr_agent, parse_spawn_args
 from apr_agents.graph.chat_prompt import DEFAULT_CHAT_SYSTEM_PROMPT
+from apr_agents.testing.scripted_chat import ScriptedChatModel, bad_tool_call, calls, tool_call
 
 Q = {"messages": [HumanMessage("question")]}
 SUB = re.compile(r"^Sub-task (\d+) of (\d+): (.*?)\n", re.S)

@@ -29,8 +29,9 @@ import pytest
 from langchain_core.messages import HumanMessage
 from langchain_core.tools import tool
 
-from apr_agents import ScriptedBackend, create_apr_agent
+from apr_agents import create_apr_agent
 from apr_agents.graph.durable import NothingToResume, RunInProgress, run_with_checkpoint
+from apr_agents.testing import ScriptedBackend
 
 CHILD = Path(__file__).with_name("durable_child.py")
 ROOT = CHILD.parent.parent

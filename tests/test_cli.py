@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from apr_agents.cli import main
-from apr_agents.demo import DEMO_QUESTION
+from apr_agents.testing.scripts import DEMO_QUESTION
+from apr_cli.cli import main
 
 
 def test_apr_run_prints_answer_and_writes_trace(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -31,14 +31,14 @@ def test_apr_run_with_db_then_resume_finished_run(tmp_path: Path, capsys) -> Non
 
 
 def test_apr_entry_point_runs_as_a_process(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "apr_agents.cli", "run", "What is 2+2?", "--backend", "scripted",
+    proc = subprocess.run([sys.executable, "-m", "apr_cli.cli", "run", "What is 2+2?", "--backend", "scripted",
                            "--quiet", "--tools", "calculator,lookup"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "answer:" in proc.stdout
 
 
 def test_bad_tool_name_is_a_clear_error() -> None:
-    proc = subprocess.run([sys.executable, "-m", "apr_agents.cli", "run", "q", "--backend", "scripted",
+    proc = subprocess.run([sys.executable, "-m", "apr_cli.cli", "run", "q", "--backend", "scripted",
                            "--tools", "nope"], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "unknown tool(s) ['nope']" in proc.stderr

@@ -15,9 +15,10 @@ from langchain_core.messages import HumanMessage
 from langchain_core.tools import tool
 from langgraph.graph import START, MessagesState, StateGraph
 
-from apr_agents import APRConfig, ScriptedBackend
+from apr_agents import APRConfig
 from apr_agents import create_apr_agent as _create_apr_agent
 from apr_agents.protocol import parse_document
+from apr_agents.testing import ScriptedBackend
 
 Q = {"messages": [HumanMessage("question")]}
 BRANCH_RUNS = {"mode": "inline"}

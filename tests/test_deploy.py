@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from langchain_core.messages import HumanMessage
 
-from apr_agents.bench.load import arith_question, load_env, percentile, run_in_process
 from apr_agents.graph.deploy import backend_from_env, config_from_env, graph_from_env, tools_from_env
+from apr_agents.testing.scripts import arith_question
+from apr_cli.bench.load import load_env, percentile, run_in_process
 
 GRAPHS = Path(__file__).resolve().parent.parent / "graphs"
 
@@ -81,7 +82,7 @@ def test_percentile_nearest_rank() -> None:
 
 @pytest.mark.parametrize("checkpointer", ["none", "memory"])
 async def test_in_process_load_runs_every_question_to_its_own_answer(checkpointer: str) -> None:
-    """``python -m apr_agents.bench.load --in-process``: the server's workload with no server."""
+    """``python -m apr_cli.bench.load --in-process``: the server's workload with no server."""
     report = await run_in_process(12, concurrency=6, checkpointer=checkpointer, tool_latency_s=0.0)
     assert (report["ok"], report["failed"]) == (12, 0)
     assert (report["branches"], report["tool_calls"]) == (24, 24)  # two branches, one calculator call each

@@ -7,8 +7,8 @@ import time
 from langchain_core.messages import HumanMessage
 from langchain_core.tools import tool
 
-from apr_agents import APRConfig, ScriptedBackend, create_apr_agent
-from apr_agents.backends import Rule
+from apr_agents import APRConfig, create_apr_agent
+from apr_agents.testing import Rule, ScriptedBackend
 
 Q = {"messages": [HumanMessage("q")]}
 

@@ -17,7 +17,7 @@ from hypothesis import given, note, settings
 from hypothesis import strategies as st
 from langchain_core.messages import AIMessage, HumanMessage
 
-from apr_agents import APRConfig, ScriptedBackend, create_apr_agent
+from apr_agents import APRConfig, create_apr_agent
 from apr_agents.protocol import (
     DIALECTS,
     ParallelClose,
@@ -31,6 +31,7 @@ from apr_agents.protocol import (
     neutralize,
     parse_document,
 )
+from apr_agents.testing import ScriptedBackend
 
 ALL_MARKERS = sorted({m for d in DIALECTS.values() for m in d.markers} | {"<Conclusion>", "</Conclusion>"})
 PARTIAL_MARKERS = sorted({m[:k] for m in ALL_MARKERS for k in (1, 2, len(m) // 2, len(m) - 1) if 0 < k < len(m)})

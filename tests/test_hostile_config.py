@@ -12,7 +12,8 @@ from langchain_core.messages import HumanMessage
 from langchain_core.tools import BaseTool, tool
 from pydantic import ValidationError
 
-from apr_agents import APRBackendError, APRConfig, Completion, ScriptedBackend, create_apr_agent
+from apr_agents import APRBackendError, APRConfig, Completion, create_apr_agent
+from apr_agents.testing import ScriptedBackend
 
 Q = {"messages": [HumanMessage("q")]}
 

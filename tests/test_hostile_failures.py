@@ -15,8 +15,9 @@ import pytest
 from langchain_core.messages import HumanMessage
 from langchain_core.tools import tool
 
-from apr_agents import APRBackendError, APRConfig, Completion, ScriptedBackend, create_apr_agent
+from apr_agents import APRBackendError, APRConfig, Completion, create_apr_agent
 from apr_agents.backends import BackendError
+from apr_agents.testing import ScriptedBackend
 
 Q = {"messages": [HumanMessage("q")]}
 

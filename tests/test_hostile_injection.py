@@ -14,9 +14,9 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import tool
 
-from apr_agents import APRConfig, ScriptedBackend, create_apr_agent
-from apr_agents.backends import Rule
+from apr_agents import APRConfig, create_apr_agent
 from apr_agents.protocol import DIALECTS, ParallelOpen, Spawn, StreamParser, ThreadClose, ToolCall, get_dialect
+from apr_agents.testing import Rule, ScriptedBackend
 
 EXFIL_CALLS: list[dict[str, Any]] = []
 

@@ -17,10 +17,11 @@ from typing import Any
 import pytest
 from langchain_core.messages import BaseMessage, HumanMessage
 
-from apr_agents import APRConfig, Completion, ScriptedBackend, create_apr_agent
+from apr_agents import APRConfig, Completion, create_apr_agent
 from apr_agents.backends.base import first_stop
-from apr_agents.backends.scripted import tokenize
 from apr_agents.protocol import get_dialect
+from apr_agents.testing import ScriptedBackend
+from apr_agents.testing.scripted import tokenize
 
 Q = {"messages": [HumanMessage("go")]}
 

@@ -33,8 +33,8 @@ import pytest
 from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
 
 from apr_agents import APRBackendError, APRConfig, create_apr_agent
-from apr_agents.backends.replay import ReplayBackend
 from apr_agents.protocol import parse_document
+from apr_agents.testing.replay import ReplayBackend
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACES = Path(os.environ.get("APR_TRACES_DIR", ROOT / "tests" / "data" / "traces"))  # a copy of ../shared/traces
@@ -396,7 +396,7 @@ def write_doc() -> None:
         "",
         "The 66 recorded Multiverse-dialect trajectories in `../shared/traces/` (25 from the",
         "Multiverse-1K training set, 41 raw Multiverse-32B outputs on AIME24, MATH500 and GPQA)",
-        "are replayed through `create_apr_agent` by `apr_agents.backends.replay.ReplayBackend`",
+        "are replayed through `create_apr_agent` by `apr_agents.testing.replay.ReplayBackend`",
         "(`tests/test_replay_traces.py`): the backend returns the recorded text segment by segment,",
         "the runtime spawns one branch per outline at each `</Goal>` and merges the paths back. Every",
         "run finishes; the executed branch structure equals the structure counted independently in",

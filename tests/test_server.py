@@ -16,7 +16,8 @@ pytest.importorskip("langgraph_api", reason="needs langgraph-cli[inmem] (extra a
 
 from langgraph_sdk import get_client
 
-from apr_agents.bench.load import arith_question, default_config, load_env, run_load, serve
+from apr_agents.testing.scripts import arith_question
+from apr_cli.bench.load import default_config, load_env, run_load, serve
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(300)]
 RUNS = 100

@@ -15,8 +15,9 @@ from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.tools import tool
 from langgraph.graph import START, MessagesState, StateGraph
 
-from apr_agents import APRConfig, ScriptedBackend, create_apr_agent
+from apr_agents import APRConfig, create_apr_agent
 from apr_agents.graph.streaming import APR_EVENTS, stream_events
+from apr_agents.testing import ScriptedBackend
 
 
 def call(name: str, **args: object) -> str:

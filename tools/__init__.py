@@ -10,7 +10,7 @@ from __future__ import annotations
 from langchain_core.tools import BaseTool
 
 from .calculator import calculator, evaluate
-from .latency import sleep_then_echo
+from .latency import sleep_then_echo, with_latency
 from .lookup import lookup
 
 DEMO_TOOLS: dict[str, BaseTool] = {t.name: t for t in (calculator, lookup, sleep_then_echo)}
@@ -27,4 +27,4 @@ def get_tools(names: str | list[str] | None) -> list[BaseTool]:
     return [DEMO_TOOLS[n] for n in wanted]
 
 
-__all__ = ["DEMO_TOOLS", "calculator", "evaluate", "get_tools", "lookup", "sleep_then_echo"]
+__all__ = ["DEMO_TOOLS", "calculator", "evaluate", "get_tools", "lookup", "sleep_then_echo", "with_latency"]

@@ -1,4 +1,6 @@
-"""Model adapters. Any object with ``complete`` and ``render`` is a backend.
+"""Model adapters for real engines. Any object with ``complete`` and ``render`` is a backend.
+
+Fakes for tests live in ``apr_agents.testing``.
 
 Engine backends import their engine lazily, so ``import apr_agents`` needs none.
 """
@@ -7,23 +9,29 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .base import Backend, BackendError, BackendUnavailable, Completion, StreamingBackend, check_backend, route_key
-from .scripted import Rule, ScriptedBackend
+from .base import (
+    Backend,
+    BackendError,
+    BackendRequestError,
+    BackendUnavailable,
+    Completion,
+    StreamingBackend,
+    check_backend,
+    route_key,
+)
 
 if TYPE_CHECKING:
     from .llamacpp import LlamaCppBackend
     from .openai_compat import OpenAICompatibleBackend
-    from .scripted_chat import ScriptedChatModel
     from .vllm import VLLMBackend
 
 __all__ = [
-    "Backend", "BackendError", "BackendUnavailable", "Completion", "LlamaCppBackend",
-    "OpenAICompatibleBackend", "Rule", "ScriptedBackend", "ScriptedChatModel", "StreamingBackend", "VLLMBackend",
+    "Backend", "BackendError", "BackendRequestError", "BackendUnavailable", "Completion", "LlamaCppBackend",
+    "OpenAICompatibleBackend", "StreamingBackend", "VLLMBackend",
     "check_backend", "default_backend", "route_key",
 ]
 
 _LAZY = {
-    "ScriptedChatModel": ".scripted_chat",  # FAKE chat model with tool calling, for tests
     "LlamaCppBackend": ".llamacpp",
     "OpenAICompatibleBackend": ".openai_compat",
     "VLLMBackend": ".vllm",

@@ -74,6 +74,12 @@ class BackendUnavailable(BackendError):
     """The backend cannot be reached or started (bad URL, missing model file)."""
 
 
+class BackendRequestError(BackendError):
+    """The request itself cannot succeed (prompt longer than the context window, bad
+    parameters, an HTTP 4xx): the runtime does not retry it. The message says what to
+    change (``n_ctx``, ``max_tokens``, the prompt)."""
+
+
 def check_backend(backend: object) -> None:
     """Fail at construction, not deep in a run, when an object is no backend."""
     if isinstance(backend, type):

@@ -13,7 +13,7 @@ Variables (all optional):
 - ``APR_BASE_URL``: ``openai`` server URL; comma-separated for replicas.
 - ``APR_API_KEY``: ``openai`` key, if the server wants one.
 - ``APR_SCRIPT``: ``scripted`` only: ``arith`` (default: the load-test task of
-  ``apr_agents.bench.load``), ``demo`` (the CLI demo), or a JSON object
+  ``apr_agents.testing.scripts``), ``demo`` (the CLI demo), or a JSON object
   ``{context path: reply}``; ``APR_SCRIPT_FILE``: the same JSON in a file.
 - ``APR_TOKEN_LATENCY_S``, ``APR_CALL_LATENCY_S``: ``scripted`` simulated latency.
 - ``APR_TOOLS``: demo tools to offer (``all`` default, or e.g. ``calculator,lookup``;
@@ -68,7 +68,7 @@ def backend_from_env(env: Mapping[str, str] | None = None) -> Any:
 
         return default_backend(**({"model_path": model} if model else {}))
     if kind == "scripted":
-        from ..backends import ScriptedBackend
+        from ..testing import ScriptedBackend
 
         return ScriptedBackend(_script(env), token_latency_s=float(env.get("APR_TOKEN_LATENCY_S", "0")),
                                call_latency_s=float(env.get("APR_CALL_LATENCY_S", "0")))
@@ -95,11 +95,11 @@ def _script(env: Mapping[str, str]) -> Any:
         return _checked(json.loads(Path(path).read_text()))
     raw = env.get("APR_SCRIPT", "arith").strip()
     if raw == "arith":
-        from ..bench.load import arith_script
+        from ..testing.scripts import arith_script
 
         return arith_script()
     if raw == "demo":
-        from ..demo import demo_script
+        from ..testing.scripts import demo_script
 
         return demo_script()
     return _checked(json.loads(raw))
@@ -116,9 +116,7 @@ def tools_from_env(env: Mapping[str, str] | None = None) -> list[Any]:
     names = env.get("APR_TOOLS", "all").strip()
     if names.lower() in _NONE:
         return []
-    from apr_tools import get_tools
-
-    from ..demo import with_latency
+    from apr_tools import get_tools, with_latency
 
     latency = float(env.get("APR_TOOL_LATENCY_S", "0"))
     return [with_latency(t, latency) for t in get_tools(names)]

@@ -6,8 +6,9 @@ import pytest
 from langchain_core.messages import HumanMessage
 
 from apr_agents import APRConfig, create_apr_agent
-from apr_agents.demo import EMBEDDED_DEMO_QUESTION, with_latency
 from apr_agents.protocol import parse_document
+from apr_cli.demo import EMBEDDED_DEMO_QUESTION
+from apr_tools import with_latency
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(600)]
 

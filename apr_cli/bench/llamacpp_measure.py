@@ -1,6 +1,6 @@
 """Measure the embedded llama.cpp backend and the OpenAI-compatible backend on this machine.
 
-    python -m apr_agents.bench.llamacpp_measure [--reps 3] [--skip-server] [--out bench.json]
+    python -m apr_cli.bench.llamacpp_measure [--reps 3] [--skip-server] [--out bench.json]
 
 Feeds the numbers in docs/engines.md. It prints the machine (``nproc``, CPU
 model, load average before and after: other processes on a 2-core machine skew
@@ -206,7 +206,7 @@ async def main() -> None:
     text = json.dumps(result, indent=1, ensure_ascii=False)
     print(text)
     if args.out:
-        Path(args.out).write_text(text)  # noqa: ASYNC240 - once, at the end
+        Path(args.out).write_text(text)
 
 
 if __name__ == "__main__":

@@ -26,10 +26,11 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Send
 
-from ..backends.scripted import ScriptedBackend
-from ..config import APRConfig
-from ..graph.agent import create_apr_agent
-from ..protocol.dialects import CANONICAL, TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from apr_agents.config import APRConfig
+from apr_agents.graph.agent import create_apr_agent
+from apr_agents.protocol.dialects import CANONICAL, TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from apr_agents.testing.scripted import ScriptedBackend
+
 from .common import Bar, SuiteResult, finite_pos, md_table, median, new_figure, save_figure
 
 QUESTION = "Run the task on every item."

@@ -1,4 +1,4 @@
-"""``python -m apr_agents.bench [suite ...|all] [--quick] [--out docs/benchmarks]`` (also ``apr bench ...``).
+"""``python -m apr_cli.bench [suite ...|all] [--quick] [--out docs/benchmarks]`` (also ``apr bench ...``).
 
 Suites: ``overhead``, ``toolbound``, ``engines``, ``traces``. Each writes
 ``<suite>[-quick].md``, ``.json`` and, where a picture reads better, ``.png``

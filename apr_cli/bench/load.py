@@ -1,8 +1,8 @@
 """Load test of the served graph: many concurrent runs against a real LangGraph server.
 
-    python -m apr_agents.bench.load            # starts `langgraph dev` on 127.0.0.1, 100 runs, stops
-    python -m apr_agents.bench.load --url http://127.0.0.1:2024 --runs 20   # an already running server
-    python -m apr_agents.bench.load --in-process memory   # the same runs, no server (InMemorySaver)
+    python -m apr_cli.bench.load            # starts `langgraph dev` on 127.0.0.1, 100 runs, stops
+    python -m apr_cli.bench.load --url http://127.0.0.1:2024 --runs 20   # an already running server
+    python -m apr_cli.bench.load --in-process memory   # the same runs, no server (InMemorySaver)
 
 Loopback only and bounded: a fixed number of runs, an overall timeout, and
 the server it started is stopped at the end. The model is the FAKE
@@ -21,8 +21,6 @@ import asyncio
 import json
 import math
 import os
-import random
-import re
 import signal
 import socket
 import subprocess
@@ -36,48 +34,9 @@ from typing import Any
 
 import httpx
 
+from apr_agents.testing.scripts import arith_question
+
 GRAPH_ID = "apr"
-_QUESTION_RE = re.compile(r"Compute (\d+)\*(\d+) \+ (\d+)\*(\d+)\.")
-_OUTLINE_RE = re.compile(r"<Outline>(\d+): compute (\d+\*\d+)</Outline>")
-_RESPONSE_RE = re.compile(r"<tool_response>(-?\d+(?:\.\d+)?)</tool_response>")
-
-
-# -- the FAKE workload ---------------------------------------------------------
-def arith_question(i: int, seed: int = 0) -> tuple[str, int]:
-    """Question ``i`` and its correct answer."""
-    rng = random.Random(seed * 1_000_003 + i)
-    a, b, c, d = (rng.randint(2, 99) for _ in range(4))
-    return f"Compute {a}*{b} + {c}*{d}.", a * b + c * d
-
-
-def _root_reply(prompt: str) -> str:
-    found = _QUESTION_RE.findall(prompt)
-    if not found:
-        return "I can only compute questions of the form 'Compute a*b + c*d.'"
-    a, b, c, d = found[-1]
-    head = ("Two independent products.\n<Parallel>\n<Outlines>\n"
-            f"<Outline>1: compute {a}*{b}</Outline>\n<Outline>2: compute {c}*{d}</Outline>\n</Outlines>\n")
-    tail = prompt.split("</Outlines>\n", 1)[-1] if "</Outlines>\n" in prompt else ""
-    results = _RESPONSE_RE.findall(tail)
-    total = sum(float(r) for r in results)
-    answer = f"{int(total)}" if len(results) == 2 and total == int(total) else "unknown"
-    return head + f"Answer: {answer}"
-
-
-def _branch_reply(label: str) -> Any:
-    def reply(prompt: str) -> str:
-        expr = dict(_OUTLINE_RE.findall(prompt)).get(label, "0*0")
-        call = json.dumps({"name": "calculator", "arguments": {"expression": expr}})
-        return f" {expr}: <tool_call>{call}</tool_call> that is the product.</Thread>"
-
-    return reply
-
-
-def arith_script() -> dict[str, Any]:
-    """FAKE model for the load test (``APR_SCRIPT=arith``): answers ``Compute a*b + c*d.`` via two branches."""
-    return {"": _root_reply, "1": _branch_reply("1"), "2": _branch_reply("2")}
-
-
 # -- the server ----------------------------------------------------------------
 def default_config() -> Path:
     """``graphs/langgraph.json`` of a source checkout, or one written to a temp folder."""
@@ -277,7 +236,7 @@ async def run_in_process(runs: int = 100, *, concurrency: int | None = None, see
     from langchain_core.messages import HumanMessage
     from langgraph.checkpoint.memory import InMemorySaver
 
-    from ..graph.deploy import graph_from_env
+    from apr_agents.graph.deploy import graph_from_env
 
     saver = {"none": None, "memory": InMemorySaver()}[checkpointer]
     graph = graph_from_env(load_env(tool_latency_s, token_latency_s), checkpointer=saver)
@@ -319,7 +278,7 @@ async def _measured(task: Any, runs: int, concurrency: int | None, timeout_s: fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m apr_agents.bench.load", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m apr_cli.bench.load", description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=100, help="runs in all (default 100)")
     p.add_argument("--concurrency", type=int, default=None, help="runs at once (default: all of them)")
     p.add_argument("--url", help="an already running server with the graph 'apr' (APR_SCRIPT=arith)")

@@ -1,6 +1,6 @@
 """Runs the engine-batching measurement inside another environment (vLLM's CPU build in ``.venv-vllm``).
 
-    python -m apr_agents.bench.engine_worker --engine vllm --ks 1,2,4,8 --tokens 64 --reps 2
+    python -m apr_cli.bench.engine_worker --engine vllm --ks 1,2,4,8 --tokens 64 --reps 2
 
 Prints one JSON line: ``{"engine": ..., "rows": [...]}`` or ``{"error": ...}``.
 The model: ``APR_BENCH_VLLM_MODEL`` (a model name or local folder/file), else
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=1)
     args = ap.parse_args(argv)
     try:
-        from apr_agents.bench.engines import bench_engine
+        from apr_cli.bench.engines import bench_engine
 
         if args.engine != "vllm":
             raise ValueError(f"unknown engine {args.engine!r}")

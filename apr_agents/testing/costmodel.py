@@ -6,7 +6,7 @@ is fair: each backend call costs
     call_latency_s + prefill_s_per_token * (prompt tokens not in the prefix cache)
                    + decode_s_per_token  * (generated tokens, slept one by one as they stream)
 
-Tokens are the whitespace pieces of ``apr_agents.backends.scripted.tokenize``.
+Tokens are the whitespace pieces of ``apr_agents.testing.scripted.tokenize``.
 The prefix cache is exact (longest common prefix with any earlier prompt of the
 same engine instance, like vLLM's automatic prefix caching); the engine is
 assumed to batch without slowing down (each concurrent sequence decodes at the
@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..backends.base import Completion
-from ..backends.scripted import ScriptedBackend
+from .scripted import ScriptedBackend
 
 
 @dataclass(frozen=True)

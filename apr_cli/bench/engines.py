@@ -11,7 +11,7 @@ per K, interleaved: ``parallel=True`` (branches concurrent) and
 
 Engines: the embedded llama.cpp default (in process) and, when ``.venv-vllm``
 and ``apr_agents.backends.vllm`` exist, vLLM's CPU build in a subprocess of that
-environment (``python -m apr_agents.bench.engine_worker``). An engine that is
+environment (``python -m apr_cli.bench.engine_worker``). An engine that is
 not available is skipped with the reason.
 """
 
@@ -28,10 +28,11 @@ from typing import Any
 
 from langchain_core.messages import HumanMessage
 
-from ..backends.base import Completion
-from ..config import APRConfig
-from ..graph.agent import create_apr_agent
-from ..protocol.parser import StreamParser
+from apr_agents.backends.base import Completion
+from apr_agents.config import APRConfig
+from apr_agents.graph.agent import create_apr_agent
+from apr_agents.protocol.parser import StreamParser
+
 from .common import Bar, SuiteResult, md_table, median, new_figure, save_figure
 
 REPO = Path(__file__).resolve().parents[2]
@@ -135,7 +136,7 @@ async def bench_engine(engine: Any, ks: list[int], tokens: int, reps: int,
 
 # -- engines ---------------------------------------------------------------------------
 def embedded_rows(ks: list[int], tokens: int, reps: int, bar: Bar) -> tuple[list[dict[str, Any]], str]:
-    from ..backends import default_backend
+    from apr_agents.backends import default_backend
 
     engine = default_backend()
     try:
@@ -162,7 +163,7 @@ def vllm_rows(ks: list[int], tokens: int, reps: int, timeout_s: float) -> tuple[
                            "APR_VLLM_PYTHON)")
     if not (REPO / "apr_agents" / "backends" / "vllm.py").exists():
         raise RuntimeError("apr_agents.backends.vllm (VLLMBackend) is not in this tree yet")
-    cmd = [str(py), "-m", "apr_agents.bench.engine_worker", "--engine", "vllm", "--ks", ",".join(map(str, ks)),
+    cmd = [str(py), "-m", "apr_cli.bench.engine_worker", "--engine", "vllm", "--ks", ",".join(map(str, ks)),
            "--tokens", str(tokens), "--reps", str(reps)]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     try:

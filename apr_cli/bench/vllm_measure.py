@@ -1,6 +1,6 @@
 """Measure VLLMBackend on this machine: start-up, batched branches, prefix-cache hits.
 
-    .venv-vllm/bin/python -m apr_agents.backends.vllm_measure [--mode eager|compiled|both]
+    .venv-vllm/bin/python -m apr_cli.bench.vllm_measure [--mode eager|compiled|both]
         [--tokens 64] [--reps 3] [--out docs/engines-vllm-table.md] [--model PATH_OR_NAME]
 
 For each engine mode (``eager``: ``enforce_eager=True``, no torch.compile;
@@ -35,7 +35,7 @@ from typing import Any
 
 from langchain_core.messages import HumanMessage
 
-from .prompting import PROBE_TOOLS as TOOLS
+from apr_agents.backends.prompting import PROBE_TOOLS as TOOLS
 
 QUESTION = "What are the populations of Japan, Kenya, Brazil and Canada, in millions?"
 OUTLINES = ("<Parallel>\n<Outlines>\n<Outline>1: lookup Japan</Outline>\n<Outline>2: lookup Kenya</Outline>\n"
@@ -64,7 +64,7 @@ async def timed(coro: Any) -> tuple[float, Any]:
 
 
 async def measure_mode(model: str | None, eager: bool, tokens: int, reps: int) -> dict[str, Any]:
-    from .vllm import VLLMBackend
+    from apr_agents.backends.vllm import VLLMBackend
 
     res: dict[str, Any] = {"mode": "eager" if eager else "compiled"}
     t0 = time.perf_counter()
@@ -157,7 +157,7 @@ def table(results: list[dict[str, Any]], tokens: int, reps: int, m: dict[str, st
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m apr_agents.backends.vllm_measure")
+    ap = argparse.ArgumentParser(prog="python -m apr_cli.bench.vllm_measure")
     ap.add_argument("--mode", choices=["eager", "compiled", "both"], default="both")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)

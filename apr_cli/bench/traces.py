@@ -21,7 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..protocol.document import BlockNode, ThreadNode, parse_document
+from apr_agents.protocol.document import BlockNode, ThreadNode, parse_document
+
 from .common import Bar, SuiteResult, md_table, new_figure, save_figure
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,7 +58,7 @@ def gemma_tokenizer() -> tuple[Callable[[str], int] | None, str]:
     try:
         import llama_cpp
 
-        from ..backends.embedded import model_path
+        from apr_agents.backends.embedded import model_path
 
         llm = llama_cpp.Llama(model_path=str(model_path()), vocab_only=True, verbose=False)
     except Exception as exc:  # noqa: BLE001 - optional: fall back to whitespace only

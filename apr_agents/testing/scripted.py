@@ -21,9 +21,9 @@ from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 
+from ..backends.base import BackendError, Completion, complete_from_stream, first_stop
 from ..protocol.dialects import TOOL_CALL_CLOSE, Dialect, get_dialect
 from ..protocol.parser import StreamParser
-from .base import BackendError, Completion, complete_from_stream, first_stop
 
 Reply = str | Callable[[str], str]
 ASSISTANT = "### Assistant\n"

@@ -16,8 +16,8 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from .config import APRConfig
-from .runtime.timeline import plot_timeline, thread_tree
+from apr_agents.config import APRConfig
+from apr_cli.timeline import plot_timeline, thread_tree
 
 console = Console()
 
@@ -25,24 +25,24 @@ console = Console()
 def make_backend(args: argparse.Namespace) -> Any:
     kind = args.backend
     if kind == "scripted":
-        from .backends.scripted import ScriptedBackend
-        from .demo import demo_script
+        from apr_agents.testing import ScriptedBackend
+        from apr_agents.testing.scripts import demo_script
 
         return ScriptedBackend(demo_script(), token_latency_s=args.token_latency)
     if kind == "embedded":
-        from .backends import default_backend
+        from apr_agents.backends import default_backend
 
         grammar = getattr(args, "grammar", "none")
         return default_backend(grammar=None if grammar == "none" else grammar,
                                reuse_prefix=not getattr(args, "fresh_prefill", False))
     if kind == "openai":
-        from .backends.openai_compat import OpenAICompatibleBackend
+        from apr_agents.backends.openai_compat import OpenAICompatibleBackend
 
         if not args.base_url or not args.model:
             raise SystemExit("--backend openai needs --base-url and --model")
         return OpenAICompatibleBackend([u.strip() for u in args.base_url.split(",")], args.model)
     if kind == "vllm":
-        from .backends.vllm import VLLMBackend
+        from apr_agents.backends.vllm import VLLMBackend
 
         if not args.model:
             raise SystemExit("--backend vllm needs --model (a model name or checkpoint folder)")
@@ -59,9 +59,7 @@ def make_config(args: argparse.Namespace, **over: Any) -> APRConfig:
 
 
 def make_tools(args: argparse.Namespace) -> list[Any]:
-    from apr_tools import get_tools
-
-    from .demo import with_latency
+    from apr_tools import get_tools, with_latency
 
     return [with_latency(t, args.tool_latency) for t in get_tools(args.tools)]
 
@@ -97,7 +95,7 @@ class LiveTree:
 
 async def run_live(graph: Any, question: str, *, show: bool = True) -> dict[str, Any]:
     """Run the graph once (no checkpointer), drawing the thread tree live."""
-    from .graph.streaming import stream_events
+    from apr_agents.graph.streaming import stream_events
 
     tree = LiveTree(show)
     final: dict[str, Any] = {}
@@ -135,8 +133,8 @@ def summary_table(rows: list[tuple[str, dict[str, Any], float]]) -> Table:
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
-    from .graph import create_apr_agent
-    from .graph.durable import new_thread_id, run_with_checkpoint
+    from apr_agents.graph import create_apr_agent
+    from apr_agents.graph.durable import new_thread_id, run_with_checkpoint
 
     if not args.question and not args.resume:
         raise SystemExit("give a question, or --resume THREAD_ID")
@@ -167,8 +165,8 @@ async def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DEMO_QUESTION, EMBEDDED_DEMO_QUESTION
-    from .graph import create_apr_agent
+    from apr_agents.graph import create_apr_agent
+    from apr_cli.demo import DEMO_QUESTION, EMBEDDED_DEMO_QUESTION
 
     question = args.question or (EMBEDDED_DEMO_QUESTION if args.backend == "embedded" else DEMO_QUESTION)
     console.print(f"[bold]backend:[/bold] {args.backend}   [bold]tool latency:[/bold] {args.tool_latency} s "
@@ -254,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "write different text)")
     d.add_argument("--out", default="out/demo", help="folder for traces and timeline PNGs")
 
-    b = sub.add_parser("bench", help="benchmarks (same as python -m apr_agents.bench)", add_help=False)
+    b = sub.add_parser("bench", help="benchmarks (same as python -m apr_cli.bench)", add_help=False)
     b.add_argument("rest", nargs=argparse.REMAINDER)
     return p
 
@@ -262,17 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # its own parser, options and --help included
-        from .bench.__main__ import main as bench_main
+        from apr_cli.bench.__main__ import main as bench_main
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.cmd == "bench":
-        from .bench.__main__ import main as bench_main
+        from apr_cli.bench.__main__ import main as bench_main
 
         return bench_main(args.rest)
-    from .backends.base import BackendError
-    from .graph.agent import APRBackendError
-    from .graph.durable import NothingToResume, RunInProgress
+    from apr_agents.backends.base import BackendError
+    from apr_agents.graph.agent import APRBackendError
+    from apr_agents.graph.durable import NothingToResume, RunInProgress
 
     try:
         return asyncio.run(cmd_run(args) if args.cmd == "run" else cmd_demo(args))

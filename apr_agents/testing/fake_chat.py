@@ -27,8 +27,8 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, PrivateAttr
 
 from ..backends.base import Completion
-from ..backends.scripted import ASSISTANT, Rule
 from .costmodel import CostModel, MeteredScriptedBackend
+from .scripted import ASSISTANT, Rule
 
 Policy = Callable[[list[BaseMessage]], tuple[str, list[dict[str, Any]]]]
 

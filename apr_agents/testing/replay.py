@@ -47,9 +47,9 @@ from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 
+from ..backends.base import Completion, complete_from_stream, first_stop
 from ..protocol.dialects import TOOL_CALL_CLOSE, Dialect, get_dialect
 from ..protocol.parser import Spawn, StreamParser
-from .base import Completion, complete_from_stream, first_stop
 from .scripted import tokenize
 
 CHATML_ASSISTANT = "<|im_start|>assistant\n"
