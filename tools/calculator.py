@@ -5,8 +5,10 @@ from __future__ import annotations
 import ast
 import math
 import operator
+from typing import Annotated
 
 from langchain_core.tools import tool
+from pydantic import Field
 
 _BINOPS = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
@@ -18,6 +20,9 @@ _FUNCS = {"sqrt": math.sqrt, "abs": abs, "round": round, "min": min, "max": max,
 _CONSTS = {"pi": math.pi, "e": math.e}
 MAX_POW = 10_000
 MAX_LEN = 500
+#: What an expression may contain; in the tool's JSON schema, so grammar-constrained decoding
+#: (apr_agents.backends.grammars) cannot write a non-arithmetic argument.
+EXPRESSION_PATTERN = r"^[0-9a-z_+\-*/%^(). ,]+$"
 
 
 def evaluate(expression: str) -> float | int:
@@ -49,8 +54,8 @@ def _eval(node: ast.AST) -> float | int:
 
 
 @tool
-def calculator(expression: str) -> str:
-    """Evaluate an arithmetic expression such as '(3 + 4) * 2' or 'sqrt(2) * 10'."""
+def calculator(expression: Annotated[str, Field(pattern=EXPRESSION_PATTERN, max_length=MAX_LEN)]) -> str:
+    """Evaluate an arithmetic expression: numbers, + - * / ** and parentheses, sqrt() and other math functions."""
     value = evaluate(expression)
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
         value = int(value)

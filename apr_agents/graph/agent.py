@@ -277,6 +277,18 @@ class _Agent(BranchRunner):
             self._parsers.pop((ctx["run"], ctx["id"]), None)
         return {"apr": ctx, "apr_trace": self._trace(ctx, limits=limits, repairs=repairs)}
 
+    # -- what the backend's prompt format decides ---------------------------------
+    def _tool_results_text(self, results: list[str], depth: int) -> str:
+        """Tool results as the model reads them: the backend's layout (its chat template's), else inline."""
+        layout = getattr(self.backend, "tool_results_text", None)
+        if callable(layout):
+            return str(layout(results, depth=depth))
+        return "".join(f"\n<tool_response>{text}</tool_response>" for text in results) + "\n"
+
+    def _answer_text(self, text: str) -> str:
+        clean = getattr(self.backend, "answer_text", None)
+        return str(clean(text)) if callable(clean) else text
+
     # -- the context's own parse, kept between steps -----------------------------
     def _parser_of(self, ctx: dict[str, Any]) -> StreamParser:
         """A parser that has consumed exactly ``ctx["text"]``.
@@ -432,7 +444,7 @@ class _Agent(BranchRunner):
         calls = [ToolCall(c["name"], c["arguments"], c["raw"], c["error"]) for c in ctx["pending_tools"]]
         results = await run_tool_calls(calls, self.tools, self.limiter, self.config,
                                        deadline=ctx["deadline"], emit=_emit, ctx_id=ctx["id"])
-        ctx["text"] += "".join(f"\n<tool_response>{text}</tool_response>" for text, _ in results) + "\n"
+        ctx["text"] += self._tool_results_text([text for text, _ in results], ctx["depth"])
         ctx["rec"]["tool_calls"] = [*ctx["rec"]["tool_calls"], *(rec for _, rec in results)]
         ctx["pending_tools"] = []
         return {"apr": ctx, "apr_trace": self._trace(ctx)}
@@ -465,7 +477,7 @@ class _Agent(BranchRunner):
         full = dict(state.get("apr_trace", {}))
         full["contexts"] = {**full.get("contexts", {}), "root": ctx["rec"]}
         summary = summarize(full)
-        answer = final_answer(ctx["text"], self.dialect) or (
+        answer = self._answer_text(final_answer(ctx["text"], self.dialect)) or (
             f"[apr-agents: the model wrote no answer; the root context ended with {ctx['end']!r}]")
         msg = AIMessage(content=answer, response_metadata={"apr_end": ctx["end"], "apr_run_id": ctx["run"]})
         return {"apr": ctx, "messages": [msg],

@@ -1,0 +1,279 @@
+"""Prompt formats: how a text backend lays out a conversation for one family of models.
+
+A format owns everything that depends on the model's own chat layout, so the
+runtime and the engine stay model-agnostic:
+
+- ``render(messages, tools)``: the prompt, ending where the model starts writing;
+- ``tool_results(results)``: the text the runtime appends after a ``</tool_call>``
+  stop, laid out the way the model was trained to read tool results;
+- ``answer(text)``: the final answer out of the root context's last text;
+- ``end_stops``: text that means "the turn is over" (reported as end of sequence);
+- ``grammar(prompt, stops)``: a GBNF grammar for the next completion, or None.
+
+Two formats ship:
+
+- ``FewShotFormat``: base models without a chat template (Gemma 3 270M): the
+  few-shot prompt of ``prompting.render_fewshot``, tool results inline.
+- ``ChatMLFormat``: instruction-tuned models with a ChatML template and Hermes
+  tool calls (Qwen2.5): the model's own Jinja template renders the turns and the
+  ``<tools>`` section; a tool result closes the assistant turn and comes back in
+  a user turn as ``<tool_response>`` (as Qwen's template lays it out); the
+  grammar makes every tool call match its tool's JSON schema, makes the first step
+  of a context a tool call or a spawn (a small model otherwise answers from memory
+  with invented numbers), forbids an empty answer after a tool result, and makes a
+  branch end with ``</Thread>``; a thread makes at most ``thread_tool_calls`` tool
+  calls (default 1: a 1.5B model given more wrote the other threads' work too).
+
+Example::
+
+    fmt = ChatMLFormat(template=llama.metadata["tokenizer.chat_template"])
+    prompt = fmt.render([HumanMessage("Population of France plus Canada?")], tools)
+    gbnf = fmt.grammar(prompt, stops=["</tool_call>", "</Outlines>"])
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
+
+from ..protocol.dialects import CANONICAL, TOOL_CALL_CLOSE, Dialect
+from .prompting import FEWSHOT_END_STOPS, _ai_text, _text, render_fewshot, tool_signature
+
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+ASSISTANT_START = f"{IM_START}assistant\n"
+
+
+def inline_tool_results(results: Sequence[str]) -> str:
+    """Tool results written into the model's own turn (the canonical protocol's layout)."""
+    return "".join(f"\n<tool_response>{r}</tool_response>" for r in results) + "\n"
+
+
+class FewShotFormat:
+    """Base models: a few-shot prompt in the canonical dialect, tool results inline."""
+
+    name = "fewshot"
+    end_stops: tuple[str, ...] = FEWSHOT_END_STOPS
+
+    def render(self, messages: Sequence[BaseMessage], tools: Sequence[dict[str, Any]]) -> str:
+        return render_fewshot(messages, tools)
+
+    def tool_results(self, results: Sequence[str], *, depth: int = 0) -> str:
+        return inline_tool_results(results)
+
+    def answer(self, text: str) -> str:
+        return text.strip()
+
+    def grammar(self, prompt: str, stops: Sequence[str]) -> str | None:
+        from .grammars import protocol_gbnf
+
+        return protocol_gbnf(branch=CANONICAL.thread_close in stops, can_spawn=CANONICAL.spawn_marker in stops)
+
+
+def spawn_instruction(dialect: Dialect, max_outlines: int) -> str:
+    """How the model asks for parallel threads, in the words of the canonical dialect."""
+    return (
+        "You answer questions with the tools. Never guess a fact or a number: look it up. "
+        "Call a tool by writing <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>; its result comes "
+        "back in <tool_response>.\n"
+        "When the question needs the same kind of information about several independent items (for example "
+        "facts about several countries), first split the work into parallel threads, one per item, like this:\n"
+        "<Parallel>\n<Outlines>\n<Outline>1: look up the first item</Outline>\n"
+        "<Outline>2: look up the second item</Outline>\n</Outlines>\n"
+        f"Write at most {max_outlines} outlines. Each thread then runs by itself and works only on its own "
+        "outline: it calls the tool it needs, states the result in one short sentence and ends with </Thread>. "
+        "The threads come back to you in order. Then finish: compute with the calculator when the question "
+        "needs arithmetic, and give the final answer in one sentence with the number or name it asks for. "
+        "Work from the tool results only."
+    )
+
+
+class ChatMLFormat:
+    """Instruction-tuned ChatML models with Hermes tool calls (Qwen2.5 and its kin)."""
+
+    name = "chatml"
+    end_stops: tuple[str, ...] = ()
+
+    def __init__(self, template: str | Callable[..., str], *, bos_token: str = "", eos_token: str = "",
+                 dialect: Dialect = CANONICAL, max_outlines: int = 6,
+                 instruction: str | None = None, force_first_call: bool = True,
+                 thread_tool_calls: int | None = 1) -> None:
+        self.template = template
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.dialect = dialect
+        self.max_outlines = max_outlines
+        self.instruction = instruction if instruction is not None else spawn_instruction(dialect, max_outlines)
+        self.force_first_call = force_first_call
+        self.thread_tool_calls = thread_tool_calls
+        self._grammars: dict[tuple[str, bool, bool, bool, bool], str] = {}
+
+    # -- rendering ------------------------------------------------------------------
+    def render(self, messages: Sequence[BaseMessage], tools: Sequence[dict[str, Any]]) -> str:
+        system = [self.instruction]
+        chat: list[dict[str, Any]] = []
+        for m in messages:
+            if isinstance(m, SystemMessage):
+                system.append(_text(m.content).strip())
+            elif isinstance(m, AIMessage):
+                chat.append({"role": "assistant", "content": _ai_text(m)})
+            elif isinstance(m, ToolMessage):
+                chat.append({"role": "tool", "content": _text(m.content)})
+            elif isinstance(m, HumanMessage):
+                chat.append({"role": "user", "content": _text(m.content)})
+            else:
+                chat.append({"role": "user", "content": _text(m.content)})
+        chat.insert(0, {"role": "system", "content": "\n\n".join(s for s in system if s)})
+        return self._apply(chat, list(tools) or None)
+
+    def _apply(self, chat: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
+        if callable(self.template):
+            return self.template(messages=chat, tools=tools, add_generation_prompt=True)
+        import jinja2.sandbox  # a dependency of llama-cpp-python and of transformers
+
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+        def raise_exception(message: str) -> None:
+            raise jinja2.exceptions.TemplateError(message)
+
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.template).render(messages=chat, tools=tools, add_generation_prompt=True,
+                                                     bos_token=self.bos_token, eos_token=self.eos_token)
+
+    def tool_results(self, results: Sequence[str], *, depth: int = 0) -> str:
+        """At the root, a user turn of ``<tool_response>`` blocks, as the template lays them out.
+
+        Inside a thread (``depth > 0``) the results stay inline in the assistant turn: a
+        thread that spans turns loses the model's sense of which thread it is writing
+        (measured: a 1.5B model then kept calling tools and never closed the thread).
+        """
+        if depth > 0:
+            return inline_tool_results(results)
+        body = "".join(f"\n<tool_response>\n{r}\n</tool_response>" for r in results)
+        return f"{IM_END}\n{IM_START}user{body}{IM_END}\n{ASSISTANT_START}"
+
+    def answer(self, text: str) -> str:
+        tail = text.rsplit(ASSISTANT_START, 1)[-1]
+        return tail.replace(IM_END, "").strip()
+
+    # -- grammar ----------------------------------------------------------------------
+    def grammar(self, prompt: str, stops: Sequence[str]) -> str | None:
+        tools = tools_in_prompt(prompt)
+        branch = self.dialect.thread_close in stops
+        can_spawn = self.dialect.spawn_marker in stops
+        first = self.force_first_call and _first_step(prompt)
+        may_call = not (branch and self.thread_tool_calls is not None
+                        and _thread_tool_calls(prompt, self.dialect) >= self.thread_tool_calls)
+        key = (json.dumps(tools, sort_keys=True), branch, can_spawn, first, may_call)
+        if key not in self._grammars:
+            if len(self._grammars) >= 256:
+                self._grammars.clear()
+            self._grammars[key] = chatml_gbnf(tools, branch=branch, can_spawn=can_spawn, first_step=first,
+                                              max_outlines=self.max_outlines, may_call=may_call)
+        return self._grammars[key]
+
+
+_TOOLS_RE = re.compile(r"<tools>\n(.*?)\n</tools>", re.S)
+
+
+def tools_in_prompt(prompt: str) -> list[dict[str, Any]]:
+    """The tool schemas a ChatML prompt lists in its ``<tools>`` section (one JSON object a line)."""
+    found = _TOOLS_RE.search(prompt)
+    if not found:
+        return []
+    tools = []
+    for line in found.group(1).splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            tool = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(tool, dict):
+            tools.append(tool.get("function", tool))
+    return tools
+
+
+def _thread_tool_calls(prompt: str, dialect: Dialect) -> int:
+    """Tool calls the thread being continued has made (those after its ``<Thread>`` opening)."""
+    return prompt.rpartition(dialect.thread_open)[2].count(TOOL_CALL_CLOSE)
+
+
+def _first_step(prompt: str) -> bool:
+    """True when the context being continued has no tool result or merged threads yet.
+
+    The current assistant turn starts after the last ``<|im_start|>assistant``; the turn
+    before it is the user's question (first step) or a ``<tool_response>`` turn.
+    """
+    head, sep, segment = prompt.rpartition(ASSISTANT_START)
+    if not sep:
+        return True
+    if "</Parallel>" in segment or "<tool_response>" in segment:
+        return False
+    last_user = head.rpartition(f"{IM_START}user")[2]
+    return not last_user.lstrip().startswith("<tool_response>")
+
+
+def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: bool, first_step: bool,
+                max_outlines: int = 6, may_call: bool = True) -> str:
+    """GBNF for one step of a ChatML model in the canonical dialect.
+
+    A step is one of: a tool call whose arguments follow that tool's JSON schema (the
+    step stops at ``</tool_call>``), optionally after a line of reasoning; a spawn block
+    up to ``</Outlines>`` (where spawning is allowed); an answer. A context's first step
+    must call a tool or spawn (a small model otherwise answers from memory). After a
+    tool result, a branch must first say what it found in a sentence, then either end
+    with ``</Thread>`` or call again (without that sentence a 1.5B model kept calling
+    tools and never closed its thread); the root may answer or call again. ``may_call=False``
+    (a branch that used its tool calls) leaves only the sentence and ``</Thread>``. Text never
+    holds ``<``, ``{`` or backticks, so no tool call can hide in prose or a code fence.
+    """
+    from .grammars import JSON_RULES, schema_rule
+
+    rules: list[str] = [*JSON_RULES]
+    calls = []
+    for i, tool in enumerate(tools):
+        name = str(tool.get("name", ""))
+        if not name:
+            continue
+        params = tool.get("parameters") or {"type": "object"}
+        args = schema_rule(params, f"t{i}", rules)
+        calls.append(f'"{{\\"name\\": \\"{_gbnf_escape(name)}\\", \\"arguments\\": " {args} "}}"')
+    options = []
+    if calls:
+        rules.append("call ::= \"<tool_call>\\n\" ( " + " | ".join(calls) + f" ) \"\\n{TOOL_CALL_CLOSE}\"")
+    if can_spawn and first_step:
+        outlines = [f'"<Outline>{n}: " otext "</Outline>\\n"' for n in range(1, max_outlines + 1)]
+        optional = ""
+        for o in reversed(outlines[2:]):
+            optional = f"( {o} {optional})? "
+        rules.append(f'spawn ::= "<Parallel>\\n<Outlines>\\n" {outlines[0]} {outlines[1]} {optional}"</Outlines>"')
+        rules.append(r"otext ::= [^<\n{}`] [^<\n{}`]{0,79}")
+    rules.append(r'say ::= [^<\n{}` ] [^<{}`]{0,400}')
+    if branch and first_step and calls:
+        options.append("call")  # a thread starts with its tool call: reasoning text here went astray
+        if can_spawn:
+            options.append("spawn")
+    elif first_step or not branch:
+        if calls:
+            options.append('( say "\\n" )? call')
+        if can_spawn and first_step:
+            options.append('( say "\\n" )? spawn')
+        if not first_step or not options:
+            options.append('say "</Thread>"' if branch else "say")
+    else:  # a branch after a tool result: say what was found, then close (or call again, if it may)
+        options.append('say ( "</Thread>"' + (' | "\\n" call' if calls and may_call else "") + " )")
+    return "\n".join([f"root ::= {' | '.join(options)}", *rules]) + "\n"
+
+
+def _gbnf_escape(text: str) -> str:
+    return json.dumps(text)[1:-1].replace("\\", "\\\\").replace('"', '\\"')
+
+
+__all__ = ["ASSISTANT_START", "ChatMLFormat", "FewShotFormat", "chatml_gbnf", "spawn_instruction",
+           "tool_signature", "tools_in_prompt"]
