@@ -210,7 +210,7 @@ class _Agent(BranchRunner):
                                 parent=None, deadline=deadline,
                                 deadline_kind="run_timeout_s" if deadline else None)
         trace = {"version": 1, "run_id": run, "dialect": self.dialect.name,
-                 "config": self.config.model_dump(), "contexts": {"root": ctx["rec"]},
+                 "config": self.config.model_dump(), "tools": sorted(self.tools), "contexts": {"root": ctx["rec"]},
                  "limits": [], "repairs": []}
         return {"apr": ctx, "apr_trace": Overwrite(trace), "apr_branch_results": Overwrite([])}
 
@@ -683,10 +683,32 @@ def checked_config_and_tools(config: APRConfig | None,
     for t in tools:
         if not isinstance(t, BaseTool):
             raise TypeError(f"tools must be LangChain BaseTool objects (e.g. from @tool); got {t!r}")
+    for t in tools:
+        _check_tool_schema(t)
     names = [t.name for t in tools]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate tool names: {sorted(n for n in set(names) if names.count(n) > 1)}")
     return config, tools
+
+
+def _check_tool_schema(t: BaseTool) -> None:
+    """A tool whose argument schema the runtime cannot read fails here, not mid-run."""
+    try:
+        params = convert_to_openai_tool(t)["function"].get("parameters", {})
+    except Exception as exc:
+        raise ValueError(f"tool {t.name!r}: its argument schema cannot be read: {type(exc).__name__}: {exc}") from exc
+    problem = None
+    if not isinstance(params, dict):
+        problem = "the schema is not a JSON object"
+    elif not isinstance(params.get("properties", {}), dict):
+        problem = "'properties' is not an object"
+    elif not all(isinstance(v, dict) for v in params.get("properties", {}).values()):
+        problem = "each property must be a JSON schema object"
+    elif not isinstance(params.get("required", []), list) or not all(
+            isinstance(r, str) for r in params.get("required", [])):
+        problem = "'required' must be a list of property names"
+    if problem:
+        raise ValueError(f"tool {t.name!r} has a malformed argument schema: {problem}: {str(params)[:200]}")
 
 
 def compile_agent(agent: Any, routes: dict[str, Any], *,

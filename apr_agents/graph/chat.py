@@ -244,7 +244,7 @@ class _ChatAgent(BranchRunner):
                                 label=None, outline=None, parent=None, deadline=deadline,
                                 deadline_kind="run_timeout_s" if deadline else None, prefix_len=len(messages))
         trace = {"version": 1, "run_id": run, "dialect": "tool_calls", "mode": "chat",
-                 "config": self.config.model_dump(), "contexts": {"root": ctx["rec"]},
+                 "config": self.config.model_dump(), "tools": sorted(self.tools), "contexts": {"root": ctx["rec"]},
                  "limits": [], "repairs": []}
         return {"apr": ctx, "apr_trace": Overwrite(trace), "apr_branch_results": Overwrite([])}
 
