@@ -216,7 +216,7 @@ def independent_block_counts(text: str, dialect: str) -> list[tuple[int, int]]:
 
     The whole-text conventions: an outline counts while its block has not spawned (spawn marker
     or first thread); while an outline is open (until its close, the next outline or the spawn
-    marker) every other tag is its text; a thread belongs to the innermost open block; tool calls
+    marker, or a thread open) every other tag is its text; a thread belongs to the innermost open block; tool calls
     and responses hide every tag inside them; tags outside any block are stray.
     """
     d = DIALECTS[dialect]
@@ -242,7 +242,7 @@ def independent_block_counts(text: str, dialect: str) -> list[tuple[int, int]]:
             continue
         top = stack[-1] if stack else None
         if top is not None and top[3]:  # inside an outline: only these end it
-            if tag in (d.outline_close, d.outline_open, d.spawn_marker):
+            if tag in (d.outline_close, d.outline_open, d.spawn_marker, d.thread_open):
                 top[3] = 0
             else:
                 continue

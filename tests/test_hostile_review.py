@@ -124,12 +124,12 @@ async def test_item05_apr_spawn_ignores_bracket_paren_inside_json_strings() -> N
 
 # -- 6 ---------------------------------------------------------------------------------------
 async def test_item06_tags_inside_an_outline_are_outline_text() -> None:
-    text = "<Parallel>\n<Outlines>\n<Outline>1: a </Parallel> <Thread>b</Outline>\n<Outline>2: c</Outline>\n</Outlines>\n"
+    text = "<Parallel>\n<Outlines>\n<Outline>1: a </Parallel> </Thread>b</Outline>\n<Outline>2: c</Outline>\n</Outlines>\n"
     events = parse_events(text, "canonical")
     spawn = next(e for e in events if isinstance(e, Spawn))
-    assert [o.text for o in spawn.outlines] == ["a </Parallel> <Thread>b", "c"]
+    assert [o.text for o in spawn.outlines] == ["a </Parallel> </Thread>b", "c"]
     assert [e.detail for e in events if isinstance(e, Repair) and e.kind == "marker_in_outline"] == [
-        "</Parallel>", "<Thread>"]
+        "</Parallel>", "</Thread>"]
     script = {"": text + "All done: 42.", "1": "one</Thread>", "2": "two</Thread>"}
     state = await create_apr_agent(ScriptedBackend(script), []).ainvoke(Q)
     assert state["apr_trace"]["summary"]["branches"] == 2  # no outline dropped
@@ -312,7 +312,7 @@ def test_item13_cli_errors_are_clear_and_early(tmp_path: Any, capsys: Any) -> No
     from apr_cli.cli import main
 
     base = ["run", "2+2?", "--backend", "scripted", "--quiet"]
-    with pytest.raises(SystemExit, match="--trace-out .*does not exist"):
+    with pytest.raises(SystemExit, match=r"--trace-out .*does not exist"):
         main([*base, "--trace-out", str(tmp_path / "no" / "such" / "trace.json")])
     with pytest.raises(SystemExit, match="--thread-timeout inf"):
         main([*base, "--thread-timeout", "inf"])

@@ -148,7 +148,8 @@ class StreamParser:
         self.closed = False
         d = self.dialect
         self._outline_data = frozenset(  # markers that are text while an outline is open
-            m for m in (d.parallel_open, d.parallel_close, d.outlines_open, d.thread_open, d.thread_close,
+            # (a thread open still ends an unclosed outline: models write <Outline>... <Thread>)
+            m for m in (d.parallel_open, d.parallel_close, d.outlines_open, d.thread_close,
                         TOOL_CALL_OPEN, TOOL_CALL_CLOSE, TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE, *d.extra_markers)
             if m and d.outline_open)
 
@@ -326,8 +327,8 @@ class StreamParser:
 
         blk = self._stack[-1] if self._stack else None
         if blk is not None and blk.outline_start is not None and mk in self._outline_data:
-            # a block or thread tag inside an outline is the outline's text: only the outline's
-            # close, a next outline or the spawn point end it (recorded, never silent)
+            # a block tag or a thread close inside an outline is the outline's text: only the
+            # outline's close, a next outline, the spawn point or a thread open end it (recorded)
             events.append(Repair("marker_in_outline", mk))
             self._consume(mk)
             return
