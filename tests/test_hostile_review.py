@@ -352,3 +352,53 @@ def test_item14_graph_schemas_are_readable() -> None:
         inp, out = graph.get_input_jsonschema(), graph.get_output_jsonschema()
         assert set(inp["properties"]) == {"messages"}
         assert {"messages", "apr_trace", "apr"} <= set(out["properties"])
+
+
+# -- 12 --------------------------------------------------------------------------------------
+def test_item12_limits_hold_per_graph_across_threads_and_loops() -> None:
+    lock = threading.Lock()
+    state = {"now": 0, "peak": 0}
+
+    class Slow(Recorder):
+        async def complete(self, prompt: str, **kw: Any) -> Completion:
+            with lock:
+                state["now"] += 1
+                state["peak"] = max(state["peak"], state["now"])
+            await asyncio.sleep(0.05)
+            with lock:
+                state["now"] -= 1
+            return Completion(text="ok", stop=None, finish_reason="stop", prompt_tokens=1, completion_tokens=1)
+
+    graph = create_apr_agent(Slow(), [], APRConfig(llm_concurrency=2))
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            for _ in range(3):
+                asyncio.run(graph.ainvoke(Q))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert state["peak"] == 2  # llm_concurrency bounds the graph, not each event loop
+
+
+async def test_item12_graph_semaphore_cancelled_waiters_pass_their_slot_on() -> None:
+    from apr_agents.runtime.limits import GraphSemaphore
+
+    sem = GraphSemaphore(1)
+    await sem.acquire()
+    waiters = [asyncio.create_task(sem.acquire()) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    waiters[0].cancel()
+    sem.release()
+    await asyncio.wait_for(waiters[1], 5)  # the next waiter got it, the cancelled one did not eat it
+    sem.release()
+    await asyncio.wait_for(waiters[2], 5)
+    sem.release()
+    await asyncio.wait_for(sem.acquire(), 5)
