@@ -376,7 +376,7 @@ def test_item12_limits_hold_per_graph_across_threads_and_loops() -> None:
         try:
             for _ in range(3):
                 asyncio.run(graph.ainvoke(Q))
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=worker) for _ in range(6)]
@@ -402,3 +402,33 @@ async def test_item12_graph_semaphore_cancelled_waiters_pass_their_slot_on() -> 
     await asyncio.wait_for(waiters[2], 5)
     sem.release()
     await asyncio.wait_for(sem.acquire(), 5)
+
+
+# -- 11 --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("branch_runs", ["inline", "subgraph"])
+def test_item11_closing_sync_stream_stops_the_branches(branch_runs: str) -> None:
+    finished: list[int] = []
+    started = threading.Event()
+
+    @tool
+    async def slow(x: int) -> str:
+        """Slow tool."""
+        started.set()
+        await asyncio.sleep(3)
+        finished.append(x)
+        return "ok"
+
+    outlines = "".join(f"<Outline>{i}: t{i}</Outline>\n" for i in range(1, 5))
+    script = {"": f"<Parallel>\n<Outlines>\n{outlines}</Outlines>\nDone.",
+              **{str(i): call("slow", x=i) + f"\nb{i}</Thread>" for i in range(1, 5)}}
+    graph = create_apr_agent(ScriptedBackend(script), [slow], APRConfig(branch_runs=branch_runs))
+    stream = graph.stream(Q, {"recursion_limit": 100}, stream_mode="custom", subgraphs=True)
+    for _ in stream:
+        if started.wait(0):
+            break
+    assert started.wait(10)
+    t0 = time.perf_counter()
+    stream.close()
+    assert time.perf_counter() - t0 < 2.0  # the tools sleep 3 s: close did not wait for them
+    time.sleep(3.5)
+    assert finished == []  # and they were cancelled, not left running

@@ -16,7 +16,7 @@ import random
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, Literal, TypeVar
 
 from langchain_core.messages import AIMessage, BaseMessage, SystemMessage
@@ -36,7 +36,7 @@ from ..protocol.dialects import TOOL_CALL_CLOSE, Dialect, get_dialect, neutraliz
 from ..protocol.document import parse_document
 from ..protocol.parser import Repair, Spawn, StreamParser, ToolCall
 from ..runtime.limits import Limiter, ThreadBudget
-from ..runtime.sync_loop import run_sync
+from ..runtime.sync_loop import cancel_scope, run_sync
 from ..runtime.tool_exec import run_tool_calls
 from ..runtime.trace import merge_traces, new_record, summarize
 from .state import APRInput, APROutput, APRState, BranchInput, collect_results
@@ -778,9 +778,34 @@ def compile_agent(agent: Any, routes: dict[str, Any], *,
 
     # The branch graph has no checkpointer of its own (a branch run inherits its parent's) and is
     # started only by the branch node, with the spec its parent planned (BranchInput).
-    agent.branch_graph = build("generate", BranchInput, agent.nodes).compile(name=f"{name}_branch")
+    agent.branch_graph = _stoppable(build("generate", BranchInput, agent.nodes).compile(name=f"{name}_branch"))
     root_nodes = {**agent.nodes, "generate": generate_root}
-    return build("prepare", APRInput, root_nodes).compile(checkpointer=checkpointer, name=name)
+    return _stoppable(build("prepare", APRInput, root_nodes).compile(checkpointer=checkpointer, name=name))
+
+
+class APRCompiledGraph(CompiledStateGraph):
+    """LangGraph's compiled graph, whose sync ``stream`` (and so ``invoke``) stops its work when
+    left early: closing the generator (or an exception in the consumer) cancels every branch,
+    tool and model call the run started (``runtime.sync_loop.cancel_scope``), as leaving
+    ``astream`` does. Everything else is ``CompiledStateGraph``'s own behaviour."""
+
+    def stream(self, *args: Any, **kwargs: Any) -> Iterator[Any]:  # type: ignore[override]
+        with cancel_scope() as scope:
+            inner = super().stream(*args, **kwargs)
+            finished = False
+            try:
+                for item in inner:  # noqa: UP028 - ``yield from`` would close ``inner`` (and wait) first
+                    yield item
+                finished = True
+            finally:
+                if not finished:
+                    scope.cancel()  # before closing: LangGraph's close waits for running nodes
+                inner.close()
+
+
+def _stoppable(graph: CompiledStateGraph) -> CompiledStateGraph:
+    graph.__class__ = APRCompiledGraph
+    return graph
 
 
 def _applied(state: Any, update: dict[str, Any]) -> dict[str, Any]:
