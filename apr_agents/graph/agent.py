@@ -156,7 +156,8 @@ class BranchRunner:
         results = []
         for out, index in outs:
             c = out["apr"]
-            results.append({"id": c["id"], "label": c["label"], "index": index, "text": c["text"],
+            text = c["text"] if "text" in c else out.get("apr_text", "")
+            results.append({"id": c["id"], "label": c["label"], "index": index, "text": text,
                             "end": c["end"], "outline": c["rec"].get("outline")})
         return {"apr_branch_results": results, "apr_trace": _fold([o.get("apr_trace", {}) for o, _ in outs])}
 
@@ -173,6 +174,7 @@ class _Agent(BranchRunner):
         self.budget = ThreadBudget()
         self.merge_strategy = merge_strategy
         self.branch_graph: CompiledStateGraph | None = None
+        self.text_channel = True  # the context text is checkpointed as deltas (apr_text)
         self._parsers: OrderedDict[tuple[str, str], tuple[StreamParser, str]] = OrderedDict()
         self._parser_chars = 0  # characters of context text the cached parsers hold
         self.parser_cache_chars = PARSER_CACHE_CHARS
@@ -760,12 +762,13 @@ def compile_agent(agent: Any, routes: dict[str, Any], *,
     agent.nodes = {"prepare": agent.prepare, "generate": generate_branch, "tools": agent.tools_node,
                    "branch": agent.branch, "merge": agent.merge}
     syncs = {"branch": agent.branch_sync}
+    wrap = _text_as_deltas if getattr(agent, "text_channel", False) else (lambda f: f)
 
     def build(entry: str, input_schema: type, nodes: dict[str, Any]) -> StateGraph:
         g = StateGraph(APRState, input_schema=input_schema, output_schema=APROutput)
         for node, afunc in nodes.items():
             if node == entry or node != "prepare":
-                g.add_node(node, _node(afunc, syncs.get(node), name=node))
+                g.add_node(node, _node(wrap(afunc) if node != "branch" else afunc, syncs.get(node), name=node))
         g.add_edge(START, entry)
         for node, nxt in agent.flow.items():
             if node == "prepare" and entry != "prepare":
@@ -781,6 +784,37 @@ def compile_agent(agent: Any, routes: dict[str, Any], *,
     agent.branch_graph = _stoppable(build("generate", BranchInput, agent.nodes).compile(name=f"{name}_branch"))
     root_nodes = {**agent.nodes, "generate": generate_root}
     return _stoppable(build("prepare", APRInput, root_nodes).compile(checkpointer=checkpointer, name=name))
+
+
+def _text_as_deltas(afunc: Callable[[Any, RunnableConfig], Coroutine[Any, Any, dict[str, Any]]]
+                    ) -> Callable[[Any, RunnableConfig], Coroutine[Any, Any, dict[str, Any]]]:
+    """A text-mode node whose context text travels in ``apr_text`` (a ``DeltaChannel``).
+
+    The node still sees ``ctx["text"]``; what it returns is split: ``apr`` without the text,
+    and ``apr_text`` = only what the step appended (``Overwrite`` when a context starts). So a
+    checkpoint write carries the step's delta, not the whole text again (docs/checkpointing.md).
+    """
+
+    async def run(state: Any, config: RunnableConfig) -> dict[str, Any]:
+        ctx = state.get("apr")
+        before: str | None = None
+        if ctx is not None:
+            before = ctx["text"] if "text" in ctx else state.get("apr_text", "")
+            state = {**state, "apr": {**ctx, "text": before}}
+        update = await afunc(state, config)
+        new = update.get("apr")
+        if new is None or "text" not in new:
+            return update
+        text = new["text"]
+        update = {**update, "apr": {k: v for k, v in new.items() if k != "text"}}
+        if before is not None and new.get("id") == ctx.get("id") and text.startswith(before):
+            if len(text) > len(before):
+                update["apr_text"] = text[len(before):]
+        else:  # a new context (a run's root, a branch's first step)
+            update["apr_text"] = Overwrite(text)
+        return update
+
+    return run
 
 
 class APRCompiledGraph(CompiledStateGraph):

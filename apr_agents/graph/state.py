@@ -23,9 +23,11 @@ Usage::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 from langchain_core.messages import AnyMessage
+from langgraph.channels import DeltaChannel
 from langgraph.graph.message import add_messages
 from typing_extensions import TypedDict
 
@@ -37,12 +39,25 @@ def collect_results(left: list[dict[str, Any]] | None, right: list[dict[str, Any
     return [*(left or []), *(right or [])]
 
 
+def append_text(text: str, pieces: Sequence[str]) -> str:
+    """``apr_text``'s reducer: each write is what a step appended to the context text."""
+    return text + "".join(pieces)
+
+
+#: The text-mode context text, kept out of ``apr`` so that a checkpoint stores what each step
+#: appended (LangGraph's ``DeltaChannel``: writes are the deltas; a full snapshot every
+#: ``TEXT_SNAPSHOT_EVERY`` updates bounds the replay on load) instead of the whole text again.
+TEXT_SNAPSHOT_EVERY = 64
+TextChannel = Annotated[str, DeltaChannel(append_text, snapshot_frequency=TEXT_SNAPSHOT_EVERY)]
+
+
 class APRState(TypedDict, total=False):
     """Compatible with ``MessagesState``: a user graph needs only ``messages``."""
 
     messages: Annotated[list[AnyMessage], add_messages]
     apr_trace: Annotated[dict[str, Any], merge_traces]
     apr: dict[str, Any]  # the context this graph invocation runs (root or one branch)
+    apr_text: TextChannel  # text mode: that context's text (checkpointed as deltas)
     apr_spawn_input: dict[str, Any] | None  # branch graph only: the child spec its parent planned
     apr_branch_results: Annotated[list[dict[str, Any]], collect_results]
 
@@ -64,3 +79,4 @@ class APROutput(TypedDict, total=False):
     messages: Annotated[list[AnyMessage], add_messages]
     apr_trace: Annotated[dict[str, Any], merge_traces]
     apr: dict[str, Any]
+    apr_text: TextChannel

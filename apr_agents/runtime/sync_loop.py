@@ -43,6 +43,7 @@ class CancelScope:
         if parent is not None:
             with parent._lock:
                 parent._children.add(self)
+                self.cancelled = parent.cancelled  # a run started inside an abandoned one
 
     def add(self, task: asyncio.Task[Any]) -> None:
         with self._lock:
