@@ -454,7 +454,7 @@ async def test_item10_checkpoint_storage_grows_linearly_with_steps() -> None:
         writes = sum(len(w[2][1]) for ws in saver.writes.values() for w in ws.values())
         return blobs + writes, len(state["apr_trace"]["transcript"])
 
-    (small, t_small), (big, t_big) = await stored(10), await stored(40)
+    (small, _), (big, t_big) = await stored(10), await stored(40)
     # 4x the steps: measured 6.1x the storage (the trace's per-step records and a text snapshot every
     # 64 updates remain); it was 13x (587 KB -> 7.6 MB) when every checkpoint held the whole text
     assert big < 8 * small, (small, big)
