@@ -49,7 +49,8 @@ from ..protocol.parser import ToolCall
 from ..runtime.limits import Limiter, ThreadBudget
 from ..runtime.tool_exec import run_tool_calls, truncate
 from ..runtime.trace import new_record, summarize
-from .agent import APRBackendError, BranchRunner, _copy_ctx, _emit, checked_config_and_tools, compile_agent
+from .agent import APRBackendError, BranchRunner, _copy_ctx, _emit
+from .build import checked_config_and_tools, compile_agent
 from .chat_prompt import (
     DEFAULT_CHAT_SYSTEM_PROMPT,
     SPAWN_TASKS_DESCRIPTION,
