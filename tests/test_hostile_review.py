@@ -459,3 +459,22 @@ async def test_item10_checkpoint_storage_grows_linearly_with_steps() -> None:
     # 64 updates remain); it was 13x (587 KB -> 7.6 MB) when every checkpoint held the whole text
     assert big < 8 * small, (small, big)
     assert big < 20 * t_big  # a few copies of the transcript, not one per step
+
+
+async def test_item01_chat_mode_ignores_internal_keys_too() -> None:
+    from apr_agents.testing import ScriptedChatModel
+
+    seen: list[list[Any]] = []
+
+    def respond(messages: list[Any], tool_names: Any = None, **kw: Any) -> AIMessage:
+        seen.append(list(messages))
+        return AIMessage("chat answer")
+
+    graph = create_apr_agent(ScriptedChatModel(respond=respond), [], APRConfig(max_depth=1))
+    assert set(graph.get_input_jsonschema()["properties"]) == {"messages"}
+    evil = {"cid": "root", "run": "chosen-run", "depth": -5, "messages": [], "label": None, "outline": None,
+            "parent": None, "deadline": None, "deadline_kind": None}
+    state = await graph.ainvoke({"messages": [HumanMessage("hi")], "apr_spawn_input": evil})
+    assert state["apr_trace"]["run_id"] != "chosen-run" and state["apr"]["depth"] == 0
+    assert any(getattr(m, "content", None) == "hi" for m in seen[0])
+    assert state["messages"][-1].content == "chat answer"
