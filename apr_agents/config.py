@@ -19,17 +19,19 @@ class APRConfig(BaseModel):
     max_total_threads: int = Field(64, ge=0, le=100_000, description="branches per run")
     max_tokens: int = Field(2048, ge=1, le=1_000_000, description="generated tokens per context")
     max_steps: int = Field(32, ge=1, le=10_000, description="backend calls per context")
-    thread_timeout_s: float = Field(300.0, gt=0, description="wall-clock budget of one branch")
-    run_timeout_s: float | None = Field(None, gt=0, description="wall-clock budget of the whole run")
+    thread_timeout_s: float = Field(300.0, gt=0, allow_inf_nan=False, description="wall-clock budget of one branch")
+    run_timeout_s: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                        description="wall-clock budget of the whole run (None: none)")
     llm_concurrency: int = Field(16, ge=1, le=10_000, description="backend calls in flight at once")
     tool_concurrency: int = Field(16, ge=1, le=10_000, description="tool calls in flight at once")
     tool_rate_per_s: float | None = Field(None, gt=0, allow_inf_nan=False,
                                           description="tool calls started per second (None: no cap)")
-    tool_timeout_s: float = Field(60.0, gt=0, description="one tool call's budget")
+    tool_timeout_s: float = Field(60.0, gt=0, allow_inf_nan=False, description="one tool call's budget")
     max_tool_output_chars: int = Field(8000, ge=64, description="longer tool output is cut with a marker")
     max_tool_calls_per_step: int = Field(16, ge=1, le=1024)
     backend_attempts: int = Field(3, ge=1, le=20, description="tries per backend call before failing")
-    backend_timeout_s: float | None = Field(None, gt=0, description="one backend call's budget")
+    backend_timeout_s: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                            description="one backend call's budget (None: only the deadlines)")
     temperature: float = Field(0.0, ge=0.0, le=5.0)
     dialect: Dialect = "canonical"
     parallel: bool = Field(True, description="False runs every spawn's branches one after another")

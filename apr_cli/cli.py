@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -53,11 +54,59 @@ def make_backend(args: argparse.Namespace) -> Any:
 
 
 def make_config(args: argparse.Namespace, **over: Any) -> APRConfig:
+    from pydantic import ValidationError
+
     fields = {k: getattr(args, k) for k in ("max_threads", "max_depth", "max_total_threads", "max_tokens",
                                             "thread_timeout_s", "dialect", "branch_runs")
               if getattr(args, k, None) is not None}
     fields.update(over)
-    return APRConfig(**fields)
+    try:
+        return APRConfig(**fields)
+    except ValidationError as exc:  # one line per bad option, in the option's own words
+        flags = {"thread_timeout_s": "--thread-timeout", "max_threads": "--max-threads", "max_depth": "--max-depth",
+                 "max_total_threads": "--max-total-threads", "max_tokens": "--max-tokens"}
+        problems = "; ".join(f"{flags.get(str(e['loc'][0]), e['loc'][0])} {fields.get(str(e['loc'][0]))!r}: "
+                             f"{e['msg']}" for e in exc.errors())
+        raise SystemExit(f"apr: error: {problems}") from None
+
+
+def check_trace_out(path: str | None) -> None:
+    """Fail before the run (which may cost minutes of model time), not after it."""
+    if not path:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise SystemExit(f"apr: error: --trace-out {path}: is a directory")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise SystemExit(f"apr: error: --trace-out {path}: folder {parent} does not exist")
+    try:
+        with p.open("a"):
+            pass
+    except OSError as exc:
+        raise SystemExit(f"apr: error: --trace-out {path}: cannot write: {exc.strerror or exc}") from None
+
+
+def check_db(db: str) -> None:
+    """A directory, an unwritable or a corrupt checkpoint file: one clear line, no sqlite traceback."""
+    import sqlite3
+
+    p = Path(db).expanduser()
+    if p.is_dir():
+        raise SystemExit(f"apr: error: --db {db}: is a directory; give a file path")
+    if p.exists():
+        if not os.access(p, os.R_OK | os.W_OK):
+            raise SystemExit(f"apr: error: --db {db}: not readable and writable by this user")
+        try:
+            con = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
+            try:
+                con.execute("PRAGMA schema_version").fetchone()
+            finally:
+                con.close()
+        except sqlite3.Error as exc:
+            raise SystemExit(f"apr: error: --db {db}: not a usable SQLite checkpoint file ({exc})") from None
+    elif not os.access(p.parent if str(p.parent) else Path("."), os.W_OK) and p.parent.exists():
+        raise SystemExit(f"apr: error: --db {db}: cannot create it (folder not writable)")
 
 
 def make_tools(args: argparse.Namespace) -> list[Any]:
@@ -140,9 +189,12 @@ async def cmd_run(args: argparse.Namespace) -> int:
 
     if not args.question and not args.resume:
         raise SystemExit("give a question, or --resume THREAD_ID")
+    check_trace_out(args.trace_out)
+    cfg = make_config(args)
+    if args.db or args.resume:
+        check_db(args.db or "apr-runs.sqlite")
     backend = make_backend(args)
     tools = make_tools(args)
-    cfg = make_config(args)
     t0 = time.perf_counter()
     if args.db or args.resume:
         db = args.db or "apr-runs.sqlite"
@@ -152,7 +204,8 @@ async def cmd_run(args: argparse.Namespace) -> int:
         with tree.view:
             final = await run_with_checkpoint(
                 lambda cp: create_apr_agent(backend, tools, cfg, checkpointer=cp),
-                args.question, db, thread_id, bool(args.resume), on_event=tree)
+                args.question, db, thread_id, bool(args.resume), on_event=tree,
+                expect={"config": cfg.model_dump(), "tools": sorted(t.name for t in tools)})
     else:
         final = await run_live(create_apr_agent(backend, tools, cfg), args.question, show=not args.quiet)
     wall = time.perf_counter() - t0
@@ -305,17 +358,22 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(args.rest)
     if args.cmd == "models":
         return cmd_models()
+    import sqlite3
+
     from apr_agents.backends.base import BackendError
     from apr_agents.graph.agent import APRBackendError
-    from apr_agents.graph.durable import NothingToResume, RunInProgress
+    from apr_agents.graph.durable import ConfigMismatch, NothingToResume, RunInProgress
 
     try:
         return asyncio.run(cmd_run(args) if args.cmd == "run" else cmd_demo(args))
     except KeyboardInterrupt:
         return 130
     except (ValueError, TypeError, BackendError, APRBackendError, NothingToResume, RunInProgress,
-            ImportError, FileNotFoundError) as exc:
+            ConfigMismatch, ImportError, FileNotFoundError) as exc:
         Console(stderr=True).print(f"[bold red]apr: error:[/bold red] {type(exc).__name__}: {exc}")
+        return 2
+    except (sqlite3.Error, OSError) as exc:  # the checkpoint store failed mid-run (disk full, read-only, ...)
+        Console(stderr=True).print(f"[bold red]apr: error:[/bold red] checkpoint store: {type(exc).__name__}: {exc}")
         return 2
 
 

@@ -215,14 +215,16 @@ def independent_block_counts(text: str, dialect: str) -> list[tuple[int, int]]:
     """(outlines, threads) per block, counted with a plain scan and a stack (no parser code).
 
     The whole-text conventions: an outline counts while its block has not spawned (spawn marker
-    or first thread); a thread belongs to the innermost open block; tool calls and responses
-    hide every tag inside them; tags outside any block are stray.
+    or first thread); while an outline is open (until its close, the next outline or the spawn
+    marker, or a thread open) every other tag is its text; a thread belongs to the innermost open block; tool calls
+    and responses hide every tag inside them; tags outside any block are stray.
     """
     d = DIALECTS[dialect]
-    tags = sorted({d.parallel_open, d.parallel_close, d.outline_open, d.spawn_marker, d.thread_open,
-                   "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"}, key=len, reverse=True)
+    tags = sorted({d.parallel_open, d.parallel_close, d.outline_open, d.outline_close, d.spawn_marker,
+                   d.thread_open, "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"},
+                  key=len, reverse=True)
     blocks: list[list[int]] = []
-    stack: list[list[int]] = []  # [outlines, threads, spawned]
+    stack: list[list[int]] = []  # [outlines, threads, spawned, outline open]
     mode, i = None, 0
     while i < len(text):
         tag = next((t for t in tags if text.startswith(t, i)), None)
@@ -239,10 +241,15 @@ def independent_block_counts(text: str, dialect: str) -> list[tuple[int, int]]:
                 mode = None
             continue
         top = stack[-1] if stack else None
+        if top is not None and top[3]:  # inside an outline: only these end it
+            if tag in (d.outline_close, d.outline_open, d.spawn_marker, d.thread_open):
+                top[3] = 0
+            else:
+                continue
         if tag in ("<tool_call>", "<tool_response>"):
             mode = tag[1:-1]
         elif tag == d.parallel_open:
-            stack.append([0, 0, 0])
+            stack.append([0, 0, 0, 0])
             blocks.append(stack[-1])
         elif top is None:
             continue
@@ -250,12 +257,13 @@ def independent_block_counts(text: str, dialect: str) -> list[tuple[int, int]]:
             stack.pop()
         elif tag == d.outline_open and not top[2]:
             top[0] += 1
+            top[3] = 1
         elif tag == d.spawn_marker:
             top[2] = 1
         elif tag == d.thread_open:
             top[1] += 1
             top[2] = 1
-    return [(o, t) for o, t, _ in blocks]
+    return [(o, t) for o, t, _, _ in blocks]
 
 
 @given(st.one_of(mutated(), st.lists(FRAGMENT, max_size=60).map("".join)))

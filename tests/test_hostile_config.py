@@ -30,7 +30,8 @@ Q = {"messages": [HumanMessage("q")]}
     ("max_steps", 0, "greater than or equal to 1"),
     ("thread_timeout_s", 0, "greater than 0"),
     ("thread_timeout_s", -1.0, "greater than 0"),
-    ("thread_timeout_s", math.nan, "greater than 0"),
+    ("thread_timeout_s", math.nan, "finite number"),
+    ("thread_timeout_s", math.inf, "finite number"),  # issue 12 item 13: no "infinite" budget
     ("run_timeout_s", 0, "greater than 0"),
     ("llm_concurrency", 0, "greater than or equal to 1"),
     ("tool_concurrency", 0, "greater than or equal to 1"),
@@ -61,9 +62,9 @@ def test_config_is_frozen() -> None:
 
 
 def test_valid_edges_are_accepted() -> None:
-    cfg = APRConfig(max_depth=0, max_total_threads=0, thread_timeout_s=math.inf, tool_rate_per_s=0.5,
+    cfg = APRConfig(max_depth=0, max_total_threads=0, thread_timeout_s=1e9, tool_rate_per_s=0.5,
                     dialect="multiverse")
-    assert cfg.max_depth == 0 and cfg.thread_timeout_s == math.inf
+    assert cfg.max_depth == 0 and cfg.thread_timeout_s == 1e9
 
 
 class NoRender:

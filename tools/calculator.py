@@ -1,4 +1,15 @@
-"""A calculator the model can call: arithmetic over an AST whitelist, never ``eval``."""
+"""A calculator the model can call: arithmetic over an AST whitelist, never ``eval``.
+
+Inputs are bounded before any work: at most ``MAX_LEN`` characters, exponents up to
+``MAX_POW``, integer results up to ``MAX_BITS`` bits (a big-int power holds the GIL, so
+no thread or timeout could stop ``(9**9999)**1200``). The tool is sync: LangChain runs
+it in a worker thread, off the event loop.
+
+Usage::
+
+    from tools.calculator import calculator
+    calculator.invoke({"expression": "(3 + 4) * 2"})  # "14"
+"""
 
 from __future__ import annotations
 
@@ -23,6 +34,7 @@ MAX_LEN = 500
 #: What an expression may contain; in the tool's JSON schema, so grammar-constrained decoding
 #: (apr_agents.backends.grammars) cannot write a non-arithmetic argument.
 EXPRESSION_PATTERN = r"^[0-9a-z_+\-*/%^(). ,]+$"
+MAX_BITS = 100_000  # integer results (and powers' predicted results) beyond this are refused
 
 
 def evaluate(expression: str) -> float | int:
@@ -41,8 +53,15 @@ def _eval(node: ast.AST) -> float | int:
         return node.value
     if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
         left, right = _eval(node.left), _eval(node.right)
-        if isinstance(node.op, ast.Pow) and abs(right) > MAX_POW:
-            raise ValueError(f"exponent larger than {MAX_POW}")
+        if isinstance(node.op, ast.Pow):
+            if abs(right) > MAX_POW:
+                raise ValueError(f"exponent larger than {MAX_POW}")
+            # big-int power holds the GIL: refuse it before computing, by the result's size
+            if isinstance(left, int) and abs(left) > 1 and right > 0 and abs(left).bit_length() * right > MAX_BITS:
+                raise ValueError(f"result larger than {MAX_BITS} bits")
+        if isinstance(node.op, ast.Mult) and isinstance(left, int) and isinstance(right, int) and (
+                left.bit_length() + right.bit_length() > MAX_BITS):
+            raise ValueError(f"result larger than {MAX_BITS} bits")
         return _BINOPS[type(node.op)](left, right)
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNOPS:
         return _UNOPS[type(node.op)](_eval(node.operand))

@@ -168,6 +168,7 @@ class ChatMLFormat:
         first = self.force_first_call and _first_step(prompt)
         may_call = not (branch and self.thread_tool_calls is not None
                         and _thread_tool_calls(prompt, self.dialect) >= self.thread_tool_calls)
+        may_call = may_call and not _repeated_call(prompt)
         key = (json.dumps(tools, sort_keys=True), branch, can_spawn, first, may_call)
         if key not in self._grammars:
             if len(self._grammars) >= 256:
@@ -202,6 +203,19 @@ def tools_in_prompt(prompt: str) -> list[dict[str, Any]]:
 def _thread_tool_calls(prompt: str, dialect: Dialect) -> int:
     """Tool calls the thread being continued has made (those after its ``<Thread>`` opening)."""
     return prompt.rpartition(dialect.thread_open)[2].count(TOOL_CALL_CLOSE)
+
+
+_CALL_BODY_RE = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+
+
+def _repeated_call(prompt: str) -> bool:
+    """True when the latest tool call of the conversation repeats an earlier one verbatim.
+
+    A small model that has its result tends to call the same tool with the same arguments
+    again and again; the grammar then asks for the answer instead.
+    """
+    bodies = _CALL_BODY_RE.findall(prompt.rpartition("</tools>")[2])
+    return bool(bodies) and bodies[-1] in bodies[:-1]
 
 
 def _first_step(prompt: str) -> bool:
@@ -254,13 +268,13 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
             optional = f"( {o} {optional})? "
         rules.append(f'spawn ::= "<Parallel>\\n<Outlines>\\n" {outlines[0]} {outlines[1]} {optional}"</Outlines>"')
         rules.append(r"otext ::= [^<\n{}`] [^<\n{}`]{0,79}")
-    rules.append(r'say ::= [^<\n{}` ] [^<{}`]{0,400}')
+    rules.append(r'say ::= [^<>\n{}` ] [^<>{}`]{0,400}')
     if branch and first_step and calls:
         options.append("call")  # a thread starts with its tool call: reasoning text here went astray
         if can_spawn:
             options.append("spawn")
     elif first_step or not branch:
-        if calls:
+        if calls and (may_call or first_step):
             options.append('( say "\\n" )? call')
         if can_spawn and first_step:
             options.append('( say "\\n" )? spawn')

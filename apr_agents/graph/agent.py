@@ -19,39 +19,32 @@ from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Literal, TypeVar
 
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
-from langchain_core.runnables import RunnableConfig, RunnableLambda
+from langchain_core.messages import AIMessage, BaseMessage, SystemMessage
+from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.config import get_stream_writer
-from langgraph.graph import END, START, StateGraph
-from langgraph.graph.message import add_messages
+from langgraph.graph import END
 from langgraph.graph.state import CompiledStateGraph
-from langgraph.types import Send
+from langgraph.types import Overwrite, Send
 
-try:  # LangGraph's own node wrapper: no per-call signature inspection, no callback run per node
-    from langgraph._internal._runnable import RunnableCallable
-except ImportError:  # pragma: no cover - a LangGraph that moved it: fall back to RunnableLambda
-    RunnableCallable = None
-try:  # the key under which Pregel hands a run's checkpointer (None when it has none) to its nodes
-    from langgraph._internal._constants import CONFIG_KEY_CHECKPOINTER
-except ImportError:  # pragma: no cover
-    CONFIG_KEY_CHECKPOINTER = "__pregel_checkpointer"
-
-from ..backends.base import BackendError, Completion, check_backend, route_key
+from ..backends.base import BackendError, BackendRequestError, Completion, check_backend, route_key
 from ..config import APRConfig
-from ..protocol.dialects import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Dialect, get_dialect, neutralize
+from ..protocol.dialects import TOOL_CALL_CLOSE, Dialect, get_dialect, neutralize
 from ..protocol.document import parse_document
-from ..protocol.parser import Repair, Spawn, StreamParser, parse_tool_call
+from ..protocol.parser import Repair, Spawn, StreamParser, ToolCall
 from ..runtime.limits import Limiter, ThreadBudget
 from ..runtime.sync_loop import run_sync
 from ..runtime.tool_exec import run_tool_calls
-from ..runtime.trace import RESET, merge_traces, new_record, summarize
-from .state import APRInput, APROutput, APRState, collect_results
+from ..runtime.trace import merge_traces, new_record, summarize
+from .build import _apply, checked_config_and_tools, compile_agent
+from .state import APRState
 
 T = TypeVar("T")
-_PARSER_CACHE_SIZE = 4096  # contexts whose parse is kept between steps (LRU)
+#: characters of context text whose parse is kept between steps (LRU over contexts). A parser
+#: holds about its text again, so the cache costs at most ~2-3x this in memory (docs/architecture.md).
+PARSER_CACHE_CHARS = 32 * 2**20
 MergeStrategy = Callable[[list[dict[str, Any]], Dialect], str]
 
 
@@ -70,6 +63,9 @@ def final_answer(text: str, dialect: Dialect) -> str:
     """The root text after the last protocol block (SPEC §2.8)."""
     doc = parse_document(text, dialect)
     return doc.final_text or doc.last_text
+
+
+_SPAWN_KEYS = frozenset({"cid", "run", "depth", "parent", "deadline", "deadline_kind"})
 
 
 class BranchRunner:
@@ -94,7 +90,15 @@ class BranchRunner:
         raise NotImplementedError
 
     def _start_branch(self, spawn: dict[str, Any]) -> dict[str, Any]:
-        """``prepare`` for a graph run a parent started as one of its branches."""
+        """``prepare`` for a graph run a parent started as one of its branches.
+
+        Only the internal branch graph reads a spawn spec, and only the ``branch`` node writes
+        one (the root graph's input is ``messages`` only), so no caller can choose a depth,
+        deadline, run id or prompt. The spec is still checked, so a bug names itself.
+        """
+        missing = sorted(_SPAWN_KEYS - spawn.keys())
+        if missing or not isinstance(spawn.get("depth"), int) or spawn["depth"] < 1:
+            raise ValueError(f"internal error: a branch spec without {missing or 'a depth >= 1'}")
         ctx = self._new_context(**spawn)
         _emit({"apr": "branch_start", "ctx": ctx["id"], "label": ctx["label"],
                "outline": ctx["rec"]["outline"], "depth": ctx["depth"]})
@@ -110,8 +114,11 @@ class BranchRunner:
 
     def _inline(self, config: RunnableConfig) -> bool:
         mode = self.config.branch_runs
-        if mode == "auto":  # a checkpointer in effect (compiled in, inherited, or the server's)
-            return not (config.get("configurable") or {}).get(CONFIG_KEY_CHECKPOINTER)
+        if mode == "auto":
+            # A checkpointed run always carries a thread_id (LangGraph refuses one without), so
+            # its presence, public configuration, stands for "durable": subgraph branches. A run
+            # given a thread_id without a checkpointer also gets subgraphs: slower, still right.
+            return not (config.get("configurable") or {}).get("thread_id")
         return mode == "inline"
 
     async def branch(self, payload: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
@@ -128,6 +135,7 @@ class BranchRunner:
     async def _run_inline(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
         """One branch: the graph's nodes along its edges, in this task; nested spawns run concurrently."""
         state = {"messages": [], "apr_trace": {}, "apr_branch_results": [], **state}
+        state["apr_spawn_input"] = state.get("apr_spawn_input")
         node = "generate"  # where the branch graph starts too: a branch sets itself up there
         while node != END:
             _apply(state, await self.nodes[node](state, config))
@@ -148,7 +156,8 @@ class BranchRunner:
         results = []
         for out, index in outs:
             c = out["apr"]
-            results.append({"id": c["id"], "label": c["label"], "index": index, "text": c["text"],
+            text = c["text"] if "text" in c else out.get("apr_text", "")
+            results.append({"id": c["id"], "label": c["label"], "index": index, "text": text,
                             "end": c["end"], "outline": c["rec"].get("outline")})
         return {"apr_branch_results": results, "apr_trace": _fold([o.get("apr_trace", {}) for o, _ in outs])}
 
@@ -165,14 +174,21 @@ class _Agent(BranchRunner):
         self.budget = ThreadBudget()
         self.merge_strategy = merge_strategy
         self.branch_graph: CompiledStateGraph | None = None
+        self.text_channel = True  # the context text is checkpointed as deltas (apr_text)
         self._parsers: OrderedDict[tuple[str, str], tuple[StreamParser, str]] = OrderedDict()
+        self._parser_chars = 0  # characters of context text the cached parsers hold
+        self.parser_cache_chars = PARSER_CACHE_CHARS
 
     # -- context bookkeeping -------------------------------------------------
     def _new_context(self, *, cid: str, run: str, depth: int, prompt: str, label: str | None,
                      outline: str | None, parent: str | None, deadline: float | None,
-                     deadline_kind: str | None, budget_seed: int = 0) -> dict[str, Any]:
+                     deadline_kind: str | None, budget_seed: int = 0, prompt_tail: str = "") -> dict[str, Any]:
+        # ``prompt`` of a branch is its parent's prefix: one string object shared by every
+        # child of the spawn (a reference, never a per-child copy); ``prompt_tail`` is the
+        # child's own ``<Thread>i:``. The model sees prompt + prompt_tail + text.
         return {
-            "id": cid, "run": run, "depth": depth, "prompt": prompt, "text": "", "label": label,
+            "id": cid, "run": run, "depth": depth, "prompt": prompt, "prompt_tail": prompt_tail,
+            "text": "", "label": label,
             "deadline": deadline, "deadline_kind": deadline_kind,
             "spawn_ok": depth < self.config.max_depth, "spawns": 0, "end": None,
             "pending_tools": [], "pending_spawn": None,
@@ -182,10 +198,8 @@ class _Agent(BranchRunner):
 
     # -- nodes ---------------------------------------------------------------
     async def prepare(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
-        spawn = state.get("apr_spawn_input")
-        if spawn:
-            return self._start_branch(spawn)
-        messages = [_neutralized(m) for m in state.get("messages", [])]
+        """The root's setup: render the conversation (neutralised) into the root prompt."""
+        messages = [neutralized_message(m) for m in state.get("messages", [])]
         if not messages:
             raise ValueError("apr agent needs at least one message in state['messages']")
         prompt = self.backend.render(messages, self.tool_schemas)
@@ -197,10 +211,10 @@ class _Agent(BranchRunner):
         ctx = self._new_context(cid="root", run=run, depth=0, prompt=prompt, label=None, outline=None,
                                 parent=None, deadline=deadline,
                                 deadline_kind="run_timeout_s" if deadline else None)
-        trace = {RESET: True, "version": 1, "run_id": run, "dialect": self.dialect.name,
-                 "config": self.config.model_dump(), "contexts": {"root": ctx["rec"]},
+        trace = {"version": 1, "run_id": run, "dialect": self.dialect.name,
+                 "config": self.config.model_dump(), "tools": sorted(self.tools), "contexts": {"root": ctx["rec"]},
                  "limits": [], "repairs": []}
-        return {"apr": ctx, "apr_trace": trace, "apr_branch_results": [{RESET: True}]}
+        return {"apr": ctx, "apr_trace": Overwrite(trace), "apr_branch_results": Overwrite([])}
 
     async def generate(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
         ctx = _copy_ctx(state["apr"])
@@ -227,7 +241,7 @@ class _Agent(BranchRunner):
                 # The spawn marker is a stop wherever spawning is allowed, even with a block still open
                 # (Multiverse leaves it open for the model's <Conclusion>): the parser decides below.
                 stops = self.dialect.stops(branch=ctx["depth"] > 0, can_spawn=ctx["spawn_ok"])
-                comp, timed_out = await self._complete(ctx, ctx["prompt"] + ctx["text"], stops, left)
+                comp, timed_out = await self._complete(ctx, _prompt_of(ctx), stops, left)
                 self._account(ctx, comp)
                 ctx["text"] += comp.text
                 events = self._feed(own, ctx, comp.text)  # the whole context text, stop excluded
@@ -246,35 +260,44 @@ class _Agent(BranchRunner):
                     else:
                         ctx["end"] = "eos"
                     break
+                if own.in_tool_call and comp.stop != TOOL_CALL_CLOSE:
+                    # a stop string inside an open tool call's arguments is data: write it, go on
+                    ctx["text"] += comp.stop
+                    self._feed(own, ctx, comp.stop)
+                    continue
                 if comp.stop == self.dialect.thread_close and ctx["depth"] > 0:
                     if own.depth == 0:  # not the close of a block the branch writes inline
                         ctx["end"] = "thread_end"
                         break
                 ctx["text"] += comp.stop
+                closed = self._feed(own, ctx, comp.stop)  # what the stop string itself closed
                 if comp.stop == TOOL_CALL_CLOSE:
-                    calls = self._tool_calls_of(comp.text, repairs, ctx)
+                    calls = self._tool_calls_of([*events, *closed], repairs, ctx)
                     if calls:
                         ctx["pending_tools"] = calls
                         break
                     continue
                 if comp.stop == self.dialect.spawn_marker and ctx["spawn_ok"]:
-                    # spawn only where the marker closes a top-level block's outlines
-                    events += self._feed(own, ctx, comp.stop)
-                    spawn_ev = next((ev for ev in reversed(events) if isinstance(ev, Spawn) and ev.depth == 1), None)
+                    # fork only on the spawn this marker closed, at the top level of the context:
+                    # never on one the parser repaired earlier in the completion
+                    spawn_ev = next((ev for ev in closed if isinstance(ev, Spawn) and ev.depth == 1), None)
                     if spawn_ev is not None:
                         repairs.extend({"ctx": ctx["id"], "kind": ev.kind, "detail": ev.detail}
-                                       for ev in events if isinstance(ev, Repair))
+                                       for ev in [*events, *closed] if isinstance(ev, Repair))
                         spawn = self._plan_spawn(ctx, spawn_ev, limits, repairs, state.get("apr_trace"))
                         if spawn is not None:
                             ctx["pending_spawn"] = spawn
                             break
                     continue
                 # any other stop (an inner close of an inline block): keep writing
+        except BaseException:  # a failed or cancelled step: its parse is not needed again
+            self._drop_parser((ctx["run"], ctx["id"]))
+            raise
         finally:
             route_key.reset(token)
         if ctx["end"] is not None:
             ctx["rec"]["end"] = ctx["end"]
-            self._parsers.pop((ctx["run"], ctx["id"]), None)
+            self._drop_parser((ctx["run"], ctx["id"]))
         return {"apr": ctx, "apr_trace": self._trace(ctx, limits=limits, repairs=repairs)}
 
     # -- what the backend's prompt format decides ---------------------------------
@@ -299,7 +322,7 @@ class _Agent(BranchRunner):
         one parsed) parses the whole text, which is always correct.
         """
         key = (ctx["run"], ctx["id"])
-        hit = self._parsers.pop(key, None)
+        hit = self._drop_parser(key)
         text = ctx["text"]
         if hit is not None and text.startswith(hit[1]):
             parser, seen = hit
@@ -307,16 +330,30 @@ class _Agent(BranchRunner):
         else:
             parser = StreamParser(self.dialect, max_outlines=self.config.max_threads + 1)
             parser.feed(text)
-        self._parsers[key] = (parser, text)
-        while len(self._parsers) > _PARSER_CACHE_SIZE:  # contexts of abandoned runs
-            self._parsers.popitem(last=False)
+        self._keep_parser(key, parser, text)
         return parser
 
     def _feed(self, parser: StreamParser, ctx: dict[str, Any], piece: str) -> list[Any]:
         """Feed ``piece``, the end of ``ctx["text"]``, and remember that the parser has seen it."""
         events = parser.feed(piece)
-        self._parsers[(ctx["run"], ctx["id"])] = (parser, ctx["text"])
+        key = (ctx["run"], ctx["id"])
+        self._drop_parser(key)
+        self._keep_parser(key, parser, ctx["text"])
         return events
+
+    def _keep_parser(self, key: tuple[str, str], parser: StreamParser, text: str) -> None:
+        """Cache a context's parse; evict the least recently used past ``parser_cache_chars``."""
+        self._parsers[key] = (parser, text)
+        self._parser_chars += len(text)
+        while self._parser_chars > self.parser_cache_chars and len(self._parsers) > 1:
+            _, (_, old) = self._parsers.popitem(last=False)  # contexts of abandoned runs first
+            self._parser_chars -= len(old)
+
+    def _drop_parser(self, key: tuple[str, str]) -> tuple[StreamParser, str] | None:
+        hit = self._parsers.pop(key, None)
+        if hit is not None:
+            self._parser_chars -= len(hit[1])
+        return hit
 
     async def _complete(self, ctx: dict[str, Any], prompt: str, stops: list[str],
                         max_tokens: int) -> tuple[Completion, bool]:
@@ -341,6 +378,13 @@ class _Agent(BranchRunner):
                     return Completion(text=text, stop=None, finish_reason="abort",
                                       completion_tokens=len(pieces)), True
                 last = exc
+            except BackendRequestError as exc:  # the same request fails the same way: never retried
+                raise APRBackendError(
+                    f"backend {type(self.backend).__name__} refused the request in {_where(ctx)}); not "
+                    f"retried, it cannot succeed as sent: {exc}. Give the model a larger context (n_ctx / "
+                    f"max_model_len), lower APRConfig.max_tokens ({cfg.max_tokens}) or shorten the "
+                    "conversation and tool outputs (max_tool_output_chars)."
+                ) from exc
             except BackendError as exc:
                 last = exc
             except (OSError, ConnectionError, ValueError) as exc:
@@ -381,14 +425,11 @@ class _Agent(BranchRunner):
         rec["completion_tokens"] += comp.completion_tokens
         rec["cached_prompt_tokens"] += comp.cached_prompt_tokens or 0
 
-    def _tool_calls_of(self, segment: str, repairs: list[dict[str, Any]],
+    def _tool_calls_of(self, events: list[Any], repairs: list[dict[str, Any]],
                        ctx: dict[str, Any]) -> list[dict[str, Any]]:
-        calls = []
-        for body in segment.split(TOOL_CALL_OPEN)[1:][: self.config.max_tool_calls_per_step]:
-            body = body.split(TOOL_CALL_CLOSE)[0]
-            call = parse_tool_call(body)
-            calls.append({"name": call.name, "arguments": call.arguments, "raw": call.raw,
-                          "error": call.error})
+        """The calls the parser closed in this step (a call may have opened in an earlier piece)."""
+        calls = [{"name": ev.name, "arguments": ev.arguments, "raw": ev.raw, "error": ev.error}
+                 for ev in events if isinstance(ev, ToolCall)][: self.config.max_tool_calls_per_step]
         if not calls:
             repairs.append({"ctx": ctx["id"], "kind": "stray_close", "detail": TOOL_CALL_CLOSE})
         return calls
@@ -419,7 +460,7 @@ class _Agent(BranchRunner):
             outlines = outlines[:got]
         ctx["text"] += self.dialect.spawn_suffix()
         ctx["spawns"] += 1
-        prefix = ctx["prompt"] + ctx["text"]
+        prefix = _prompt_of(ctx)  # one string every child refers to (a Send carries it, no copy)
         now = time.time()
         children = []
         for i, o in enumerate(outlines):
@@ -429,7 +470,7 @@ class _Agent(BranchRunner):
                 deadline, kind = ctx["deadline"], ctx["deadline_kind"]
             children.append({
                 "cid": cid, "run": ctx["run"], "depth": ctx["depth"] + 1,
-                "prompt": prefix + self.dialect.branch_suffix(o.label), "label": o.label,
+                "prompt": prefix, "prompt_tail": self.dialect.branch_suffix(o.label), "label": o.label,
                 "outline": o.text, "parent": ctx["id"], "deadline": deadline, "deadline_kind": kind,
                 "index": i, "budget_seed": self.budget.used(ctx["run"]),
             })
@@ -438,8 +479,6 @@ class _Agent(BranchRunner):
         return {"children": children, "spawn_no": ctx["spawns"]}
 
     async def tools_node(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
-        from ..protocol.parser import ToolCall
-
         ctx = _copy_ctx(state["apr"])
         calls = [ToolCall(c["name"], c["arguments"], c["raw"], c["error"]) for c in ctx["pending_tools"]]
         results = await run_tool_calls(calls, self.tools, self.limiter, self.config,
@@ -462,7 +501,7 @@ class _Agent(BranchRunner):
         ctx["text"] += merged
         ctx["pending_spawn"] = None
         _emit({"apr": "merge", "ctx": ctx["id"], "children": [r["id"] for r in results]})
-        return {"apr": ctx, "apr_branch_results": [{RESET: True}], "apr_trace": self._trace(ctx)}
+        return {"apr": ctx, "apr_branch_results": Overwrite([]), "apr_trace": self._trace(ctx)}
 
     async def finalize(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
         ctx = _copy_ctx(state["apr"])
@@ -473,7 +512,8 @@ class _Agent(BranchRunner):
             _emit({"apr": "branch_end", "ctx": ctx["id"], "end": ctx["end"],
                    "tokens": ctx["rec"]["completion_tokens"]})
             return {"apr": ctx, "apr_trace": self._trace(ctx)}
-        self.budget.release_run(ctx["run"])
+        if ctx["id"] == "root":
+            self.budget.release_run(ctx["run"])
         full = dict(state.get("apr_trace", {}))
         full["contexts"] = {**full.get("contexts", {}), "root": ctx["rec"]}
         summary = summarize(full)
@@ -502,6 +542,11 @@ def _where(ctx: dict[str, Any]) -> str:
     if ctx["rec"].get("outline"):
         where += f", outline {ctx['rec']['outline'][:60]!r}"
     return where
+
+
+def _prompt_of(ctx: dict[str, Any]) -> str:
+    """What the model continues: the (shared) prompt, the branch's own head, its text so far."""
+    return ctx["prompt"] + ctx.get("prompt_tail", "") + ctx["text"]
 
 
 def _copy_ctx(ctx: dict[str, Any]) -> dict[str, Any]:
@@ -535,18 +580,6 @@ def _inputs(payload: dict[str, Any]) -> list[tuple[dict[str, Any], int]]:
     return out
 
 
-_REDUCERS: dict[str, Callable[[Any, Any], Any]] = {
-    "messages": add_messages, "apr_trace": merge_traces, "apr_branch_results": collect_results,
-}
-
-
-def _apply(state: dict[str, Any], update: dict[str, Any]) -> None:
-    """A node's update folded into ``state`` the way APRState's channels would fold it."""
-    for key, value in update.items():
-        reducer = _REDUCERS.get(key)
-        state[key] = reducer(state.get(key), value) if reducer else value
-
-
 async def _gather_or_cancel(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
     """All results, or the first error with the others cancelled (as a failing superstep does)."""
     tasks = [asyncio.ensure_future(c) for c in coros]
@@ -559,28 +592,32 @@ async def _gather_or_cancel(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
         raise
 
 
-def _neutralized(m: BaseMessage) -> BaseMessage:
-    if isinstance(m, SystemMessage) or not isinstance(m.content, str):
-        return m
-    if isinstance(m, (HumanMessage, ToolMessage, AIMessage)):
-        return m.model_copy(update={"content": neutralize(m.content)})
-    return m
+def _neutral(value: Any) -> Any:
+    """Protocol markers made inert in every string of a JSON-like value (dict keys included)."""
+    if isinstance(value, str):
+        return neutralize(value)
+    if isinstance(value, dict):
+        return {_neutral(k) if isinstance(k, str) else k: _neutral(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_neutral(v) for v in value]
+    return value
 
 
-def _node(afunc: Callable[..., Any], sync: Callable[..., Any] | None = None, name: str = "") -> Any:
-    """Async node with a sync twin, so ``graph.invoke`` works as LangGraph users expect.
+def neutralized_message(m: BaseMessage) -> BaseMessage:
+    """A message whose data cannot steer the protocol (SPEC §2.7).
 
-    Built like LangGraph builds a plain function node (``RunnableCallable``, untraced): a
-    ``RunnableLambda`` inspects signatures and opens a callback run on every call, which
-    cost ~30% of a run in the overhead benchmark (docs/benchmarks/overhead.md).
+    User, assistant and tool messages: string content, every text of list-of-blocks content
+    (what LangGraph Studio and chat UIs send) and an assistant message's tool-call names and
+    arguments. System messages are the deployer's own instructions and pass unchanged.
     """
-
-    def default_sync(state: Any, config: RunnableConfig) -> Any:
-        return run_sync(afunc(state, config))
-
-    if RunnableCallable is not None:
-        return RunnableCallable(sync or default_sync, afunc, name=name, trace=False)
-    return RunnableLambda(sync or default_sync, afunc=afunc, name=name)
+    if isinstance(m, SystemMessage):
+        return m
+    update: dict[str, Any] = {"content": _neutral(m.content)}
+    if isinstance(m, AIMessage):
+        update["tool_calls"] = [{**c, "name": neutralize(c["name"]), "args": _neutral(c["args"])}
+                                for c in m.tool_calls]
+        update["invalid_tool_calls"] = [_neutral(dict(c)) for c in m.invalid_tool_calls]
+    return m.model_copy(update=update)
 
 
 def create_apr_agent(
@@ -607,103 +644,3 @@ def create_apr_agent(
     routes = {"generate": (agent.route, ["tools", "branch", "finalize"]), "tools": "generate"}
     return compile_agent(agent, routes, checkpointer=checkpointer, name=name)
 
-
-def checked_config_and_tools(config: APRConfig | None,
-                             tools: Sequence[BaseTool]) -> tuple[APRConfig, list[BaseTool]]:
-    """One clear error at construction for a bad config or tool list (both modes)."""
-    config = config or APRConfig()
-    if not isinstance(config, APRConfig):
-        raise TypeError(f"config must be an APRConfig, not {type(config).__name__}")
-    tools = list(tools)
-    for t in tools:
-        if not isinstance(t, BaseTool):
-            raise TypeError(f"tools must be LangChain BaseTool objects (e.g. from @tool); got {t!r}")
-    names = [t.name for t in tools]
-    if len(set(names)) != len(names):
-        raise ValueError(f"duplicate tool names: {sorted(n for n in set(names) if names.count(n) > 1)}")
-    return config, tools
-
-
-def compile_agent(agent: Any, routes: dict[str, Any], *,
-                  checkpointer: BaseCheckpointSaver | Literal[False] | None, name: str) -> CompiledStateGraph:
-    """The node set both modes share; ``routes`` gives the mode's edges out of generate and tools.
-
-    A route is a node name or ``(function, targets)`` for a conditional edge; the generate
-    route may answer ``"finalize"``. The same table drives the graph and the inline branch
-    runner. Compiled twice from the same builder: the branch graph (no checkpointer of its
-    own, so a branch run inherits its parent's) and the root graph the user gets.
-
-    Fewer supersteps, fewer checkpoints: a branch's setup runs in its first ``generate``
-    step (the root keeps a ``prepare`` node: it starts each new question), and a context
-    that ends is closed in the ``generate`` step that ended it.
-    """
-    route_generate, targets = routes["generate"]
-
-    async def generate(state: APRState, config: RunnableConfig) -> dict[str, Any]:
-        update: dict[str, Any] = {}
-        if state.get("apr_spawn_input"):  # a branch's first step: set its context up
-            update = await agent.prepare(state, config)
-            state = _applied(state, update)
-        step = await agent.generate(state, config)
-        state = _applied(state, step)
-        update = _combined(update, step)
-        if route_generate(state) == "finalize":
-            update = _combined(update, await agent.finalize(state, config))
-        return update
-
-    def after_generate(state: APRState) -> str | list[Send]:
-        nxt = route_generate(state)
-        return END if nxt == "finalize" else nxt
-
-    agent.flow = {
-        "prepare": "generate",
-        "generate": (after_generate, [t for t in targets if t != "finalize"] + [END]),
-        **{k: v for k, v in routes.items() if k != "generate"},
-        "branch": "merge",
-        "merge": "generate",
-    }
-    agent.nodes = {"prepare": agent.prepare, "generate": generate, "tools": agent.tools_node,
-                   "branch": agent.branch, "merge": agent.merge}
-    syncs = {"branch": agent.branch_sync}
-
-    def build(entry: str) -> StateGraph:
-        g = StateGraph(APRState, input_schema=APRInput, output_schema=APROutput)
-        for node, afunc in agent.nodes.items():
-            g.add_node(node, _node(afunc, syncs.get(node), name=node))
-        g.add_edge(START, entry)
-        for node, nxt in agent.flow.items():
-            if isinstance(nxt, tuple):
-                g.add_conditional_edges(node, nxt[0], nxt[1])
-            else:
-                g.add_edge(node, nxt)
-        return g
-
-    agent.branch_graph = build("generate").compile(name=f"{name}_branch")  # always started by a Send
-    graph = build("prepare").compile(checkpointer=checkpointer, name=name)
-    graph.apr_agent = agent  # type: ignore[attr-defined]  # for tests and tools that inspect limits
-    return graph
-
-
-def _applied(state: Any, update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(state)
-    _apply(out, update)
-    return out
-
-
-def _combined(first: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
-    """One update that folds into the state like ``first`` and then ``then`` would.
-
-    For the keys the steps folded into ``generate`` write (``prepare`` of a branch, ``generate``,
-    ``finalize``): none of them writes ``apr_branch_results``, whose reset would not combine.
-    """
-    out = dict(first)
-    for key, value in then.items():
-        if key not in out:
-            out[key] = value
-        elif key == "apr_trace":
-            out[key] = merge_traces(out[key], value)
-        elif key == "messages":
-            out[key] = [*out[key], *value]
-        else:
-            out[key] = value
-    return out

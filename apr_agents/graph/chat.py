@@ -40,15 +40,17 @@ from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph.state import CompiledStateGraph
-from langgraph.types import Send
+from langgraph.types import Overwrite, Send
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from ..backends.base import BackendRequestError
 from ..config import APRConfig
 from ..protocol.parser import ToolCall
 from ..runtime.limits import Limiter, ThreadBudget
 from ..runtime.tool_exec import run_tool_calls, truncate
-from ..runtime.trace import RESET, new_record, summarize
-from .agent import APRBackendError, BranchRunner, _copy_ctx, _emit, checked_config_and_tools, compile_agent
+from ..runtime.trace import new_record, summarize
+from .agent import APRBackendError, BranchRunner, _copy_ctx, _emit
+from .build import checked_config_and_tools, compile_agent
 from .chat_prompt import (
     DEFAULT_CHAT_SYSTEM_PROMPT,
     SPAWN_TASKS_DESCRIPTION,
@@ -152,6 +154,8 @@ def render_transcript(messages: Sequence[BaseMessage]) -> str:
 
 def _is_permanent(exc: BaseException) -> bool:
     """A client error the server will answer the same way again (bad request, auth)."""
+    if isinstance(exc, BackendRequestError):
+        return True
     status = getattr(exc, "status_code", None)
     return isinstance(status, int) and 400 <= status < 500 and status not in (408, 409, 429)
 
@@ -226,9 +230,7 @@ class _ChatAgent(BranchRunner):
 
     # -- nodes ---------------------------------------------------------------
     async def prepare(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
-        spawn = state.get("apr_spawn_input")
-        if spawn:
-            return self._start_branch(spawn)
+        """The root's setup (branches are set up from their parent's spec, never from input)."""
         messages = list(state.get("messages", []))
         if not messages:
             raise ValueError("apr agent needs at least one message in state['messages']")
@@ -242,10 +244,10 @@ class _ChatAgent(BranchRunner):
         ctx = self._new_context(cid="root", run=run, depth=0, messages=[message_to_dict(m) for m in messages],
                                 label=None, outline=None, parent=None, deadline=deadline,
                                 deadline_kind="run_timeout_s" if deadline else None, prefix_len=len(messages))
-        trace = {RESET: True, "version": 1, "run_id": run, "dialect": "tool_calls", "mode": "chat",
-                 "config": self.config.model_dump(), "contexts": {"root": ctx["rec"]},
+        trace = {"version": 1, "run_id": run, "dialect": "tool_calls", "mode": "chat",
+                 "config": self.config.model_dump(), "tools": sorted(self.tools), "contexts": {"root": ctx["rec"]},
                  "limits": [], "repairs": []}
-        return {"apr": ctx, "apr_trace": trace, "apr_branch_results": [{RESET: True}]}
+        return {"apr": ctx, "apr_trace": Overwrite(trace), "apr_branch_results": Overwrite([])}
 
     async def generate(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
         ctx = _copy_ctx(state["apr"])
@@ -306,10 +308,15 @@ class _ChatAgent(BranchRunner):
                 if ctx["deadline"] is not None and time.time() >= ctx["deadline"] - 1e-3:
                     return None
                 last = exc
-            except Exception as exc:  # noqa: BLE001 - retried, then re-raised with the context named
+            except Exception as exc:
                 last = exc
-                if _is_permanent(exc):
-                    break
+                if _is_permanent(exc):  # the same request fails the same way: never retried
+                    where = f"context {ctx['id']!r} (depth {ctx['depth']})"
+                    raise APRBackendError(
+                        f"chat model {type(self.model).__name__} refused the request in {where}; not retried, "
+                        f"it cannot succeed as sent: {type(exc).__name__}: {exc}. For a context-length error "
+                        f"give the model a larger context, lower APRConfig.max_tokens ({cfg.max_tokens}) or "
+                        "shorten the conversation and tool outputs (max_tool_output_chars).") from exc
             if attempt + 1 < cfg.backend_attempts:
                 await asyncio.sleep(min(2.0, 0.05 * 2 ** attempt) * (1 + random.random()))
         where = f"context {ctx['id']!r} (depth {ctx['depth']}"
@@ -505,7 +512,7 @@ class _ChatAgent(BranchRunner):
             ctx["messages"].append(message_to_dict(answer) if i == spawn["call_id"] else spawn["answers"][i])
         ctx["pending_spawn"] = None
         _emit({"apr": "merge", "ctx": ctx["id"], "children": [r["id"] for r in results]})
-        return {"apr": ctx, "apr_branch_results": [{RESET: True}], "apr_trace": self._trace(ctx)}
+        return {"apr": ctx, "apr_branch_results": Overwrite([]), "apr_trace": self._trace(ctx)}
 
     async def finalize(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
         ctx = _copy_ctx(state["apr"])
@@ -518,7 +525,8 @@ class _ChatAgent(BranchRunner):
         if ctx["depth"] > 0:
             _emit({"apr": "branch_end", "ctx": ctx["id"], "end": ctx["end"], "tokens": rec["completion_tokens"]})
             return {"apr": ctx, "apr_trace": self._trace(ctx)}
-        self.budget.release_run(ctx["run"])
+        if ctx["id"] == "root":
+            self.budget.release_run(ctx["run"])
         full = dict(state.get("apr_trace", {}))
         full["contexts"] = {**full.get("contexts", {}), "root": rec}
         msg = AIMessage(content=ctx["text"], response_metadata={"apr_end": ctx["end"], "apr_run_id": ctx["run"]})

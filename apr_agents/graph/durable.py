@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +38,55 @@ class NothingToResume(LookupError):
 
 class RunInProgress(RuntimeError):
     """A new question was given for a thread whose last run never finished."""
+
+
+class ConfigMismatch(ValueError):
+    """A resume was asked with another config or tool set than the run was started with."""
+
+
+class ThreadBusy(RunInProgress):
+    """Another run (in this process or another) holds the thread: a second resume would repeat
+    every pending tool call, so it is refused."""
+
+
+_held: set[tuple[str, str]] = set()  # (store, thread) pairs run by this process right now
+
+
+@contextmanager
+def thread_lock(db: str | Path | None, thread_id: str) -> Iterator[None]:
+    """Hold ``thread_id`` of checkpoint store ``db`` for one run, or raise ``ThreadBusy``.
+
+    In one process: a set of held (store, thread) pairs. Across processes, for a SQLite
+    file: an exclusive ``flock`` on ``<db>.<thread>.lock`` next to it (released by the
+    kernel if the process dies, so a ``kill -9`` never leaves a thread locked). A Postgres
+    store is locked within the process only (docs/checkpointing.md).
+    """
+    store = ":memory:" if db is None else str(db)
+    key = (store, thread_id)
+    if key in _held:
+        raise ThreadBusy(f"thread {thread_id!r} is already running in this process; wait for it to "
+                         "finish (resuming it twice would run its pending tool calls twice)")
+    handle = None
+    if store != ":memory:" and not store.startswith(("postgres://", "postgresql://")):
+        import fcntl
+
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in thread_id)[:100]
+        path = Path(_sqlite_file(store) + f".{safe}.lock")
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise ThreadBusy(f"thread {thread_id!r} of {store} is being run by another process (lock "
+                             f"{path}); wait for it to finish (resuming it twice would run its pending "
+                             "tool calls twice)") from None
+    _held.add(key)
+    try:
+        yield
+    finally:
+        _held.discard(key)
+        if handle is not None:
+            handle.close()  # releases the flock
 
 
 def new_thread_id() -> str:
@@ -75,6 +124,22 @@ async def open_checkpointer(db: str | Path | None) -> AsyncIterator[BaseCheckpoi
         yield saver
 
 
+def _check_same(trace: dict[str, Any], expect: dict[str, Any], thread_id: str) -> None:
+    diffs = []
+    for key, want in expect.items():
+        have = trace.get(key)
+        if have is None or have == want:
+            continue
+        if isinstance(want, dict) and isinstance(have, dict):
+            diffs += [f"{key}.{k}: run has {have.get(k)!r}, now {want.get(k)!r}"
+                      for k in sorted(set(want) | set(have)) if have.get(k) != want.get(k)]
+        else:
+            diffs.append(f"{key}: run has {have!r}, now {want!r}")
+    if diffs:
+        raise ConfigMismatch(f"thread {thread_id!r} was started with another setup; resume it with the same "
+                             "config and tools: " + "; ".join(diffs))
+
+
 def _sqlite_file(url: str) -> str:
     path = os.path.expanduser(url)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -91,6 +156,7 @@ async def run_with_checkpoint(
     on_event: OnEvent | None = None,
     config: dict[str, Any] | None = None,
     durability: Durability = "sync",
+    expect: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) one checkpointed APR run and return its final state.
 
@@ -111,7 +177,24 @@ async def run_with_checkpoint(
     live tree of every branch. ``durability="sync"`` (default) writes each
     checkpoint before the next step starts, so a ``kill -9`` loses at most the
     steps that were running.
+
+    ``expect`` (e.g. ``{"config": cfg.model_dump(), "tools": ["calculator"]}``): on resume, the
+    run's trace must say the same, or ``ConfigMismatch`` names what differs (a resume with
+    another dialect or tool set would misread the run's text and lose the answer).
+
+    Only one run of a thread at a time: a second concurrent call for the same thread (this
+    process, or another process on the same SQLite file) raises ``ThreadBusy`` at once.
     """
+    with thread_lock(db_path, thread_id):
+        return await _run_with_checkpoint(graph_factory, question, db_path, thread_id, resume,
+                                          on_event=on_event, config=config, durability=durability,
+                                          expect=expect)
+
+
+async def _run_with_checkpoint(graph_factory: GraphFactory, question: str | None, db_path: str | Path | None,
+                               thread_id: str, resume: bool, *, on_event: OnEvent | None,
+                               config: dict[str, Any] | None, durability: Durability,
+                               expect: dict[str, Any] | None) -> dict[str, Any]:
     from .streaming import stream_events
 
     async with open_checkpointer(db_path) as saver:
@@ -123,6 +206,7 @@ async def run_with_checkpoint(
         if resume:
             if not started:
                 raise NothingToResume(f"no checkpointed run with thread_id {thread_id!r} in {db_path}")
+            _check_same(snapshot.values.get("apr_trace") or {}, expect or {}, thread_id)
             if not snapshot.next:
                 return dict(snapshot.values)  # it had finished: nothing left to run
             inp: dict[str, Any] | None = None

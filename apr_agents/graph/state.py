@@ -1,20 +1,54 @@
-"""Graph state: LangGraph's ``messages`` plus the APR keys, each with its reducer."""
+"""Graph state: LangGraph's ``messages`` plus the APR keys, each with its reducer.
+
+Three schemas, so that what a caller may write is exactly what it should:
+
+- ``APRInput`` (the root graph's public input): ``messages`` only. Any other key a
+  caller sends (``apr``, ``apr_spawn_input``, ...) is ignored by LangGraph's input
+  mapping, so no limit, deadline, depth or run id can be chosen from outside.
+- ``BranchInput``: the input of the internal branch graph, which only the ``branch``
+  node starts (with the child spec the parent planned). It is not reachable from a
+  public invocation or from a LangGraph server.
+- ``APROutput``: ``messages``, ``apr_trace`` and ``apr`` (the finished context).
+
+Resets use LangGraph's ``Overwrite`` (a node returns ``{"apr_trace": Overwrite({...})}``).
+The classes are ``typing_extensions.TypedDict`` so that pydantic (and so
+``graph.get_input_jsonschema()``, LangGraph Studio and the server) can read them on
+Python < 3.12.
+
+Usage::
+
+    from apr_agents.graph.state import APRInput
+    graph.get_input_jsonschema()["properties"].keys()  # {"messages"}
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, TypedDict
+from collections.abc import Sequence
+from typing import Annotated, Any
 
 from langchain_core.messages import AnyMessage
+from langgraph.channels import DeltaChannel
 from langgraph.graph.message import add_messages
+from typing_extensions import TypedDict
 
-from ..runtime.trace import RESET, merge_traces
+from ..runtime.trace import merge_traces
 
 
 def collect_results(left: list[dict[str, Any]] | None, right: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
-    """Branch results pile up while a spawn runs; the merge node resets them."""
-    if right and right[0].get(RESET):
-        return []
+    """Branch results pile up while a spawn runs; the merge node resets them with ``Overwrite([])``."""
     return [*(left or []), *(right or [])]
+
+
+def append_text(text: str, pieces: Sequence[str]) -> str:
+    """``apr_text``'s reducer: each write is what a step appended to the context text."""
+    return text + "".join(pieces)
+
+
+#: The text-mode context text, kept out of ``apr`` so that a checkpoint stores what each step
+#: appended (LangGraph's ``DeltaChannel``: writes are the deltas; a full snapshot every
+#: ``TEXT_SNAPSHOT_EVERY`` updates bounds the replay on load) instead of the whole text again.
+TEXT_SNAPSHOT_EVERY = 64
+TextChannel = Annotated[str, DeltaChannel(append_text, snapshot_frequency=TEXT_SNAPSHOT_EVERY)]
 
 
 class APRState(TypedDict, total=False):
@@ -23,11 +57,20 @@ class APRState(TypedDict, total=False):
     messages: Annotated[list[AnyMessage], add_messages]
     apr_trace: Annotated[dict[str, Any], merge_traces]
     apr: dict[str, Any]  # the context this graph invocation runs (root or one branch)
-    apr_spawn_input: dict[str, Any] | None  # set only when a parent starts this graph as a branch
+    apr_text: TextChannel  # text mode: that context's text (checkpointed as deltas)
+    apr_spawn_input: dict[str, Any] | None  # branch graph only: the child spec its parent planned
     apr_branch_results: Annotated[list[dict[str, Any]], collect_results]
 
 
 class APRInput(TypedDict, total=False):
+    """The public input: the conversation, nothing else."""
+
+    messages: Annotated[list[AnyMessage], add_messages]
+
+
+class BranchInput(TypedDict, total=False):
+    """The internal branch graph's input (written only by the ``branch`` node)."""
+
     messages: Annotated[list[AnyMessage], add_messages]
     apr_spawn_input: dict[str, Any] | None
 
@@ -36,3 +79,4 @@ class APROutput(TypedDict, total=False):
     messages: Annotated[list[AnyMessage], add_messages]
     apr_trace: Annotated[dict[str, Any], merge_traces]
     apr: dict[str, Any]
+    apr_text: TextChannel

@@ -146,11 +146,22 @@ class StreamParser:
         self._json_scan = (0, False, False)  # (offset, in a string, after a backslash) in a join payload
         self._stack: list[_Block] = []
         self.closed = False
+        d = self.dialect
+        self._outline_data = frozenset(  # markers that are text while an outline is open
+            # (a thread open still ends an unclosed outline: models write <Outline>... <Thread>)
+            m for m in (d.parallel_open, d.parallel_close, d.outlines_open, d.thread_close,
+                        TOOL_CALL_OPEN, TOOL_CALL_CLOSE, TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE, *d.extra_markers)
+            if m and d.outline_open)
 
     # -- public -------------------------------------------------------------
     @property
     def depth(self) -> int:
         return len(self._stack)
+
+    @property
+    def in_tool_call(self) -> bool:
+        """Inside an open ``<tool_call>``: every marker is argument data until ``</tool_call>``."""
+        return self._mode == "tool_call"
 
     @property
     def raw(self) -> str:
@@ -231,7 +242,7 @@ class StreamParser:
         return 0
 
     def _in_json_string(self, end: int) -> bool:
-        """Whether raw offset ``end`` of the join payload lies inside a JSON string (scanned once)."""
+        """Whether raw offset ``end`` of the spawn or join payload lies inside a JSON string (scanned once)."""
         pos, inside, esc = self._json_scan
         if pos < self._mode_start:
             pos, inside, esc = self._mode_start, False, False
@@ -305,7 +316,8 @@ class StreamParser:
                 self._text_start = self._raw_len
             return
         if self._mode == "apr_spawn":
-            if mk == d.spawn_marker:
+            # like join: a "])" inside one of the task strings does not end the spawn list
+            if mk == d.spawn_marker and not self._in_json_string(self._raw_len):
                 self._apr_spawn(events)
                 self._consume(mk)
                 self._text_start = self._raw_len
@@ -313,8 +325,14 @@ class StreamParser:
                 self._consume(mk)
             return
 
-        self._flush_text(events)
         blk = self._stack[-1] if self._stack else None
+        if blk is not None and blk.outline_start is not None and mk in self._outline_data:
+            # a block tag or a thread close inside an outline is the outline's text: only the
+            # outline's close, a next outline, the spawn point or a thread open end it (recorded)
+            events.append(Repair("marker_in_outline", mk))
+            self._consume(mk)
+            return
+        self._flush_text(events)
         if mk == TOOL_CALL_OPEN:
             self._consume(mk)
             self._mode, self._mode_start = "tool_call", self._raw_len

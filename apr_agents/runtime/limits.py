@@ -1,27 +1,91 @@
-"""Shared bounds: backend and tool concurrency, tool rate, per-run thread budgets."""
+"""Shared bounds: backend and tool concurrency, tool rate, per-run thread budgets.
+
+Every bound belongs to one compiled graph (its ``Limiter`` and ``ThreadBudget``) and holds
+across all the runs, threads and event loops that use that graph; two graphs built by two
+``create_apr_agent`` calls have separate bounds. The tool rate (asyncio-throttle) is per
+graph too but its clock is per event loop's timing calls; it is exact within one loop.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import math
 import threading
-import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 from asyncio_throttle import Throttler
 
 from ..config import APRConfig
 
 
+class GraphSemaphore:
+    """A counting semaphore for coroutines on any event loop, in any thread.
+
+    ``asyncio.Semaphore`` binds to one loop, so a graph driven from several threads (each
+    with ``asyncio.run``) would get one bound per loop. This one holds across all of them:
+    a waiter parks on a future of its own loop and is woken thread-safely. FIFO.
+    """
+
+    def __init__(self, value: int) -> None:
+        self._value = value
+        self._lock = threading.Lock()
+        self._waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = deque()
+
+    async def acquire(self) -> None:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._value > 0 and not self._waiters:
+                self._value -= 1
+                return
+            fut: asyncio.Future[None] = loop.create_future()
+            self._waiters.append((loop, fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            with self._lock:
+                try:
+                    self._waiters.remove((loop, fut))
+                    granted = False
+                except ValueError:  # already handed a slot (the grant may still be on its way)
+                    granted = True
+            if granted and fut.done() and not fut.cancelled():
+                self.release()  # the slot reached us as we were cancelled: pass it on
+            raise
+
+    def release(self) -> None:
+        with self._lock:
+            while self._waiters:
+                loop, fut = self._waiters.popleft()
+                if loop.is_closed():
+                    continue
+                try:
+                    loop.call_soon_threadsafe(self._grant, fut)
+                except RuntimeError:  # the loop closed meanwhile
+                    continue
+                return
+            self._value += 1
+
+    def _grant(self, fut: asyncio.Future[None]) -> None:
+        if fut.cancelled():  # its waiter left before the slot arrived: pass it on
+            self.release()
+        else:
+            fut.set_result(None)
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+
 class Limiter:
-    """One per agent. Semaphores are per event loop (asyncio primitives bind to one); the sync
-    facade runs every node on one shared loop (``sync_loop``), so the bounds hold there too."""
+    """One per agent, so the bounds hold per compiled graph: across every run, event loop and
+    thread that uses it (``graph.ainvoke`` from several threads, ``graph.invoke``, a server)."""
 
     def __init__(self, config: APRConfig) -> None:
         self.config = config
-        self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[asyncio.Semaphore, asyncio.Semaphore]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._llm = GraphSemaphore(config.llm_concurrency)
+        self._tool = GraphSemaphore(config.tool_concurrency)
         rate = config.tool_rate_per_s
         if rate is None:
             self.throttler: Throttler | None = None
@@ -29,21 +93,13 @@ class Limiter:
             burst = max(1, math.floor(rate))
             self.throttler = Throttler(rate_limit=burst, period=burst / rate)
 
-    def _sems(self) -> tuple[asyncio.Semaphore, asyncio.Semaphore]:
-        loop = asyncio.get_running_loop()
-        sems = self._per_loop.get(loop)
-        if sems is None:
-            sems = (asyncio.Semaphore(self.config.llm_concurrency), asyncio.Semaphore(self.config.tool_concurrency))
-            self._per_loop[loop] = sems
-        return sems
-
-    def llm(self) -> asyncio.Semaphore:
+    def llm(self) -> GraphSemaphore:
         """``async with limiter.llm():`` around each backend call."""
-        return self._sems()[0]
+        return self._llm
 
     def tool(self) -> _ToolSlot:
         """``async with limiter.tool():`` around each tool call: a slot, then the rate limit."""
-        return _ToolSlot(self._sems()[1], self.throttler)
+        return _ToolSlot(self._tool, self.throttler)
 
 
 class _ToolSlot:
@@ -51,7 +107,7 @@ class _ToolSlot:
 
     __slots__ = ("sem", "throttler")
 
-    def __init__(self, sem: asyncio.Semaphore, throttler: Throttler | None) -> None:
+    def __init__(self, sem: GraphSemaphore, throttler: Throttler | None) -> None:
         self.sem, self.throttler = sem, throttler
 
     async def __aenter__(self) -> None:

@@ -83,8 +83,9 @@ async def run_tool_call(
     tool = tools.get(call.name)
     if tool is None:
         rec["error"] = "unknown_tool"
+        rec["name"] = truncate(call.name, 100)
         known = ", ".join(sorted(tools)) or "none"
-        return neutralize(f"error: unknown tool {call.name!r}; available tools: {known}"), rec  # quotes model text
+        return neutralize(f"error: unknown tool {truncate(call.name, 100)!r}; available tools: {known}"), rec
     emit({"apr": "tool_start", "ctx": ctx_id, "name": call.name, "args": call.arguments})
     timeout = config.tool_timeout_s
 

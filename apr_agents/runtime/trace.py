@@ -2,15 +2,13 @@
 
 ``merge_traces`` is the LangGraph reducer for ``state["apr_trace"]``: parallel
 branches each return their own records and they fold together without
-clobbering each other.
+clobbering each other. A new run resets it with LangGraph's ``Overwrite``.
 """
 
 from __future__ import annotations
 
 import time
 from typing import Any
-
-RESET = "__reset__"
 
 
 def new_record(cid: str, *, parent: str | None, depth: int, label: str | None,
@@ -25,9 +23,6 @@ def new_record(cid: str, *, parent: str | None, depth: int, label: str | None,
 def merge_traces(left: dict[str, Any] | None, right: dict[str, Any] | None) -> dict[str, Any]:
     if not right:
         return left or {}
-    if right.get(RESET):
-        left = {}
-        right = {k: v for k, v in right.items() if k != RESET}
     out = dict(left or {})
     for key, val in right.items():
         if key == "contexts":

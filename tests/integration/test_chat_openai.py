@@ -32,6 +32,7 @@ from langchain_core.messages import AIMessage, HumanMessage, ToolMessage, messag
 
 from apr_agents import APRConfig, create_apr_agent
 from apr_agents.graph.chat import create_chat_apr_agent
+from apr_agents.graph.chat_prompt import DEFAULT_CHAT_SYSTEM_PROMPT, format_system_prompt
 
 pytestmark = [pytest.mark.engine, pytest.mark.server, pytest.mark.timeout(300)]
 
@@ -150,7 +151,7 @@ async def test_forced_spawn_fans_out_and_merges_through_the_real_server(server: 
             rec = ctxs[f"root/1.{i}"]
             assert rec["outline"] == task.strip() and rec["depth"] == 1 and rec["calls"] >= 1
             # its prompt carries the parent's conversation (the system prompt alone has more tokens than words)
-            assert rec["prompt_tokens"] > len(graph.apr_agent.system_prompt.split())
+            assert rec["prompt_tokens"] > len(format_system_prompt(DEFAULT_CHAT_SYSTEM_PROMPT, 2).split())
         assert answers[0].content.startswith(f"Results of {len(tasks)} sub-task")
         for i in range(1, len(tasks) + 1):
             assert f"[{i}] " in answers[0].content

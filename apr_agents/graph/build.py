@@ -1,0 +1,274 @@
+"""How the APR graph is built: the node set both modes share, compiled on public LangGraph API.
+
+``compile_agent(agent, routes, checkpointer=..., name=...)`` turns an agent object (text mode's
+``_Agent`` in ``agent.py``, tool-call mode's ``_ChatAgent`` in ``chat.py``) into two compiled
+graphs: the internal branch graph (input ``BranchInput``, started only by the ``branch`` node)
+and the root graph the user gets (input ``messages`` only). Also here: the node wrapper
+(a plain public ``Runnable`` with a sync twin), the text mode's ``apr_text`` delta channel
+wrapper, the compiled graph class whose sync ``stream`` stops its work when closed, the
+hand-applied reducers of the inline branch runner, and the construction-time checks of
+config and tools.
+
+Usage (what ``create_apr_agent`` does)::
+
+    agent = _Agent(backend, tools, config, None)
+    routes = {"generate": (agent.route, ["tools", "branch", "finalize"]), "tools": "generate"}
+    graph = compile_agent(agent, routes, checkpointer=None, name="apr_agent")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from typing import Any, Literal
+
+from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.message import add_messages
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.types import Overwrite, Send
+
+from ..config import APRConfig
+from ..runtime.sync_loop import cancel_scope, run_sync
+from ..runtime.trace import merge_traces
+from .state import APRInput, APROutput, APRState, BranchInput, collect_results
+
+_REDUCERS: dict[str, Callable[[Any, Any], Any]] = {
+    "messages": add_messages, "apr_trace": merge_traces, "apr_branch_results": collect_results,
+}
+
+
+def _apply(state: dict[str, Any], update: dict[str, Any]) -> None:
+    """A node's update folded into ``state`` the way APRState's channels would fold it."""
+    for key, value in update.items():
+        reducer = _REDUCERS.get(key)
+        if isinstance(value, Overwrite):
+            state[key] = value.value
+        else:
+            state[key] = reducer(state.get(key), value) if reducer else value
+
+
+class _Node(Runnable[Any, Any]):
+    """A graph node with an async function and its sync twin, so ``graph.invoke`` works too.
+
+    A plain public ``Runnable`` calling ``func(state, config)``: ``RunnableLambda`` inspects
+    signatures and opens a callback run on every call, which cost ~30% of a run in the
+    overhead benchmark (docs/benchmarks/overhead.md). Pregel sets the config context
+    (stream writer, config) around every task itself.
+    """
+
+    def __init__(self, func: Callable[[Any, RunnableConfig], Any],
+                 afunc: Callable[[Any, RunnableConfig], Coroutine[Any, Any, Any]], name: str) -> None:
+        self.func, self.afunc, self.name = func, afunc, name
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return self.func(input, ensure_config(config))
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return await self.afunc(input, ensure_config(config))
+
+
+def _node(afunc: Callable[..., Any], sync: Callable[..., Any] | None = None, name: str = "") -> _Node:
+    def default_sync(state: Any, config: RunnableConfig) -> Any:
+        return run_sync(afunc(state, config))
+
+    return _Node(sync or default_sync, afunc, name)
+
+
+def checked_config_and_tools(config: APRConfig | None,
+                             tools: Sequence[BaseTool]) -> tuple[APRConfig, list[BaseTool]]:
+    """One clear error at construction for a bad config or tool list (both modes)."""
+    config = config or APRConfig()
+    if not isinstance(config, APRConfig):
+        raise TypeError(f"config must be an APRConfig, not {type(config).__name__}")
+    tools = list(tools)
+    for t in tools:
+        if not isinstance(t, BaseTool):
+            raise TypeError(f"tools must be LangChain BaseTool objects (e.g. from @tool); got {t!r}")
+    for t in tools:
+        _check_tool_schema(t)
+    names = [t.name for t in tools]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate tool names: {sorted(n for n in set(names) if names.count(n) > 1)}")
+    return config, tools
+
+
+def _check_tool_schema(t: BaseTool) -> None:
+    """A tool whose argument schema the runtime cannot read fails here, not mid-run."""
+    try:
+        params = convert_to_openai_tool(t)["function"].get("parameters", {})
+    except Exception as exc:
+        raise ValueError(f"tool {t.name!r}: its argument schema cannot be read: {type(exc).__name__}: {exc}") from exc
+    problem = None
+    if not isinstance(params, dict):
+        problem = "the schema is not a JSON object"
+    elif not isinstance(params.get("properties", {}), dict):
+        problem = "'properties' is not an object"
+    elif not all(isinstance(v, dict) for v in params.get("properties", {}).values()):
+        problem = "each property must be a JSON schema object"
+    elif not isinstance(params.get("required", []), list) or not all(
+            isinstance(r, str) for r in params.get("required", [])):
+        problem = "'required' must be a list of property names"
+    if problem:
+        raise ValueError(f"tool {t.name!r} has a malformed argument schema: {problem}: {str(params)[:200]}")
+
+
+def compile_agent(agent: Any, routes: dict[str, Any], *,
+                  checkpointer: BaseCheckpointSaver | Literal[False] | None, name: str) -> CompiledStateGraph:
+    """The node set both modes share; ``routes`` gives the mode's edges out of generate and tools.
+
+    A route is a node name or ``(function, targets)`` for a conditional edge; the generate
+    route may answer ``"finalize"``. The same table drives the graph and the inline branch
+    runner. Compiled twice from the same builder: the branch graph (no checkpointer of its
+    own, so a branch run inherits its parent's) and the root graph the user gets.
+
+    Fewer supersteps, fewer checkpoints: a branch's setup runs in its first ``generate``
+    step (the root keeps a ``prepare`` node: it starts each new question), and a context
+    that ends is closed in the ``generate`` step that ended it.
+    """
+    route_generate, targets = routes["generate"]
+
+    async def generate(state: APRState, config: RunnableConfig, *, branch: bool) -> dict[str, Any]:
+        update: dict[str, Any] = {}
+        if branch and state.get("apr_spawn_input"):  # a branch's first step: set its context up
+            update = agent._start_branch(state["apr_spawn_input"])
+            state = _applied(state, update)
+        step = await agent.generate(state, config)
+        state = _applied(state, step)
+        update = _combined(update, step)
+        if route_generate(state) == "finalize":
+            update = _combined(update, await agent.finalize(state, config))
+        return update
+
+    async def generate_root(state: APRState, config: RunnableConfig) -> dict[str, Any]:
+        return await generate(state, config, branch=False)
+
+    async def generate_branch(state: APRState, config: RunnableConfig) -> dict[str, Any]:
+        return await generate(state, config, branch=True)
+
+    def after_generate(state: APRState) -> str | list[Send]:
+        nxt = route_generate(state)
+        return END if nxt == "finalize" else nxt
+
+    agent.flow = {
+        "prepare": "generate",
+        "generate": (after_generate, [t for t in targets if t != "finalize"] + [END]),
+        **{k: v for k, v in routes.items() if k != "generate"},
+        "branch": "merge",
+        "merge": "generate",
+    }
+    # the branch graph's nodes (the inline runner calls these too); the root's generate never
+    # reads a spawn spec, so nothing a caller puts in the state can make it a branch
+    agent.nodes = {"prepare": agent.prepare, "generate": generate_branch, "tools": agent.tools_node,
+                   "branch": agent.branch, "merge": agent.merge}
+    syncs = {"branch": agent.branch_sync}
+    wrap = _text_as_deltas if getattr(agent, "text_channel", False) else (lambda f: f)
+
+    def build(entry: str, input_schema: type, nodes: dict[str, Any]) -> StateGraph:
+        g = StateGraph(APRState, input_schema=input_schema, output_schema=APROutput)
+        for node, afunc in nodes.items():
+            if node == entry or node != "prepare":
+                g.add_node(node, _node(wrap(afunc) if node != "branch" else afunc, syncs.get(node), name=node))
+        g.add_edge(START, entry)
+        for node, nxt in agent.flow.items():
+            if node == "prepare" and entry != "prepare":
+                continue
+            if isinstance(nxt, tuple):
+                g.add_conditional_edges(node, nxt[0], nxt[1])
+            else:
+                g.add_edge(node, nxt)
+        return g
+
+    # The branch graph has no checkpointer of its own (a branch run inherits its parent's) and is
+    # started only by the branch node, with the spec its parent planned (BranchInput).
+    agent.branch_graph = _stoppable(build("generate", BranchInput, agent.nodes).compile(name=f"{name}_branch"))
+    root_nodes = {**agent.nodes, "generate": generate_root}
+    return _stoppable(build("prepare", APRInput, root_nodes).compile(checkpointer=checkpointer, name=name))
+
+
+def _text_as_deltas(afunc: Callable[[Any, RunnableConfig], Coroutine[Any, Any, dict[str, Any]]]
+                    ) -> Callable[[Any, RunnableConfig], Coroutine[Any, Any, dict[str, Any]]]:
+    """A text-mode node whose context text travels in ``apr_text`` (a ``DeltaChannel``).
+
+    The node still sees ``ctx["text"]``; what it returns is split: ``apr`` without the text,
+    and ``apr_text`` = only what the step appended (``Overwrite`` when a context starts). So a
+    checkpoint write carries the step's delta, not the whole text again (docs/checkpointing.md).
+    """
+
+    async def run(state: Any, config: RunnableConfig) -> dict[str, Any]:
+        ctx = state.get("apr")
+        before: str | None = None
+        if ctx is not None:
+            before = ctx["text"] if "text" in ctx else state.get("apr_text", "")
+            state = {**state, "apr": {**ctx, "text": before}}
+        update = await afunc(state, config)
+        new = update.get("apr")
+        if new is None or "text" not in new:
+            return update
+        text = new["text"]
+        update = {**update, "apr": {k: v for k, v in new.items() if k != "text"}}
+        if before is not None and new.get("id") == ctx.get("id") and text.startswith(before):
+            if len(text) > len(before):
+                update["apr_text"] = text[len(before):]
+        else:  # a new context (a run's root, a branch's first step)
+            update["apr_text"] = Overwrite(text)
+        return update
+
+    return run
+
+
+class APRCompiledGraph(CompiledStateGraph):
+    """LangGraph's compiled graph, whose sync ``stream`` (and so ``invoke``) stops its work when
+    left early: closing the generator (or an exception in the consumer) cancels every branch,
+    tool and model call the run started (``runtime.sync_loop.cancel_scope``), as leaving
+    ``astream`` does. Everything else is ``CompiledStateGraph``'s own behaviour."""
+
+    def stream(self, *args: Any, **kwargs: Any) -> Iterator[Any]:  # type: ignore[override]
+        with cancel_scope() as scope:
+            inner = super().stream(*args, **kwargs)
+            finished = False
+            try:
+                for item in inner:  # noqa: UP028 - ``yield from`` would close ``inner`` (and wait) first
+                    yield item
+                finished = True
+            finally:
+                if not finished:
+                    scope.cancel()  # before closing: LangGraph's close waits for running nodes
+                inner.close()
+
+
+def _stoppable(graph: CompiledStateGraph) -> CompiledStateGraph:
+    graph.__class__ = APRCompiledGraph
+    return graph
+
+
+def _applied(state: Any, update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(state)
+    _apply(out, update)
+    return out
+
+
+def _combined(first: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
+    """One update that folds into the state like ``first`` and then ``then`` would.
+
+    For the keys the steps folded into ``generate`` write (``prepare`` of a branch, ``generate``,
+    ``finalize``): none of them writes ``apr_branch_results``, whose reset would not combine.
+    """
+    out = dict(first)
+    for key, value in then.items():
+        if key not in out or isinstance(value, Overwrite):
+            out[key] = value
+            continue
+        old = out[key]
+        wrap = isinstance(old, Overwrite)  # a reset followed by more: still one reset
+        old = old.value if wrap else old
+        if key == "apr_trace":
+            new = merge_traces(old, value)
+        elif key == "messages":
+            new = [*old, *value]
+        else:
+            new = value
+        out[key] = Overwrite(new) if wrap and key in _REDUCERS else new
+    return out
