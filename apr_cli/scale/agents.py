@@ -20,7 +20,8 @@ Usage::
     python -m apr_cli.scale.agents --servers 2 --port 2024      # until Ctrl-C
 
     with Postgres(tmp) as pg, Redis(tmp) as redis:
-        servers = [AgentServer(pg.uri, redis.uri, tmp, env) for _ in range(2)]
+        servers = [AgentServer(pg.uri, redis.uri, tmp, env).ready() for _ in range(2)]  # in turn: the
+        # first one creates the schema (two at once race on the migration)
         ...
         servers[0].kill()                # SIGKILL: its runs resume on the other
 """
@@ -175,11 +176,11 @@ def main(argv: list[str] | None = None) -> None:
     os.chmod(base, 0o755)
     env: dict[str, Any] = {k: v for k, v in os.environ.items() if k.startswith("APR_")}
     with Postgres(base) as pg, Redis(base) as redis:
-        servers = [AgentServer(pg.uri, redis.uri, args.log_dir.resolve(), env, port=args.port + i)
-                   for i in range(args.servers)]
+        servers: list[AgentServer] = []
         try:
-            for s in servers:
-                s.ready()
+            for i in range(args.servers):  # one after another: the first one migrates the database
+                servers.append(AgentServer(pg.uri, redis.uri, args.log_dir.resolve(), env, port=args.port + i))
+                servers[-1].ready()
             print(f"postgres {pg.uri}  redis {redis.uri}", flush=True)
             print("agent servers: " + " ".join(s.url for s in servers), flush=True)
             while all(s.alive() for s in servers):

@@ -65,22 +65,27 @@ async def run_durability(runs: int = 100, servers: int = 2, *, tool_latency: flo
     t0 = time.perf_counter()
     try:
         with Postgres(base) as pg, Redis(base) as redis:
-            procs = [AgentServer(pg.uri, redis.uri, logs, env, n_jobs=runs) for _ in range(servers)]
+            procs: list[AgentServer] = []
             try:
-                for p in procs:
-                    p.ready()
+                for _ in range(servers):  # one after another: the first one migrates the database
+                    procs.append(AgentServer(pg.uri, redis.uri, logs, env, n_jobs=runs))
+                    procs[-1].ready()
                 report["start_s"] = round(time.perf_counter() - t0, 1)
                 clients = [get_client(url=p.url) for p in procs]
                 victim, survivors = procs[0], procs[1:]
-                jobs = []
-                t_send = time.perf_counter()
-                for i in range(runs):
-                    client = clients[i % servers]
-                    thread = await client.threads.create()
+                gate = asyncio.Semaphore(16)
+
+                async def send(i: int) -> tuple[int, str, str, int]:
+                    client = clients[i % servers]  # the runs go in through every server's API
                     question, expected = arith_question(i)
-                    run = await client.runs.create(thread["thread_id"], "apr", durability="sync",
-                                                   input={"messages": [{"role": "human", "content": question}]})
-                    jobs.append((i, thread["thread_id"], run["run_id"], expected))
+                    async with gate:
+                        thread = await client.threads.create()
+                        run = await client.runs.create(thread["thread_id"], "apr", durability="sync",
+                                                       input={"messages": [{"role": "human", "content": question}]})
+                    return i, thread["thread_id"], run["run_id"], expected
+
+                t_send = time.perf_counter()
+                jobs = list(await asyncio.gather(*(send(i) for i in range(runs))))
                 report["send_s"] = round(time.perf_counter() - t_send, 2)
 
                 deadline = time.monotonic() + timeout_s

@@ -121,7 +121,7 @@ class Replica(_Process):
         super().__init__(cmd, log_dir / f"replica-{port}.log", port)
 
     def completions_served(self) -> int:
-        return self.log_path.read_text(errors="replace").count("POST /v1/completions")
+        return self.log_path.read_text(errors="replace").count("\"POST /v1/completions HTTP")
 
     def prefix_cache(self) -> dict[str, int]:
         """Prompt tokens reused from the KV cache vs evaluated, from the replica's own log."""
@@ -143,10 +143,11 @@ class Router(_Process):
             raise FileNotFoundError("vllm-router is not installed: pip install 'apr-agents[scale]'")
         port = port or free_port()
         cmd = [exe, "--host", "127.0.0.1", "--port", str(port), "--worker-urls", *worker_urls,
-               "--policy", policy, "--health-check-interval-secs", "1", "--health-failure-threshold", "1",
-               "--health-check-timeout-secs", "2", "--worker-startup-check-interval", "1",
+               "--policy", policy, "--health-check-interval-secs", "1", "--health-failure-threshold", "2",
+               "--health-check-timeout-secs", "5", "--worker-startup-check-interval", "1",
                "--retry-max-retries", "5", "--retry-initial-backoff-ms", "100", "--retry-max-backoff-ms", "2000",
-               "--request-timeout-secs", "600", "--log-level", "info", *(extra_args or [])]
+               "--request-timeout-secs", "600", "--queue-size", "1000", "--queue-timeout-secs", "600",
+               "--log-level", "info", *(extra_args or [])]
         super().__init__(cmd, log_dir / f"router-{port}.log", port)
         self.policy = policy
 

@@ -13,8 +13,8 @@ runs fit on two busy CPU cores.
 - the same final answer and transcript as an undisturbed reference run of the
   same question (greedy decoding), and
 - a content check the model reliably passes on this prompt (``content_ok``): the
-  run spawned two branches, outline *i* names item *i* of its question, and each
-  thread wrote one "X is in Y." sentence.
+  run spawned two branches, outline *i* starts with item *i* of its question, and
+  each thread wrote one "X is in Y." sentence.
 
 Usage::
 
@@ -91,12 +91,12 @@ async def run_one(graph: Any, i: int) -> dict[str, Any]:
 
 
 def content_ok(result: dict[str, Any]) -> bool:
-    """The run spawned two branches, outline i names item i, and every thread wrote a
-    "<Country> is in <Place>." sentence (see module doc; which country a branch names is
+    """The run spawned two branches, outline i starts with item i, and every thread wrote a
+    "<Country> is in <place>." sentence (see module doc; which country a branch names is
     left to the reference comparison: the 270M model often repeats item 1 in branch 2)."""
     transcript = result["transcript"]
-    outlines = all(f"<Outline>{n}: {item}</Outline>" in transcript for n, item in enumerate(result["items"], 1))
-    threads = re.findall(r"<Thread>(\d+): [A-Z][a-z]+ is in [A-Z][^<]*</Thread>", transcript)
+    outlines = all(f"<Outline>{n}: {item}" in transcript for n, item in enumerate(result["items"], 1))
+    threads = re.findall(r"<Thread>(\d+): [A-Z][a-z]+ is in [^<]+</Thread>", transcript)
     return result["branches"] == 2 and outlines and sorted(threads) == ["1", "2"]
 
 
