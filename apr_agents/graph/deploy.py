@@ -10,7 +10,8 @@ Variables (all optional):
   completions server, e.g. ``vllm serve``) or ``vllm`` (in-process vLLM).
 - ``APR_MODEL``: model name (``openai``) or name/folder (``vllm``); for
   ``embedded``, an optional GGUF path instead of the shipped one.
-- ``APR_BASE_URL``: ``openai`` server URL; comma-separated for replicas.
+- ``APR_BASE_URL``: ``openai`` server URL, or the URL of a serving router in front of
+  replicas (docs/scale-out.md); comma-separated replicas without a router.
 - ``APR_API_KEY``: ``openai`` key, if the server wants one.
 - ``APR_SCRIPT``: ``scripted`` only: ``arith`` (default: the load-test task of
   ``apr_agents.testing.scripts``), ``demo`` (the CLI demo), or a JSON object
