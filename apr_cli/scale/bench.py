@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .engines import POLICIES, EngineCluster
-from .workload import content_ok, run_many, workload_backend, workload_graph
+from .workload import content_ok, run_many, skeleton, workload_backend, workload_graph
 
 
 async def _pass(cluster: EngineCluster, runs: int, kill_after: float | None = None) -> dict[str, Any]:
@@ -72,6 +72,8 @@ async def measure(policies: list[str], runs: int, replicas: int, kill: bool, kil
                 res = await _pass(cluster, runs, kill_after=kill_after)
                 ref = out["policies"][policy]["answers"]
                 res["same_as_undisturbed"] = sum(ref.get(i) == t for i, t in res["answers"].items())
+                res["same_skeleton_as_undisturbed"] = sum(skeleton(ref.get(i, "")) == skeleton(t)
+                                                          for i, t in res["answers"].items())
                 out["kill"] = {"policy": policy, **res}
     return out
 
@@ -97,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['branch_phase_mean_s']} | {r['branch_phase_max_s']} | {r['wall_s']} | {r['requests_per_replica']} |")
     if "kill" in out:
         k = out["kill"]
-        print(f"kill: {k['killed']}; same transcript as undisturbed: {k['same_as_undisturbed']}/{k['finished']}; "
+        print(f"kill: {k['killed']}; same transcript as undisturbed: {k['same_as_undisturbed']}/{k['finished']}, "
+              f"same skeleton: {k['same_skeleton_as_undisturbed']}/{k['finished']}; "
               f"backend calls {k['backend_calls']} vs {out['policies'][out['kill']['policy']]['backend_calls']}; "
               f"errors {k['errors']}")
     if args.json:
