@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 VLLM_VENV ?= .venv-vllm
 
-.PHONY: demo test test-unit test-engines test-vllm setup setup-vllm lint bench clean
+.PHONY: demo test test-unit test-engines test-vllm setup setup-vllm setup-scale test-scale lint bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,7 +19,7 @@ demo: setup
 test-unit: setup
 	$(BIN)/python -m pytest -m "not engine and not vllm and not server" -q
 
-test-engines: setup
+test-engines: setup setup-scale
 	$(BIN)/python -m pytest -m "engine or server" -q
 
 setup-vllm:
@@ -36,5 +36,20 @@ lint: setup
 bench: setup
 	$(BIN)/python -m apr_cli.bench all
 
+# --- scale-out (issue 11, docs/scale-out.md): vllm-router, PostgreSQL, Redis, and the venv of the
+# agent servers' Postgres runtime (langgraph-runtime-pg pins its own langgraph-api) ---
+PG_VENV ?= .venv-pg
+
+setup-scale: setup
+	$(BIN)/pip install -q -e ".[scale]"
+	@if ! command -v redis-server >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql redis-server; \
+		else echo "setup-scale: install postgresql and redis-server (the scale-out server tests skip without them)"; fi; fi
+	test -x $(PG_VENV)/bin/python || $(PY) -m venv $(PG_VENV)
+	$(PG_VENV)/bin/pip install -q "langgraph-runtime-pg==0.11.1.post1" "langgraph-sdk>=0.1" -e .
+
+test-scale: setup-scale
+	$(BIN)/python -m pytest -q tests/integration/test_scale_engines.py tests/integration/test_scale_agents.py
+
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache out
+	rm -rf $(VENV) $(VLLM_VENV) $(PG_VENV) .pytest_cache out

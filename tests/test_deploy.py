@@ -89,3 +89,27 @@ async def test_in_process_load_runs_every_question_to_its_own_answer(checkpointe
     assert (report["ok"], report["failed"]) == (12, 0)
     assert (report["branches"], report["tool_calls"]) == (24, 24)  # two branches, one calculator call each
     assert report["p50_s"] <= report["p95_s"] <= report["max_s"]
+
+
+async def test_audited_tools_log_each_call_with_its_thread_and_a_fixed_latency(tmp_path: Path) -> None:
+    """APR_TOOL_LOG / APR_TOOL_LATENCY_SPREAD_S: the audit the durability test reads (apr_cli.scale)."""
+    log = tmp_path / "tools.jsonl"
+    env = {"APR_BACKEND": "scripted", "APR_TOOLS": "calculator", "APR_TOOL_LOG": str(log),
+           "APR_TOOL_LATENCY_SPREAD_S": "0.2"}
+    (calc,) = tools_from_env(env)
+    assert await calc.ainvoke({"expression": "6*7"}) == await calc.ainvoke({"expression": "6*7"})
+    graph = graph_from_env(env)
+    question, expected = arith_question(4)
+    state = await graph.ainvoke({"messages": [HumanMessage(question)]}, {"configurable": {"thread_id": "t-4"}})
+    assert state["messages"][-1].content == f"Answer: {expected}"
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["event"] for e in events[:4]] == ["start", "end", "start", "end"]
+    assert {e["thread"] for e in events[:4]} == {None}  # called outside a graph
+    in_run = events[4:]
+    assert len(in_run) == 4 and {e["thread"] for e in in_run} == {"t-4"}
+    assert sorted(e["event"] for e in in_run) == ["end", "end", "start", "start"]
+    # the latency is fixed by the arguments: the same call takes the same time
+    first, second = events[1]["t"] - events[0]["t"], events[3]["t"] - events[2]["t"]
+    assert 0 <= first <= 0.2 + 0.5 and abs(first - second) < 0.15
+    with pytest.raises(ValueError, match="SPREAD"):
+        tools_from_env({"APR_TOOL_LATENCY_SPREAD_S": "-1"})

