@@ -59,8 +59,9 @@ class FewShotFormat:
     name = "fewshot"
     end_stops: tuple[str, ...] = FEWSHOT_END_STOPS
 
-    def render(self, messages: Sequence[BaseMessage], tools: Sequence[dict[str, Any]]) -> str:
-        return render_fewshot(messages, tools)
+    def render(self, messages: Sequence[BaseMessage], tools: Sequence[dict[str, Any]], *,
+               instruction: str | None = None) -> str:
+        return render_fewshot(messages, tools, **({} if instruction is None else {"instruction": instruction}))
 
     def tool_results(self, results: Sequence[str], *, depth: int = 0) -> str:
         return inline_tool_results(results)
@@ -113,8 +114,10 @@ class ChatMLFormat:
         self._grammars: dict[tuple[str, bool, bool, bool, bool], str] = {}
 
     # -- rendering ------------------------------------------------------------------
-    def render(self, messages: Sequence[BaseMessage], tools: Sequence[dict[str, Any]]) -> str:
-        system = [self.instruction]
+    def render(self, messages: Sequence[BaseMessage], tools: Sequence[dict[str, Any]], *,
+               instruction: str | None = None) -> str:
+        """The prompt: ``instruction`` (default: the dialect's) and system messages, the template's turns."""
+        system = [self.instruction if instruction is None else instruction]
         chat: list[dict[str, Any]] = []
         for m in messages:
             if isinstance(m, SystemMessage):
@@ -261,6 +264,9 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
     options = []
     if calls:
         rules.append("call ::= \"<tool_call>\\n\" ( " + " | ".join(calls) + f" ) \"\\n{TOOL_CALL_CLOSE}\"")
+        # several calls in one reply where generation does not stop at the first (chat mode's
+        # parallel tool calls); with a </tool_call> stop the first one ends the step
+        rules.append('calls ::= call ( "\\n" call ){0,7}')
     if can_spawn and first_step:
         outlines = [f'"<Outline>{n}: " otext "</Outline>\\n"' for n in range(1, max_outlines + 1)]
         optional = ""
@@ -270,18 +276,18 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
         rules.append(r"otext ::= [^<\n{}`] [^<\n{}`]{0,79}")
     rules.append(r'say ::= [^<>\n{}` ] [^<>{}`]{0,400}')
     if branch and first_step and calls:
-        options.append("call")  # a thread starts with its tool call: reasoning text here went astray
+        options.append("calls")  # a thread starts with its tool call: reasoning text here went astray
         if can_spawn:
             options.append("spawn")
     elif first_step or not branch:
         if calls and (may_call or first_step):
-            options.append('( say "\\n" )? call')
+            options.append('( say "\\n" )? calls')
         if can_spawn and first_step:
             options.append('( say "\\n" )? spawn')
         if not first_step or not options:
             options.append('say "</Thread>"' if branch else "say")
     else:  # a branch after a tool result: say what was found, then close (or call again, if it may)
-        options.append('say ( "</Thread>"' + (' | "\\n" call' if calls and may_call else "") + " )")
+        options.append('say ( "</Thread>"' + (' | "\\n" calls' if calls and may_call else "") + " )")
     return "\n".join([f"root ::= {' | '.join(options)}", *rules]) + "\n"
 
 

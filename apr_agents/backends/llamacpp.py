@@ -184,8 +184,10 @@ class LlamaCppBackend:
         self._active: set[threading.Event] = set()
 
     # -- the Backend protocol ----------------------------------------------------
-    def render(self, messages: list[BaseMessage], tools: list[dict[str, Any]]) -> str:
-        return self.prompt_format.render(messages, tools)
+    def render(self, messages: list[BaseMessage], tools: list[dict[str, Any]], *,
+               instruction: str | None = None) -> str:
+        """``instruction`` replaces the text protocol's (e.g. a plain tool-calling one for a chat adapter)."""
+        return self.prompt_format.render(messages, tools, instruction=instruction)
 
     def tool_results_text(self, results: Sequence[str], *, depth: int = 0) -> str:
         """What the runtime appends after a ``</tool_call>`` stop in a context at ``depth``:
