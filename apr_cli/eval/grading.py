@@ -92,9 +92,15 @@ def picked_option(text: str, options: list[str]) -> str | None:
             continue
         if len(named) == 1:
             return hits[0][1]
-        for pos, opt in hits:
-            tail = sentence[pos + len(fold(opt)):pos + len(fold(opt)) + 40]
-            if _SUPERLATIVE.search(tail):
+        # Text between mentions: what follows an option up to the next one (and what precedes it).
+        bounds = [(pos, pos + len(fold(opt)), opt) for pos, opt in hits]
+        for i, (_, end, opt) in enumerate(bounds):
+            nxt = bounds[i + 1][0] if i + 1 < len(bounds) else len(sentence)
+            if _SUPERLATIVE.search(sentence[end:min(nxt, end + 40)]):
+                return opt
+        for i, (start, _, opt) in enumerate(bounds):
+            prev = bounds[i - 1][1] if i else 0
+            if _SUPERLATIVE.search(sentence[max(prev, start - 40):start]):
                 return opt
         return hits[0][1]
     return None

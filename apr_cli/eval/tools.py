@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from langchain_core.tools import BaseTool, ToolException, tool
@@ -99,14 +100,16 @@ def eval_tools(latency_s: float = 1.0) -> list[BaseTool]:
 
 
 def load_tools(spec: str, latency_s: float = 0.0) -> list[BaseTool]:
-    """User tools from ``"package.module:attr"`` (a list of tools, or a function returning one)."""
+    """User tools from ``"package.module:attr"``: a tool, a list or dict of tools, or a function returning one."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(f"--tools wants 'module:attr', got {spec!r}")
     obj: Any = getattr(importlib.import_module(module_name), attr)
     if callable(obj) and not isinstance(obj, BaseTool):
         obj = obj(latency_s=latency_s) if "latency_s" in inspect.signature(obj).parameters else obj()
-    items = [obj] if isinstance(obj, BaseTool) else list(obj)
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    items = list(obj) if isinstance(obj, Iterable) and not isinstance(obj, BaseTool | str) else [obj]
     bad = [type(t).__name__ for t in items if not isinstance(t, BaseTool)]
     if bad or not items:
         raise TypeError(f"{spec} must give LangChain tools (BaseTool); got {bad or 'nothing'}")
