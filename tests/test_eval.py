@@ -281,3 +281,11 @@ def test_cli_writes_json_markdown_and_doc_block(tmp_path: Path) -> None:
     text = doc.read_text()
     assert text.startswith("# Eval\n\nintro\n") and text.count("<!-- eval:t:start -->") == 1
     assert eval_main(["--backend", "scripted", "--methods", "nope", "--out", str(tmp_path)]) == 2
+
+
+def test_apr_eval_subcommand_dumps_questions(tmp_path: Path) -> None:
+    from apr_cli.cli import main as apr_main
+
+    out = tmp_path / "q.jsonl"
+    assert apr_main(["eval", "--backend", "scripted", "--limit", "3", "--dump-questions", str(out)]) == 0
+    assert len(load_jsonl(out)) == 3

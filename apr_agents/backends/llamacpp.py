@@ -214,12 +214,15 @@ class LlamaCppBackend:
         self._active: set[threading.Event] = set()
 
     # -- the Backend protocol ----------------------------------------------------
-    def render(self, messages: list[BaseMessage], tools: list[dict[str, Any]]) -> str:
+    def render(self, messages: list[BaseMessage], tools: list[dict[str, Any]], *,
+               instruction: str | None = None) -> str:
+        """``instruction`` replaces the text protocol's (e.g. a plain tool-calling one for a chat adapter)."""
+        extra = {} if instruction is None else {"instruction": instruction}
         if self.chat_template is None:
-            return render_fewshot(messages, tools)
+            return render_fewshot(messages, tools, **extra)
         bos = self.llama._model.token_get_text(self.llama.token_bos())
         eos = self.llama._model.token_get_text(self.llama.token_eos())
-        return render_chat_template(self.chat_template, messages, tools, bos_token=bos, eos_token=eos)
+        return render_chat_template(self.chat_template, messages, tools, bos_token=bos, eos_token=eos, **extra)
 
     async def complete(self, prompt: str, *, stop: list[str], max_tokens: int,
                        temperature: float = 0.0) -> Completion:

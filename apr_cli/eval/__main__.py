@@ -121,7 +121,15 @@ async def amain(args: argparse.Namespace) -> int:
         print(f"backend {args.backend} ({getattr(backend, 'model_path', args.model) or 'default'}) ready in "
               f"{load_s:.1f} s; {len(questions)} questions x {len(methods)} methods", flush=True)
 
+    name = args.name or f"{'quick' if args.quick else 'full'}-{args.backend}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / f"{name}.runs.jsonl"  # one line per finished run, so a killed eval keeps its data
+    partial.write_text("", encoding="utf-8")
+
     def progress(r: RunResult, done: int, total: int) -> None:
+        with partial.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(r.to_dict(), default=str) + "\n")
         if args.quiet:
             return
         mark = "skip" if r.skipped else ("ok  " if r.correct else ("TIME" if r.timed_out else "x   "))
@@ -140,7 +148,6 @@ async def amain(args: argparse.Namespace) -> int:
 
     runs = [r.to_dict() for r in results]
     report = summarize(runs, methods)
-    name = args.name or f"{'quick' if args.quick else 'full'}-{args.backend}"
     command = " ".join(["apr eval", *(shlex.quote(a) for a in args.argv)])
     meta = {"command": command, "backend": args.backend, "model": str(getattr(backend, "model_path", args.model)),
             "methods": methods, "questions": len(questions), "seed": args.seed, "tool_latency_s": args.tool_latency,
@@ -149,8 +156,7 @@ async def amain(args: argparse.Namespace) -> int:
             "grammar": args.grammar, "system": args.system, "started_utc": time.strftime(
                 "%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "elapsed_s": round(elapsed, 1),
             "backend_load_s": round(load_s, 1), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    partial.unlink(missing_ok=True)  # everything is in NAME.json now
     payload = {"meta": meta, "report": report, "runs": runs,
                "question_set": [q.model_dump(include={"id", "question", "type", "parts", "grading", "answer"})
                                 for q in questions]}

@@ -27,6 +27,7 @@ from langchain_core.tools import BaseTool
 
 from apr_agents import APRConfig, create_apr_agent, create_chat_apr_agent
 from apr_agents.backends.chat_model import BackendChatModel
+from apr_agents.runtime.trace import summarize as summarize_trace
 
 from .grading import grade
 from .questions import Question
@@ -133,7 +134,8 @@ def _text(m: BaseMessage) -> str:
 
 
 def _counts(method: str, state: dict[str, Any], n_input: int) -> dict[str, Any]:
-    summary = (state.get("apr_trace") or {}).get("summary")
+    trace = state.get("apr_trace") or {}
+    summary = trace.get("summary") or (summarize_trace(trace) if trace.get("contexts") else None)
     if method in PLUGIN_METHODS and summary:
         return {"total_tokens": summary.get("total_tokens"), "critical_path_tokens": summary.get("critical_path_tokens"),
                 "prompt_tokens": summary.get("prompt_tokens"), "llm_calls": summary.get("backend_calls"),
@@ -152,27 +154,42 @@ def _counts(method: str, state: dict[str, Any], n_input: int) -> dict[str, Any]:
 
 async def run_one(graph: Any, method: str, q: Question, settings: AgentSettings,
                   timeout_s: float | None = None) -> RunResult:
-    """Answer ``q`` with ``graph`` under a timeout; never raises for a failed run (see ``error``)."""
+    """Answer ``q`` with ``graph`` under a timeout; never raises for a failed run (see ``error``).
+
+    The graph's state is streamed (``stream_mode="values"``), so a run cut short by
+    the timeout still reports the tokens and tool calls it had spent and its last message.
+    """
     messages: list[BaseMessage] = [SystemMessage(settings.system)] if settings.system else []
     messages.append(HumanMessage(q.question))
     timeout = settings.timeout_s if timeout_s is None else timeout_s
     started = time.perf_counter()
     base = {"question_id": q.id, "method": method, "type": q.type, "parts": q.parts}
+    last: dict[str, Any] = {}
+
+    async def consume() -> None:
+        async for state in graph.astream({"messages": messages}, config={"recursion_limit": settings.recursion_limit},
+                                         stream_mode="values"):
+            last.clear()
+            last.update(state)
+
     try:
-        state = await asyncio.wait_for(
-            graph.ainvoke({"messages": messages}, config={"recursion_limit": settings.recursion_limit}),
-            timeout=timeout)
+        await asyncio.wait_for(consume(), timeout=timeout)
     except TimeoutError:
-        return RunResult(**base, correct=False, answer="", wall_s=time.perf_counter() - started, timed_out=True,
-                         error=f"timed out after {timeout:.0f} s")
+        partial = _counts(method, last, len(messages)) if last else {}
+        return RunResult(**base, correct=False, answer=_last_text(last), wall_s=time.perf_counter() - started,
+                         timed_out=True, error=f"timed out after {timeout:.0f} s", **partial)
     except Exception as exc:  # noqa: BLE001  (a failed run is a wrong answer with its reason, not a crash)
         return RunResult(**base, correct=False, answer="", wall_s=time.perf_counter() - started,
                          error=f"{type(exc).__name__}: {str(exc)[:300]}")
     wall = time.perf_counter() - started
-    final = state["messages"][-1] if state.get("messages") else None
-    answer = _text(final) if isinstance(final, AIMessage) else ""
+    answer = _last_text(last)
     return RunResult(**base, correct=grade(answer, q.grading), answer=answer, wall_s=wall,
-                     **_counts(method, state, len(messages)))
+                     **_counts(method, last, len(messages)))
+
+
+def _last_text(state: dict[str, Any]) -> str:
+    msgs = state.get("messages") or []
+    return _text(msgs[-1]) if msgs and isinstance(msgs[-1], AIMessage) else ""
 
 
 __all__ = ["EVAL_SYSTEM", "METHODS", "AgentSettings", "RunResult", "build_agent", "react_factory", "run_one"]
