@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", help="OpenAI-compatible server URL(s), comma-separated")
     p.add_argument("--grammar", choices=["none", "protocol"], default="none", help="embedded: constrained decoding")
     p.add_argument("--n-ctx", type=int, default=8192, help="embedded: context window")
+    p.add_argument("--n-threads", type=int, help="embedded: decode threads (default: llama.cpp's, half the cores)")
     p.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)} (default: all; --quick: "
                                      f"{','.join(QUICK_METHODS)})")
     p.add_argument("--quick", action="store_true",
@@ -113,7 +114,7 @@ async def amain(args: argparse.Namespace) -> int:
                              system=args.system, timeout_s=timeout)
     t0 = time.perf_counter()
     backend = make_backend(args.backend, model=args.model, base_url=args.base_url, grammar=args.grammar,
-                           n_ctx=args.n_ctx, questions=questions)
+                           n_ctx=args.n_ctx, n_threads=args.n_threads, questions=questions)
     if hasattr(backend, "start"):
         await backend.start()
     load_s = time.perf_counter() - t0
@@ -153,7 +154,7 @@ async def amain(args: argparse.Namespace) -> int:
             "methods": methods, "questions": len(questions), "seed": args.seed, "tool_latency_s": args.tool_latency,
             "timeout_s": timeout, "deadline_s": deadline, "concurrency": args.concurrency,
             "max_tokens": args.max_tokens, "max_threads": args.max_threads, "max_depth": args.max_depth,
-            "grammar": args.grammar, "system": args.system, "started_utc": time.strftime(
+            "grammar": args.grammar, "n_threads": args.n_threads, "system": args.system, "started_utc": time.strftime(
                 "%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "elapsed_s": round(elapsed, 1),
             "backend_load_s": round(load_s, 1), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
     partial.unlink(missing_ok=True)  # everything is in NAME.json now

@@ -36,7 +36,8 @@ def resolve_model(model: str | None) -> tuple[Path, Any]:
 
 
 def make_backend(kind: str, *, model: str | None = None, base_url: str | None = None, grammar: str = "none",
-                 n_ctx: int = 8192, questions: Sequence[Question] = (), token_latency_s: float = 0.002) -> Any:
+                 n_ctx: int = 8192, n_threads: int | None = None, questions: Sequence[Question] = (),
+                 token_latency_s: float = 0.002) -> Any:
     """The backend every method shares."""
     if kind == "scripted":
         from .oracle import OracleBackend
@@ -46,6 +47,8 @@ def make_backend(kind: str, *, model: str | None = None, base_url: str | None = 
         from apr_agents.backends import embedded
 
         kwargs: dict[str, Any] = {"grammar": None if grammar == "none" else grammar, "n_ctx": n_ctx}
+        if n_threads is not None:
+            kwargs["n_threads"] = n_threads
         if "model" in inspect.signature(embedded.default_backend).parameters:
             return embedded.default_backend(model=model, **kwargs)
         from apr_agents.backends.llamacpp import LlamaCppBackend
