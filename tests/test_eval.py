@@ -270,10 +270,13 @@ def test_cli_writes_json_markdown_and_doc_block(tmp_path: Path) -> None:
     doc = tmp_path / "eval.md"
     doc.write_text("# Eval\n\nintro\n", encoding="utf-8")
     argv = ["--backend", "scripted", "--limit", "4", "--methods", "apr,react", "--tool-latency", "0",
+            "--apr-config", '{"max_steps": 12}',
             "--out", str(tmp_path), "--name", "t", "--doc", str(doc), "--quiet"]
     assert eval_main(argv) == 0
     data = json.loads((tmp_path / "t.json").read_text())
     assert data["meta"]["command"].startswith("apr eval --backend scripted")
+    assert data["meta"]["apr_config"] == {"max_steps": 12}
+    assert not (tmp_path / "t.runs.jsonl").exists()  # folded into t.json
     assert len(data["runs"]) == 8 and len(data["question_set"]) == 4
     assert data["report"]["methods"]["apr"]["accuracy"] == 1.0
     assert "| apr | 4/4 (100 %)" in (tmp_path / "t.md").read_text()
@@ -281,6 +284,7 @@ def test_cli_writes_json_markdown_and_doc_block(tmp_path: Path) -> None:
     text = doc.read_text()
     assert text.startswith("# Eval\n\nintro\n") and text.count("<!-- eval:t:start -->") == 1
     assert eval_main(["--backend", "scripted", "--methods", "nope", "--out", str(tmp_path)]) == 2
+    assert eval_main(["--backend", "scripted", "--apr-config", '{"max_stepz": 1}', "--out", str(tmp_path)]) == 2
 
 
 def test_apr_eval_subcommand_dumps_questions(tmp_path: Path) -> None:

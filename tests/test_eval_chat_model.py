@@ -123,3 +123,22 @@ def test_instruction_goes_to_a_render_that_accepts_it() -> None:
 def test_rejects_an_object_that_is_no_backend() -> None:
     with pytest.raises((TypeError, ValueError), match="not an apr_agents backend"):
         BackendChatModel(backend=object())
+
+
+@pytest.mark.engine
+def test_llamacpp_render_takes_the_chat_instruction() -> None:
+    """The chat adapter's instruction replaces the text protocol's in a real backend's prompt (Gemma 270M)."""
+    pytest.importorskip("llama_cpp")
+    from apr_agents.backends import BackendUnavailable
+    from apr_agents.backends.llamacpp import LlamaCppBackend
+    from apr_agents.backends.prompting import INSTRUCTION
+
+    try:
+        backend = LlamaCppBackend(n_ctx=1024)
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    with backend:
+        msgs = [HumanMessage("hi")]
+        assert INSTRUCTION in backend.render(msgs, [])
+        prompt = backend.render(msgs, [], instruction=CHAT_INSTRUCTION)
+        assert CHAT_INSTRUCTION in prompt and INSTRUCTION not in prompt
