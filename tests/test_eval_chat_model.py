@@ -142,3 +142,32 @@ def test_llamacpp_render_takes_the_chat_instruction() -> None:
         assert INSTRUCTION in backend.render(msgs, [])
         prompt = backend.render(msgs, [], instruction=CHAT_INSTRUCTION)
         assert CHAT_INSTRUCTION in prompt and INSTRUCTION not in prompt
+
+
+# Two replies Qwen2.5-Coder-1.5B wrote in chat mode (apr eval smoke run): no <tool_call> tags.
+FENCED = ('I\'ll use:\n```json\n{\n  "name": "country_facts",\n  "arguments": {\n    "country": "Equatorial Guinea"\n'
+          '  }\n}\n```')
+DOUBLED = ('I\'ll use:\n<tools>\n{"function": {"name": "country_facts"}, "type": "function"}\n</tools>\n'
+           '{{"name": "country_facts", "arguments": {"country": "The Netherlands"}}}\n'
+           '{{"name": "country_facts", "arguments": {"country": "Pakistan"}}}}\nThe combined')
+
+
+def test_lenient_parsing_reads_untagged_json_calls_only_when_asked() -> None:
+    known = {"country_facts"}
+    assert parse_hermes(FENCED, known_tools=known).tool_calls == []
+    fenced = parse_hermes(FENCED, known_tools=known, lenient=True)
+    assert [c["args"] for c in fenced.tool_calls] == [{"country": "Equatorial Guinea"}]
+    assert fenced.content == "I'll use:" and fenced.response_metadata["lenient_tool_calls"] == 1
+    doubled = parse_hermes(DOUBLED, known_tools=known, lenient=True)
+    assert [c["args"]["country"] for c in doubled.tool_calls] == ["The Netherlands", "Pakistan"]
+    assert len(parse_hermes(DOUBLED, known_tools=known, lenient=True, single=True).tool_calls) == 1
+    # A JSON object naming no bound tool (the schema echoed back) is not a call.
+    assert parse_hermes('{"name": "other", "arguments": {}}', known_tools=known, lenient=True).tool_calls == []
+
+
+async def test_lenient_model_field() -> None:
+    backend = ScriptedBackend({"": FENCED.replace("country_facts", "calculator").replace(
+        '"country": "Equatorial Guinea"', '"expression": "1+1"')})
+    model = BackendChatModel(backend=backend, lenient_tool_calls=True).bind_tools([calculator])
+    msg = await model.ainvoke([HumanMessage("1+1?")])
+    assert msg.tool_calls[0]["args"] == {"expression": "1+1"}

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import inspect
+import json
 import re
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
@@ -85,6 +86,10 @@ class BackendChatModel(BaseChatModel):
     render_kwargs: dict[str, Any] | None = Field(
         None, description="extra keywords for backend.render; None passes instruction=CHAT_INSTRUCTION when "
                           "render accepts it")
+    lenient_tool_calls: bool = Field(
+        False, description="also read tool calls written without <tool_call> tags: a JSON object "
+                           "{\"name\": <a bound tool>, \"arguments\": {...}} bare or in a code fence (small "
+                           "models often write them so); off by default, like a server's Hermes parser")
     model_name: str = "apr-backend"
 
     def model_post_init(self, __context: Any) -> None:
@@ -137,7 +142,7 @@ class BackendChatModel(BaseChatModel):
                                            temperature=self.temperature)
         text = comp.text + (TOOL_CALL_CLOSE if comp.stop == TOOL_CALL_CLOSE else "")
         message = parse_hermes(text, known_tools={t["function"]["name"] for t in tools} if tools else None,
-                               single=not parallel)
+                               single=not parallel, lenient=self.lenient_tool_calls and bool(tools))
         finish = "tool_calls" if message.tool_calls else comp.finish_reason
         message = message.model_copy(update={
             "usage_metadata": {"input_tokens": comp.prompt_tokens, "output_tokens": comp.completion_tokens,
@@ -165,14 +170,32 @@ class BackendChatModel(BaseChatModel):
         return self.backend.render(messages, tools, **kwargs)
 
 
-def parse_hermes(text: str, *, known_tools: set[str] | None = None, single: bool = False) -> AIMessage:
+def parse_hermes(text: str, *, known_tools: set[str] | None = None, single: bool = False,
+                 lenient: bool = False) -> AIMessage:
     """An ``AIMessage`` from model text with Hermes ``<tool_call>`` blocks.
 
     Valid calls go to ``tool_calls`` and malformed ones (bad JSON, no name, a
     name not in ``known_tools``) to ``invalid_tool_calls``; an unclosed last block
     is parsed too (the model ran out of tokens or stopped there). ``single`` keeps
     only the first call; how many were dropped is in ``response_metadata``.
+    ``lenient`` (with ``known_tools``): when the text has no ``<tool_call>`` block,
+    JSON objects naming a known tool, bare or in a code fence (doubled braces
+    ``{{...}}`` too), count as calls; ``response_metadata["lenient_tool_calls"]`` says so.
     """
+    if lenient and known_tools and TOOL_CALL_OPEN not in text:
+        found = _bare_calls(text, known_tools)
+        if found:
+            calls = [{"name": n, "args": a, "id": f"call_{uuid.uuid4().hex[:12]}", "type": "tool_call"}
+                     for n, a, _, _ in found]
+            content = text
+            for _, _, start, end in reversed(found):
+                content = content[:start] + content[end:]
+            content = _FENCE_RE.sub("", content).strip()
+            meta: dict[str, Any] = {"lenient_tool_calls": len(calls)}
+            if single and len(calls) > 1:
+                meta["dropped_tool_calls"] = len(calls) - 1
+                calls = calls[:1]
+            return AIMessage(content=content, tool_calls=calls, response_metadata=meta)
     calls: list[dict[str, Any]] = []
     invalid: list[dict[str, Any]] = []
     for m in _CALL_RE.finditer(text):
@@ -198,6 +221,45 @@ def parse_hermes(text: str, *, known_tools: set[str] | None = None, single: bool
         else:
             invalid = invalid[:1]
     return AIMessage(content=content, tool_calls=calls, invalid_tool_calls=invalid, response_metadata=meta)
+
+
+_FENCE_RE = re.compile(r"```[a-zA-Z]*\s*```")
+
+
+def _bare_calls(text: str, known_tools: set[str]) -> list[tuple[str, dict[str, Any], int, int]]:
+    """``(name, arguments, start, end)`` of JSON tool calls written without tags."""
+    decoder = json.JSONDecoder()
+    out: list[tuple[str, dict[str, Any], int, int]] = []
+    pos = 0
+    while True:
+        start = text.find("{", pos)
+        if start < 0:
+            return out
+        obj, end = None, start + 1
+        for candidate, shift in ((text[start:], 0), (text[start:].replace("{{", "{").replace("}}", "}"), None)):
+            try:
+                obj, used = decoder.raw_decode(candidate)
+            except ValueError:
+                continue
+            # The undoubled text is shorter: find where the object ends in the original.
+            end = _matching_brace(text, start) if shift is None else start + used
+            break
+        args = obj.get("arguments", obj.get("parameters")) if isinstance(obj, dict) else None
+        if isinstance(obj, dict) and obj.get("name") in known_tools and isinstance(args, dict):
+            out.append((obj["name"], args, start, end))
+            pos = end
+        else:
+            pos = start + 1
+
+
+def _matching_brace(text: str, start: int) -> int:
+    depth = 0
+    for i in range(start, len(text)):
+        depth += text[i] == "{"
+        depth -= text[i] == "}"
+        if depth == 0:
+            return i + 1
+    return len(text)
 
 
 def _with_system_note(messages: list[BaseMessage], note: str) -> list[BaseMessage]:

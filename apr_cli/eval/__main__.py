@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-depth", type=int, default=1)
     p.add_argument("--apr-config", default="{}", help="more APRConfig fields for the plugin methods, as JSON "
                                                       "(e.g. '{\"max_steps\": 8}')")
+    p.add_argument("--lenient-tool-calls", action="store_true",
+                   help="chat methods: also read tool calls written as bare or fenced JSON (no <tool_call> tags)")
     p.add_argument("--system", default=EVAL_SYSTEM, help="system message for every method ('' for none)")
     p.add_argument("--seed", type=int, default=0, help="question generation seed")
     p.add_argument("--out", default="docs/eval", help="folder for NAME.json and NAME.md (default docs/eval)")
@@ -116,7 +118,8 @@ async def amain(args: argparse.Namespace) -> int:
     if not isinstance(overrides, dict):
         raise ValueError("--apr-config must be a JSON object")
     settings = AgentSettings(max_tokens=args.max_tokens, max_threads=args.max_threads, max_depth=args.max_depth,
-                             system=args.system, timeout_s=timeout, config_overrides=overrides)
+                             system=args.system, timeout_s=timeout, config_overrides=overrides,
+                             lenient_tool_calls=args.lenient_tool_calls)
     settings.apr_config(parallel=True)  # an invalid field fails here, before the model loads
     t0 = time.perf_counter()
     backend = make_backend(args.backend, model=args.model, base_url=args.base_url, grammar=args.grammar,
@@ -160,7 +163,8 @@ async def amain(args: argparse.Namespace) -> int:
             "methods": methods, "questions": len(questions), "seed": args.seed, "tool_latency_s": args.tool_latency,
             "timeout_s": timeout, "deadline_s": deadline, "concurrency": args.concurrency,
             "max_tokens": args.max_tokens, "max_threads": args.max_threads, "max_depth": args.max_depth,
-            "apr_config": overrides, "grammar": args.grammar, "n_threads": args.n_threads, "system": args.system,
+            "apr_config": overrides, "grammar": args.grammar, "n_threads": args.n_threads,
+            "lenient_tool_calls": args.lenient_tool_calls, "system": args.system,
             "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "elapsed_s": round(elapsed, 1),
             "backend_load_s": round(load_s, 1), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
     partial.unlink(missing_ok=True)  # everything is in NAME.json now

@@ -77,6 +77,7 @@ class AgentSettings:
     system: str = EVAL_SYSTEM
     timeout_s: float = 240.0
     recursion_limit: int = 100
+    lenient_tool_calls: bool = False  # BackendChatModel: also read untagged JSON tool calls
     config_overrides: dict[str, Any] = field(default_factory=dict)
 
     def apr_config(self, *, parallel: bool) -> APRConfig:
@@ -111,7 +112,7 @@ def build_agent(method: str, backend: Any, tools: list[BaseTool], settings: Agen
 
     def chat(parallel: bool) -> BackendChatModel:
         return BackendChatModel(backend=backend, max_tokens=settings.max_tokens, temperature=settings.temperature,
-                                parallel_tool_calls=parallel)
+                                parallel_tool_calls=parallel, lenient_tool_calls=settings.lenient_tool_calls)
 
     if method == "apr-tools":
         return create_chat_apr_agent(chat(True), tools, settings.apr_config(parallel=True))
