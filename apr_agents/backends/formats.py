@@ -244,7 +244,8 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
     step stops at ``</tool_call>``), optionally after a line of reasoning; a spawn block
     up to ``</Outlines>`` (where spawning is allowed); an answer. A context's first step
     must call a tool or spawn (a small model otherwise answers from memory). After a
-    tool result, a branch must first say what it found in a sentence, then either end
+    tool result, a branch must first say what it found in a sentence that starts with
+    ``Result:`` (without that cue it wrote the next thread's heading), then either end
     with ``</Thread>`` or call again (without that sentence a 1.5B model kept calling
     tools and never closed its thread); the root may answer or call again. ``may_call=False``
     (a branch that used its tool calls) leaves only the sentence and ``</Thread>``. Text never
@@ -287,7 +288,7 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
         if not first_step or not options:
             options.append('say "</Thread>"' if branch else "say")
     else:  # a branch after a tool result: say what was found, then close (or call again, if it may)
-        options.append('say ( "</Thread>"' + (' | "\\n" calls' if calls and may_call else "") + " )")
+        options.append('"Result: " say ( "</Thread>"' + (' | "\\n" calls' if calls and may_call else "") + " )")
     return "\n".join([f"root ::= {' | '.join(options)}", *rules]) + "\n"
 
 

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embedded: llama.cpp in-process; scripted: a FAKE oracle that checks the harness only")
     p.add_argument("--model", help="catalog name or .gguf path (embedded), model name (openai/vllm)")
     p.add_argument("--base-url", help="OpenAI-compatible server URL(s), comma-separated")
-    p.add_argument("--grammar", choices=["none", "protocol"], default="none", help="embedded: constrained decoding")
+    p.add_argument("--grammar", choices=["none", "protocol"],
+                   help="embedded: constrained decoding (default: the model's own; protocol for instruct models)")
     p.add_argument("--n-ctx", type=int, default=8192, help="embedded: context window")
     p.add_argument("--n-threads", type=int, help="embedded: decode threads (default: llama.cpp's, half the cores)")
     p.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)} (default: all; --quick: "

@@ -10,10 +10,8 @@ time for as skipped instead of starting them.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from langchain_core.tools import BaseTool
@@ -22,20 +20,7 @@ from .methods import AgentSettings, RunResult, build_agent, run_one
 from .questions import Question
 
 
-def resolve_model(model: str | None) -> tuple[Path, Any]:
-    """A GGUF path and its catalog entry (or None) for ``--model``: a catalog name or a file."""
-    from apr_agents.backends import models
-
-    if model and (model.endswith(".gguf") or Path(model).expanduser().is_file()):
-        path = Path(model).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"--model {model}: no such file")
-        return path, models.spec_for_path(path)
-    path = models.model_path(model)
-    return path, models.spec_for_path(path)
-
-
-def make_backend(kind: str, *, model: str | None = None, base_url: str | None = None, grammar: str = "none",
+def make_backend(kind: str, *, model: str | None = None, base_url: str | None = None, grammar: str | None = None,
                  n_ctx: int = 8192, n_threads: int | None = None, questions: Sequence[Question] = (),
                  token_latency_s: float = 0.002) -> Any:
     """The backend every method shares."""
@@ -46,16 +31,12 @@ def make_backend(kind: str, *, model: str | None = None, base_url: str | None = 
     if kind == "embedded":
         from apr_agents.backends import embedded
 
-        kwargs: dict[str, Any] = {"grammar": None if grammar == "none" else grammar, "n_ctx": n_ctx}
+        kwargs: dict[str, Any] = {"n_ctx": n_ctx}
+        if grammar is not None:  # else the model's own default (grammar-constrained for instruct models)
+            kwargs["grammar"] = None if grammar == "none" else grammar
         if n_threads is not None:
             kwargs["n_threads"] = n_threads
-        if "model" in inspect.signature(embedded.default_backend).parameters:
-            return embedded.default_backend(model=model, **kwargs)
-        from apr_agents.backends.llamacpp import LlamaCppBackend
-
-        path, spec = resolve_model(model)
-        chat_template = None if spec is not None and spec.prompt_style == "gemma-fewshot" else True
-        return LlamaCppBackend(path, chat_template=chat_template, **kwargs)
+        return embedded.default_backend(model=model, **kwargs)
     if kind == "openai":
         from apr_agents.backends.openai_compat import OpenAICompatibleBackend
 
@@ -111,4 +92,4 @@ async def run_eval(
     return [r for r in results if r is not None]
 
 
-__all__ = ["make_backend", "resolve_model", "run_eval"]
+__all__ = ["make_backend", "run_eval"]

@@ -24,11 +24,13 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Annotated, Any
 
 from langchain_core.tools import BaseTool, ToolException, tool
+from pydantic import Field
 
 from apr_tools import evaluate, with_latency
+from apr_tools.calculator import EXPRESSION_PATTERN
 
 from .data import CONTINENTS, UnknownName, World
 
@@ -77,8 +79,8 @@ def distance_km(city_a: str, city_b: str) -> str:
 
 
 @tool
-def calculator(expression: str) -> str:
-    """Evaluate an arithmetic expression with + - * / ** and parentheses, e.g. '1200 / 3.5'."""
+def calculator(expression: Annotated[str, Field(pattern=EXPRESSION_PATTERN, max_length=500)]) -> str:
+    """Evaluate an arithmetic expression with numbers, + - * / ** and parentheses."""
     try:
         value = evaluate(expression)
     except (ValueError, ArithmeticError, TypeError) as exc:
