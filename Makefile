@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 setup: $(BIN)/python
-	$(BIN)/pip install -q -e ".[embedded,server,sqlite,postgres,bench,serve,chat,eval,dev]"
+	$(BIN)/pip install -q -e ".[embedded,server,sqlite,postgres,cli,bench,serve,chat,eval,dev]"
 
 demo: setup
 	$(BIN)/apr demo
