@@ -277,6 +277,13 @@ class LlamaCppBackend:
             out["busy_s"] = out["decode_s"]
         return out
 
+    def clear_cache(self) -> None:
+        """Forget every cached prefix: the next calls evaluate their prompts from the start."""
+        if self._engine is not None:
+            self._engine.clear_cache()
+        elif self._executor is not None:  # on the worker thread, after the calls queued before it
+            self._executor.submit(self.llama.reset).result()
+
     def sequences(self) -> list[dict[str, Any]]:
         """Batched mode: each llama.cpp sequence, its KV positions and whether a call is using it."""
         if self._engine is None:

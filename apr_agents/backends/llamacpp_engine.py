@@ -218,6 +218,17 @@ class BatchedEngine:
                             "kv_pos_min": lo, "kv_pos_max": hi})
         return out
 
+    def clear_cache(self) -> int:
+        """Forget the cached prefixes of idle sequences (live requests keep theirs); returns how many."""
+        n = 0
+        with self._state:
+            for s in self._slots:
+                if s.request is None and s.tokens:
+                    self._lc.llama_memory_seq_rm(self._mem, s.seq, -1, -1)
+                    s.tokens = []
+                    n += 1
+        return n
+
     def close(self) -> None:
         with self._cv:
             if self._closing:
