@@ -46,8 +46,9 @@ from typing import Any
 from .base import BackendError, BackendRequestError, BackendUnavailable, Completion
 
 # A request defers its start while a live sibling is still evaluating at least
-# this many more tokens of their common prefix: it then forks instead of re-reading.
-DEFER_MIN_TOKENS = 16
+# this many more tokens of their common prefix: it then forks instead of re-reading
+# (a prompt being read finishes within a step or two, so waiting is cheap).
+DEFER_MIN_TOKENS = 1
 
 
 def holdback(text: str, stops: Sequence[str]) -> int:

@@ -58,9 +58,11 @@ async def test_batched_branches_write_what_they_write_alone(backend, spawn_promp
     backend.clear_cache()
     _, branches = await _parent(backend, spawn_prompt)
     alone = []
-    for b in branches:  # each alone, forked from the same parent as below
+    for i, b in enumerate(branches):  # each alone, from the same cache state as below
         backend.clear_cache()
         await _parent(backend, spawn_prompt)
+        if i:  # together, branches 2.. wait for branch 1 to read its prompt and fork from it
+            await backend.complete(branches[0], stop=BRANCH_STOPS, max_tokens=1)
         alone.append(await backend.complete(b, stop=BRANCH_STOPS, max_tokens=32))
     backend.clear_cache()
     await _parent(backend, spawn_prompt)
