@@ -1,6 +1,15 @@
 """LlamaCppBackend: a GGUF model run in-process by llama.cpp (``llama-cpp-python``).
 
-One ``llama_cpp.Llama`` object holds one KV cache and decodes **one sequence at
+Two modes. ``LlamaCppBackend(path, batched=True, n_seq_max=8)``: concurrent
+calls (the branches of a spawn, other runs) decode together in one batch and a
+branch forks its parent's KV cache instead of reading the prefix again; see
+``apr_agents.backends.llamacpp_engine`` and docs/engines.md ("Batched mode").
+``batched=False`` (the default for now) is the serial mode described below.
+
+    backend = LlamaCppBackend("model.gguf", batched=True)
+    texts = await asyncio.gather(*[backend.complete(p, stop=[], max_tokens=64) for p in prompts])
+
+In the serial mode one ``llama_cpp.Llama`` object holds one KV cache and decodes **one sequence at
 a time**. This backend therefore runs every call on a single dedicated worker
 thread: concurrent ``complete``/``stream`` calls (the branches of a spawn) are
 queued first in, first out and decoded one after another. They are safe, but
@@ -121,6 +130,14 @@ class LlamaCppBackend:
     the output then depends on the prompt alone, not on which call ran before
     (cached and fresh prefills differ in the last bits, and greedy decoding of a
     small model can flip on that), so parallel and sequential runs write the same text.
+    ``batched``: decode concurrent calls together (``BatchedEngine``, see the
+    module doc); ``n_seq_max`` sequences at once (more calls queue);
+    ``kv_unified``: ``False`` gives each sequence its own KV stream of ``n_ctx``
+    cells (a fork copies the parent's cells; greedy text does not depend on what
+    else is in the batch), ``True`` one shared pool of ``kv_cells`` (a fork
+    shares the cells; less memory, not bit-exact); ``repack``: llama.cpp's
+    repacked CPU weight layouts (faster prompt reading for Q4 models, but a
+    row's result then depends on its place in the batch).
     Other keywords go to ``llama_cpp.Llama``.
     """
 

@@ -260,12 +260,16 @@ class BatchedEngine:
                     return
                 new, self._inbox = self._inbox, []
             with self._state:  # callers only take _cv (submit never waits for a decode step)
-                for req in new:
-                    self._prepare(req)
-                self._drop_cancelled()
-                self._admit()
-                if self._live():
-                    self._step()
+                try:
+                    for req in new:
+                        self._prepare(req)
+                    self._drop_cancelled()
+                    self._admit()
+                    if self._live():
+                        self._step()
+                        continue
+                except Exception as exc:  # noqa: BLE001 - a bug must fail the calls, not hang them
+                    self._fail_all(BackendError(f"llama.cpp engine error: {type(exc).__name__}: {exc}"))
                     continue
             if self._pending:  # nothing live and nothing admitted cannot happen; never spin
                 time.sleep(0.01)
@@ -466,10 +470,10 @@ class BatchedEngine:
             self._make_room()
             return None
         if ret != 0:
+            live = [s.request for s in self._live() if s.request is not None]
             err = BackendError(f"llama_decode failed (code {ret}); the engine dropped its KV cache")
-            for s in self._live():
-                assert s.request is not None
-                self._fail(s.request, err)
+            for req in live:
+                self._fail(req, err)
             lc.llama_memory_clear(self._mem, True)
             for s in self._slots:
                 s.tokens = []
@@ -568,6 +572,14 @@ class BatchedEngine:
             req.future.set_result(comp)
         except InvalidStateError:  # the caller cancelled the future meanwhile
             pass
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for req in [*(s.request for s in self._slots if s.request is not None), *self._pending]:
+            self._fail(req, exc)
+        self._pending.clear()
+        self._lc.llama_memory_clear(self._mem, True)
+        for s in self._slots:
+            s.tokens = []
 
     def _fail(self, req: Request, exc: BaseException) -> None:
         self._release(req, free=True)
