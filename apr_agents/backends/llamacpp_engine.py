@@ -460,8 +460,9 @@ class BatchedEngine:
                     outputs.append((req, n))
                 n += 1
         batch.n_tokens = n
-        # one thread per token row is what decoding needs; prompt chunks use the batch threads
-        threads = self.n_threads if all(k == 1 for _, k in items) else self.n_threads_batch
+        # one sequence's next token: n_threads (llama.cpp's default, half the cores); several rows (a batch of
+        # sequences, a prompt chunk) are compute-bound and split over n_threads_batch (all cores)
+        threads = self.n_threads if n == 1 else self.n_threads_batch
         if threads != self._threads_now:
             lc.llama_set_n_threads(self._ctx, self.n_threads, threads)
             self._threads_now = threads
