@@ -106,7 +106,7 @@ async def test_cancelling_a_call_frees_the_engine(backend):
     quick = await backend.complete("The capital of France is", stop=[], max_tokens=3)
     assert quick.completion_tokens == 3
     # 1500 tokens would take many seconds; the cancelled decode stopped at its next token
-    assert time.perf_counter() - t0 < 6.0
+    assert time.perf_counter() - t0 < 30.0  # wide: the shared machine decodes 4-8x slower under load
     assert backend.stats()["aborted"] >= 1
 
 
