@@ -1,6 +1,15 @@
 """LlamaCppBackend: a GGUF model run in-process by llama.cpp (``llama-cpp-python``).
 
-One ``llama_cpp.Llama`` object holds one KV cache and decodes **one sequence at
+Two modes. ``LlamaCppBackend(path, batched=True, n_seq_max=8)``: concurrent
+calls (the branches of a spawn, other runs) decode together in one batch and a
+branch forks its parent's KV cache instead of reading the prefix again; see
+``apr_agents.backends.llamacpp_engine`` and docs/engines.md ("Batched mode").
+``batched=False`` (the default for now) is the serial mode described below.
+
+    backend = LlamaCppBackend("model.gguf", batched=True)
+    texts = await asyncio.gather(*[backend.complete(p, stop=[], max_tokens=64) for p in prompts])
+
+In the serial mode one ``llama_cpp.Llama`` object holds one KV cache and decodes **one sequence at
 a time**. This backend therefore runs every call on a single dedicated worker
 thread: concurrent ``complete``/``stream`` calls (the branches of a spawn) are
 queued first in, first out and decoded one after another. They are safe, but
@@ -36,9 +45,12 @@ from typing import Any
 
 from langchain_core.messages import BaseMessage
 
-from .base import BackendError, BackendUnavailable, Completion
+from .base import BackendError, BackendRequestError, BackendUnavailable, Completion
 from .formats import ChatMLFormat, FewShotFormat
 from .grammars import protocol_gbnf
+from .llamacpp_engine import BatchedEngine, Request, grammar_source
+from .llamacpp_engine import find_first as _find_first
+from .llamacpp_engine import holdback as _holdback
 from .prompting import TURN_USER
 
 INSTALL_HINT = (
@@ -57,24 +69,6 @@ def _import_llama_cpp() -> Any:
     return llama_cpp
 
 
-def _holdback(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters of ``text`` could still start a stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
-
-
-def _find_first(text: str, stops: Sequence[str], start: int) -> tuple[int, str] | None:
-    best: tuple[int, str] | None = None
-    for s in stops:
-        i = text.find(s, start)
-        if i >= 0 and (best is None or i < best[0] or (i == best[0] and len(s) > len(best[1]))):
-            best = (i, s)
-    return best
 
 
 class LlamaCppBackend:
@@ -102,6 +96,14 @@ class LlamaCppBackend:
     the output then depends on the prompt alone, not on which call ran before
     (cached and fresh prefills differ in the last bits, and greedy decoding of a
     small model can flip on that), so parallel and sequential runs write the same text.
+    ``batched``: decode concurrent calls together (``BatchedEngine``, see the
+    module doc); ``n_seq_max`` sequences at once (more calls queue);
+    ``kv_unified``: ``False`` gives each sequence its own KV stream of ``n_ctx``
+    cells (a fork copies the parent's cells; greedy text does not depend on what
+    else is in the batch), ``True`` one shared pool of ``kv_cells`` (a fork
+    shares the cells; less memory, not bit-exact); ``repack``: llama.cpp's
+    repacked CPU weight layouts (faster prompt reading for Q4 models, but a
+    row's result then depends on its place in the batch).
     Other keywords go to ``llama_cpp.Llama``.
     """
 
@@ -118,6 +120,11 @@ class LlamaCppBackend:
         end_stops: Sequence[str] | None = None,
         verbose: bool = False,
         reuse_prefix: bool = True,
+        batched: bool = False,
+        n_seq_max: int = 8,
+        kv_unified: bool = False,
+        kv_cells: int | None = None,
+        repack: bool = False,
         **llama_kwargs: Any,
     ) -> None:
         llama_cpp = _import_llama_cpp()
@@ -138,7 +145,9 @@ class LlamaCppBackend:
         started = time.perf_counter()
         try:
             self.llama = llama_cpp.Llama(
-                model_path=str(path), n_ctx=n_ctx, seed=seed, verbose=verbose, **llama_kwargs,
+                # batched: the engine loads the weights; this object only serves the tokenizer
+                model_path=str(path), n_ctx=min(n_ctx, 256) if batched else n_ctx, seed=seed,
+                verbose=verbose, vocab_only=batched, **llama_kwargs,
             )
         except (ValueError, RuntimeError, OSError) as exc:
             raise BackendUnavailable(f"llama.cpp could not load {path}: {exc}") from exc
@@ -182,6 +191,20 @@ class LlamaCppBackend:
                        "busy_s": 0.0, "max_queue": 0, "aborted": 0}
         self._queued = 0
         self._active: set[threading.Event] = set()
+        self.batched = batched
+        self._engine: BatchedEngine | None = None
+        if batched:
+            cp = self.llama.context_params
+            try:
+                self._engine = BatchedEngine(
+                    self.llama, str(path), n_ctx=n_ctx, n_seq_max=n_seq_max, kv_unified=kv_unified,
+                    kv_cells=kv_cells, n_threads=int(cp.n_threads), n_threads_batch=int(cp.n_threads_batch),
+                    repack=repack, reuse_prefix=reuse_prefix, end_token_ids=sorted(self._end_token_ids))
+            except BackendUnavailable:
+                self.llama.close()
+                raise
+            self._executor.shutdown(wait=False)
+            self._executor = None
 
     # -- the Backend protocol ----------------------------------------------------
     def render(self, messages: list[BaseMessage], tools: list[dict[str, Any]], *,
@@ -207,6 +230,8 @@ class LlamaCppBackend:
             return await fut
         except asyncio.CancelledError:
             cancel.set()  # a running decode stops at its next token and frees the engine
+            if self._engine is not None:
+                self._engine.wake()
             raise
 
     async def stream(self, prompt: str, *, stop: list[str], max_tokens: int,
@@ -234,12 +259,32 @@ class LlamaCppBackend:
             if not fut.done():
                 cancel.set()
                 fut.cancel()
+                if self._engine is not None:
+                    self._engine.wake()
 
     # -- extras -------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """Counters since construction: calls, tokens, busy seconds, the longest queue seen."""
         with self._stats_lock:
-            return dict(self._stats, queued=self._queued, load_s=self.load_s)
+            out: dict[str, Any] = dict(self._stats, queued=self._queued, load_s=self.load_s)
+        if self._engine is not None:
+            with self._engine.stats_lock:
+                out.update(self._engine.counters)
+            out["busy_s"] = out["decode_s"]
+        return out
+
+    def clear_cache(self) -> None:
+        """Forget every cached prefix: the next calls evaluate their prompts from the start."""
+        if self._engine is not None:
+            self._engine.clear_cache()
+        elif self._executor is not None:  # on the worker thread, after the calls queued before it
+            self._executor.submit(self.llama.reset).result()
+
+    def sequences(self) -> list[dict[str, Any]]:
+        """Batched mode: each llama.cpp sequence, its KV positions and whether a call is using it."""
+        if self._engine is None:
+            raise BackendError("sequences() needs LlamaCppBackend(batched=True)")
+        return self._engine.sequences()
 
     def close(self) -> None:
         """Stop the worker (queued calls are cancelled) and free the model."""
@@ -252,6 +297,8 @@ class LlamaCppBackend:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
+        if self._engine is not None:
+            self._engine.close()
         close = getattr(self.llama, "close", None)
         if callable(close):
             close()
@@ -263,26 +310,38 @@ class LlamaCppBackend:
         self.close()
 
     def __repr__(self) -> str:
-        return f"LlamaCppBackend({str(self.model_path)!r}, n_ctx={self.n_ctx}, n_threads={self.n_threads})"
+        mode = f", batched=True, n_seq_max={self._engine.n_seq_max}" if self._engine is not None else ""
+        return f"LlamaCppBackend({str(self.model_path)!r}, n_ctx={self.n_ctx}, n_threads={self.n_threads}{mode})"
 
     # -- internals --------------------------------------------------------------------
     def _submit(self, loop: asyncio.AbstractEventLoop, prompt: str, stop: Sequence[str], max_tokens: int,
                 temperature: float, emit: Callable[[str], None] | None,
                 cancel: threading.Event) -> asyncio.Future[Completion]:
-        if self._executor is None:
+        if self._closed or (self._executor is None and self._engine is None):
             raise BackendUnavailable("LlamaCppBackend is closed")
+        seed = self._rng.randrange(2**31)
+        fut: asyncio.Future[Completion]
+        if self._engine is not None:
+            stops = [s for s in stop if s]
+            req = Request(prompt=prompt, stops=stops, end_stops=[s for s in self.end_stops if s and s not in stops],
+                          max_tokens=max_tokens, temperature=temperature, seed=seed,
+                          grammar=grammar_source(self._grammar_for(prompt, stops)), emit=emit, cancel=cancel)
+            fut = asyncio.wrap_future(self._engine.submit(req), loop=loop)
+        else:
+            assert self._executor is not None
+            fut = loop.run_in_executor(self._executor, self._run, prompt, list(stop), max_tokens,
+                                       temperature, seed, emit, cancel)
         with self._stats_lock:
             self._queued += 1
             self._stats["max_queue"] = max(self._stats["max_queue"], self._queued)
             self._active.add(cancel)
-        seed = self._rng.randrange(2**31)
-        fut = loop.run_in_executor(self._executor, self._run, prompt, list(stop), max_tokens,
-                                   temperature, seed, emit, cancel)
 
-        def settled(_f: object) -> None:
+        def settled(f: asyncio.Future[Completion]) -> None:
             with self._stats_lock:
                 self._queued -= 1
                 self._active.discard(cancel)
+            if self._engine is not None and not f.cancelled() and f.exception() is None:
+                self._count(f.result())
 
         fut.add_done_callback(settled)
         return fut
@@ -322,7 +381,7 @@ class LlamaCppBackend:
         tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
         n_prompt = len(tokens)
         if n_prompt >= self.n_ctx:
-            raise BackendError(f"prompt has {n_prompt} tokens but the context window is n_ctx={self.n_ctx}; "
+            raise BackendRequestError(f"prompt has {n_prompt} tokens but the context window is n_ctx={self.n_ctx}; "
                                "construct LlamaCppBackend with a larger n_ctx or lower APRConfig.max_tokens")
         budget = max(0, min(max_tokens, self.n_ctx - n_prompt))
         if not self.reuse_prefix:
@@ -380,15 +439,19 @@ class LlamaCppBackend:
 
     def _finish(self, text: str, hit: str | None, finish: str, n_prompt: int, n_out: int,
                 cached: int) -> Completion:
+        comp = Completion(text=text, stop=hit, finish_reason=finish, prompt_tokens=n_prompt,
+                          completion_tokens=n_out, cached_prompt_tokens=max(0, cached))
+        self._count(comp)
+        return comp
+
+    def _count(self, c: Completion) -> None:
         with self._stats_lock:
             s = self._stats
             s["calls"] += 1
-            s["prompt_tokens"] += n_prompt
-            s["cached_prompt_tokens"] += max(0, cached)
-            s["completion_tokens"] += n_out
-            s["aborted"] += finish == "abort"
-        return Completion(text=text, stop=hit, finish_reason=finish, prompt_tokens=n_prompt,
-                          completion_tokens=n_out, cached_prompt_tokens=max(0, cached))
+            s["prompt_tokens"] += c.prompt_tokens
+            s["cached_prompt_tokens"] += c.cached_prompt_tokens or 0
+            s["completion_tokens"] += c.completion_tokens
+            s["aborted"] += c.finish_reason == "abort"
 
 
 __all__ = ["LlamaCppBackend", "protocol_gbnf"]

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="docs/benchmarks", help="folder for the tables, JSON and plots")
     p.add_argument("--tool-latency", type=float, default=0.2, help="tool latency L of the tool-bound suite, s")
     p.add_argument("--engines", default=None,
-                   help="engines for the engines suite, comma-separated: embedded,vllm "
+                   help="engines for the engines suite, comma-separated: embedded,embedded-serial,vllm "
                         "(default: both; --quick: embedded only, vLLM CPU takes minutes to start)")
     p.add_argument("--traces", default=None, help="folder of recorded trajectories (default ../shared/traces)")
     return p

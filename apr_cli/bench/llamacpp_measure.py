@@ -1,6 +1,12 @@
 """Measure the embedded llama.cpp backend and the OpenAI-compatible backend on this machine.
 
     python -m apr_cli.bench.llamacpp_measure [--reps 3] [--skip-server] [--out bench.json]
+    python -m apr_cli.bench.llamacpp_measure --batched-only --reps 2   # the batched engine alone
+
+``--batched-only`` times K = 1, 2, 4, 8 branches of one spawn (prefix cached)
+on ``LlamaCppBackend(batched=True)``, sent together and one after another, in
+wall time and in process CPU time (``time.process_time``, all threads): on a
+shared machine the CPU time is the steadier measure of the engine's own work.
 
 Feeds the numbers in docs/engines.md. It prints the machine (``nproc``, CPU
 model, load average before and after: other processes on a 2-core machine skew
@@ -132,6 +138,41 @@ async def bench_llamacpp(reps: int, n_threads: int) -> dict[str, object]:
     return out
 
 
+async def bench_batched(reps: int, tokens: int = 32) -> dict[str, object]:
+    """K branches of one spawn on the batched engine: together vs one after another (wall and CPU)."""
+    b = LlamaCppBackend(model_path(), n_ctx=4096, batched=True, n_seq_max=8, end_stops=())
+    shared = b.render([HumanMessage("What are the capitals of France and Brazil?")], TOOLS) + \
+        "<Parallel>\n<Outlines>\n" + "".join(f"<Outline>{i}: part {i}</Outline>\n" for i in range(1, 9)) + \
+        "</Outlines>\n"
+    out: dict[str, object] = {"tokens_per_branch": tokens, "engine": repr(b)}
+    try:
+        for k in (1, 2, 4, 8):
+            branches = [shared + f"<Thread>{i}:" for i in range(1, k + 1)]
+            await asyncio.gather(*[b.complete(p, stop=[], max_tokens=1) for p in branches])  # cache the prompts
+            rows: dict[str, list[float]] = {"together_s": [], "together_cpu_s": [], "sequential_s": [],
+                                            "sequential_cpu_s": []}
+            gen = 0
+            for _ in range(reps):
+                w, c = time.perf_counter(), time.process_time()
+                res = await asyncio.gather(*[b.complete(p, stop=[], max_tokens=tokens) for p in branches])
+                rows["together_s"].append(time.perf_counter() - w)
+                rows["together_cpu_s"].append(time.process_time() - c)
+                gen = sum(r.completion_tokens for r in res)
+                w, c = time.perf_counter(), time.process_time()
+                for p in branches:
+                    await b.complete(p, stop=[], max_tokens=tokens)
+                rows["sequential_s"].append(time.perf_counter() - w)
+                rows["sequential_cpu_s"].append(time.process_time() - c)
+            med = {key: statistics.median(v) for key, v in rows.items()}
+            out[f"k{k}"] = {**{key: stats(v) for key, v in rows.items()}, "generated": gen,
+                            "speedup_wall": round(med["sequential_s"] / med["together_s"], 2),
+                            "speedup_cpu": round(med["sequential_cpu_s"] / med["together_cpu_s"], 2)}
+        out["stats"] = b.stats()
+    finally:
+        b.close()
+    return out
+
+
 async def bench_server(reps: int) -> dict[str, object]:
     from backend_servers import LlamaServer
 
@@ -196,8 +237,17 @@ async def main() -> None:
     ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
     ap.add_argument("--skip-server", action="store_true")
     ap.add_argument("--out")
+    ap.add_argument("--batched-only", action="store_true", help="only the batched engine (K = 1, 2, 4, 8)")
     args = ap.parse_args()
     result: dict[str, object] = {"machine": machine()}
+    if args.batched_only:
+        result["batched"] = await bench_batched(args.reps)
+        result["loadavg_after"] = os.getloadavg()
+        text = json.dumps(result, indent=1, ensure_ascii=False)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text)
+        return
     result["llamacpp"] = [await bench_llamacpp(args.reps, n) for n in args.threads]
     if not args.skip_server:
         result["server"] = await bench_server(args.reps)

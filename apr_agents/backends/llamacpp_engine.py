@@ -1,0 +1,606 @@
+"""BatchedEngine: many sequences decoded together in one llama.cpp context; a fork copies KV, not text.
+
+``LlamaCppBackend(batched=True)`` runs every call through this engine. One
+engine thread owns a ``llama_context`` with ``n_seq_max`` sequences in a
+unified KV cache. Every live request (the branches of one spawn, and the calls
+of concurrent runs) is stepped together: each ``llama_decode`` evaluates one
+token for every generating sequence plus chunks of the prompts still being
+read, all in one ``llama_batch``; then each sequence samples its next token
+with its own sampler chain (greedy, or top-k/top-p/min-p/temperature with its
+own seed, and an optional GBNF grammar).
+
+Forks: a new request whose prompt shares a prefix with tokens already in the
+KV cache (the parent that wrote the spawn block, a sibling branch, an earlier
+call) gets that prefix with ``llama_memory_seq_cp``: in a unified cache the
+cells are shared between sequences, nothing is evaluated again or copied.
+A request whose siblings are still reading the same prefix waits for them and
+then forks, so K branches of a cold prompt read it once. ``cached_prompt_tokens``
+counts exactly the prompt tokens that were not evaluated for this request.
+
+Finished sequences stay in the cache (so the parent resumes after the merge
+from its cached prefix) until their sequence is needed; a cancelled request
+frees its sequence and cells at once. More concurrent requests than sequences
+queue first in, first out. If the KV cache runs out of cells, idle sequences
+are dropped first; then the youngest request is paused (its cells freed) and
+resumed later by re-reading its prompt and the tokens it already wrote.
+
+Usage (normally through the backend)::
+
+    from apr_agents.backends.llamacpp import LlamaCppBackend
+    backend = LlamaCppBackend("model.gguf", batched=True, n_seq_max=8)
+    # concurrent backend.complete()/stream() calls now decode in one batch
+    backend.sequences()   # what each sequence holds (for tests and debugging)
+"""
+
+from __future__ import annotations
+
+import codecs
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Any
+
+from .base import BackendError, BackendRequestError, BackendUnavailable, Completion
+
+# A request defers its start while a live sibling is still evaluating at least
+# this many more tokens of their common prefix: it then forks instead of re-reading
+# (a prompt being read finishes within a step or two, so waiting is cheap).
+DEFER_MIN_TOKENS = 1
+
+
+def holdback(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of ``text`` could still start a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+def find_first(text: str, stops: Sequence[str], start: int) -> tuple[int, str] | None:
+    """The earliest stop string in ``text[start:]`` (the longest one on a tie)."""
+    best: tuple[int, str] | None = None
+    for s in stops:
+        i = text.find(s, start)
+        if i >= 0 and (best is None or i < best[0] or (i == best[0] and len(s) > len(best[1]))):
+            best = (i, s)
+    return best
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass(eq=False)
+class Request:
+    """One ``complete``/``stream`` call as the engine sees it."""
+
+    prompt: str
+    stops: list[str]
+    end_stops: list[str]
+    max_tokens: int
+    temperature: float
+    seed: int
+    grammar: tuple[str, str] | None  # (GBNF text, root rule)
+    emit: Callable[[str], None] | None
+    cancel: threading.Event
+    future: Future[Completion] = field(default_factory=Future)
+    # state, engine thread only
+    tokens: list[int] = field(default_factory=list)  # prompt + sampled tokens (the last may not be in KV yet)
+    n_prompt: int = 0
+    budget: int = 0
+    cached: int | None = None
+    n_out: int = 0
+    text: str = ""
+    emitted: int = 0
+    decoder: Any = None
+    sampler: Any = None
+    slot: Slot | None = None
+    order: int = 0
+
+
+@dataclass(eq=False)
+class Slot:
+    """One llama.cpp sequence: ``tokens`` are exactly the tokens whose KV cells it holds (positions 0..n-1)."""
+
+    seq: int
+    tokens: list[int] = field(default_factory=list)
+    request: Request | None = None
+    used_at: float = 0.0
+
+
+class BatchedEngine:
+    """The decode loop of ``LlamaCppBackend(batched=True)``; see the module doc.
+
+    ``llama``: a loaded ``llama_cpp.Llama`` (its model weights, tokenizer and
+    thread settings are used; its own context is not). ``n_ctx``: the limit per
+    request (prompt + generated tokens). ``n_seq_max``: sequences decoded
+    together. ``kv_cells``: KV cache size shared by all sequences (default
+    ``2 * n_ctx``). ``n_batch``: most prompt tokens of one request per step
+    (a longer prompt is read in chunks of this size); a step holds one chunk
+    plus one token per generating sequence, in one ubatch.
+    """
+
+    def __init__(self, llama: Any, model_path: str, *, n_ctx: int, n_seq_max: int = 8,
+                 kv_unified: bool = False, kv_cells: int | None = None, n_batch: int = 512,
+                 n_threads: int | None = None, n_threads_batch: int | None = None,
+                 repack: bool = False, reuse_prefix: bool = True, end_token_ids: Sequence[int] = ()) -> None:
+        import llama_cpp
+
+        if n_seq_max < 1:
+            raise ValueError("n_seq_max must be at least 1")
+        self._lc = llama_cpp
+        self.llama = llama  # tokenizer and detokenizer only
+        self.n_ctx = n_ctx
+        self.n_seq_max = n_seq_max
+        self.n_chunk = max(1, n_batch)
+        self.n_batch = max(self.n_chunk, n_seq_max)
+        self.reuse_prefix = reuse_prefix
+        self.end_token_ids = set(end_token_ids)
+        self.kv_unified = kv_unified
+        # separate streams: n_ctx cells per sequence; unified: one pool (default 2 * n_ctx cells)
+        self.kv_cells = n_ctx * n_seq_max if not kv_unified else max(n_ctx, kv_cells or 2 * n_ctx)
+        mparams = llama_cpp.llama_model_default_params()
+        # CPU_REPACK weights (q4_K 8x8 kernels) compute a row differently depending on its place in
+        # the batch; without them a sequence's logits do not depend on what else is in the batch
+        mparams.use_extra_bufts = repack
+        self._model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
+        if not self._model:
+            raise BackendUnavailable(f"llama.cpp could not load {model_path}")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self.kv_cells
+        params.n_batch = self.n_batch
+        params.n_ubatch = self.n_batch
+        params.n_seq_max = n_seq_max
+        params.kv_unified = kv_unified
+        params.swa_full = True  # sliding-window layers keep every cell, so any prefix can be forked
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.no_perf = True
+        if n_threads is not None:
+            params.n_threads = n_threads
+        if n_threads_batch is not None:
+            params.n_threads_batch = n_threads_batch
+        self._ctx = llama_cpp.llama_init_from_model(self._model, params)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            raise BackendUnavailable(f"llama.cpp could not create a context with n_seq_max={n_seq_max}, "
+                                     f"{self.kv_cells} KV cells")
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.n_threads = int(params.n_threads)
+        self.n_threads_batch = int(params.n_threads_batch)
+        self._threads_now = self.n_threads_batch
+        self._slots = [Slot(seq=i) for i in range(n_seq_max)]
+        self._pending: deque[Request] = deque()
+        self._inbox: list[Request] = []
+        self._cv = threading.Condition()
+        self._state = threading.Lock()
+        self._closing = False
+        self._order = 0
+        self.stats_lock = threading.Lock()
+        self.counters: dict[str, float] = {
+            "steps": 0, "batch_tokens": 0, "max_batch_seqs": 0, "prefill_tokens": 0, "forks": 0,
+            "forked_tokens": 0, "preempted": 0, "evicted": 0, "aborted": 0, "decode_s": 0.0}
+        self._thread = threading.Thread(target=self._loop, name="apr-llamacpp-engine", daemon=True)
+        self._thread.start()
+
+    # -- called from any thread -----------------------------------------------------------
+    def submit(self, req: Request) -> Future[Completion]:
+        with self._cv:
+            if self._closing:
+                raise BackendUnavailable("LlamaCppBackend is closed")
+            self._inbox.append(req)
+            self._cv.notify()
+        return req.future
+
+    def wake(self) -> None:
+        """Make the engine look at cancellations now (it also does so before every step)."""
+        with self._cv:
+            self._cv.notify()
+
+    def sequences(self) -> list[dict[str, Any]]:
+        """What each sequence holds: its KV positions as llama.cpp reports them, live or idle."""
+        out = []
+        with self._state:
+            for s in self._slots:
+                lo = self._lc.llama_memory_seq_pos_min(self._mem, s.seq)
+                hi = self._lc.llama_memory_seq_pos_max(self._mem, s.seq)
+                out.append({"seq": s.seq, "tokens": len(s.tokens), "live": s.request is not None,
+                            "kv_pos_min": lo, "kv_pos_max": hi})
+        return out
+
+    def clear_cache(self) -> int:
+        """Forget the cached prefixes of idle sequences (live requests keep theirs); returns how many."""
+        n = 0
+        with self._state:
+            for s in self._slots:
+                if s.request is None and s.tokens:
+                    self._lc.llama_memory_seq_rm(self._mem, s.seq, -1, -1)
+                    s.tokens = []
+                    n += 1
+        return n
+
+    def close(self) -> None:
+        with self._cv:
+            if self._closing:
+                return
+            self._closing = True
+            self._cv.notify()
+        self._thread.join()
+        lc = self._lc
+        for s in self._slots:
+            if s.request is not None:
+                self._finish(s.request, "abort")
+        for r in [*self._pending, *self._inbox]:
+            r.future.cancel()
+        self._pending.clear()
+        self._inbox.clear()
+        lc.llama_batch_free(self._batch)
+        lc.llama_free(self._ctx)
+        lc.llama_model_free(self._model)
+        self._ctx = None
+
+    # -- the engine thread ------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closing and not self._inbox and not self._pending and not self._live():
+                    self._cv.wait()
+                if self._closing:
+                    return
+                new, self._inbox = self._inbox, []
+            with self._state:  # callers only take _cv (submit never waits for a decode step)
+                try:
+                    for req in new:
+                        self._prepare(req)
+                    self._drop_cancelled()
+                    self._admit()
+                    if self._live():
+                        self._step()
+                        continue
+                except Exception as exc:  # noqa: BLE001 - a bug must fail the calls, not hang them
+                    self._fail_all(BackendError(f"llama.cpp engine error: {type(exc).__name__}: {exc}"))
+                    continue
+            if self._pending:  # nothing live and nothing admitted cannot happen; never spin
+                time.sleep(0.01)
+
+    def _live(self) -> list[Slot]:
+        return [s for s in self._slots if s.request is not None]
+
+    def _prepare(self, req: Request) -> None:
+        try:
+            toks = self.llama.tokenize(req.prompt.encode("utf-8"), add_bos=True, special=True)
+        except Exception as exc:  # noqa: BLE001 - reported to the caller
+            self._fail(req, BackendRequestError(f"could not tokenize the prompt: {exc}"))
+            return
+        n = len(toks)
+        if n >= self.n_ctx:
+            self._fail(req, BackendRequestError(
+                f"prompt has {n} tokens but the context window is n_ctx={self.n_ctx}; construct "
+                "LlamaCppBackend with a larger n_ctx or lower APRConfig.max_tokens"))
+            return
+        req.tokens, req.n_prompt = list(toks), n
+        req.budget = max(0, min(req.max_tokens, self.n_ctx - n))
+        req.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._order += 1
+        req.order = self._order
+        if req.cancel.is_set():
+            self._finish(req, "abort")
+        elif req.budget == 0:
+            req.cached = self._best_source(req)[1]
+            self._finish(req, "length")
+        else:
+            self._pending.append(req)
+
+    def _drop_cancelled(self) -> None:
+        for req in [r for r in self._pending if r.cancel.is_set()]:
+            self._pending.remove(req)
+            self._finish(req, "abort")
+        for s in self._slots:
+            if s.request is not None and s.request.cancel.is_set():
+                self._finish(s.request, "abort")
+
+    def _best_source(self, req: Request) -> tuple[Slot | None, int]:
+        if not self.reuse_prefix:
+            return None, 0
+        best: Slot | None = None
+        n_best = 0
+        for s in self._slots:
+            n = common_prefix(s.tokens, req.tokens)
+            if n > n_best or (n == n_best and n and best is not None and best.request is not None
+                              and s.request is None):
+                best, n_best = s, n
+        return best, min(n_best, len(req.tokens) - 1)  # the last token is evaluated: its logits sample
+
+    def _waits_for_sibling(self, req: Request, have: int) -> bool:
+        """A live request is still evaluating a longer common prefix: fork from it once it has."""
+        for s in self._slots:
+            r = s.request
+            if r is None or len(s.tokens) >= r.n_prompt:
+                continue
+            planned = min(common_prefix(r.tokens[: r.n_prompt], req.tokens), len(req.tokens) - 1)
+            if planned > len(s.tokens) and planned - have >= DEFER_MIN_TOKENS:
+                return True
+        return False
+
+    def _admit(self) -> None:
+        lc = self._lc
+        for req in list(self._pending):
+            idle = [s for s in self._slots if s.request is None]
+            if not idle:
+                return
+            src, n = self._best_source(req)
+            if self.reuse_prefix and self._waits_for_sibling(req, n):
+                continue
+            if src is not None and src.request is None and n > 0:
+                # keep the source intact when an empty or less useful sequence is free
+                others = [s for s in idle if s is not src]
+                empty = [s for s in others if not s.tokens]
+                target = empty[0] if empty else src
+            else:
+                target = min(idle, key=lambda s: (len(s.tokens) > 0, s.used_at))
+            if target is src:
+                if not lc.llama_memory_seq_rm(self._mem, target.seq, n, -1):
+                    lc.llama_memory_seq_rm(self._mem, target.seq, -1, -1)
+                    n = 0
+                target.tokens = target.tokens[:n]
+            else:
+                lc.llama_memory_seq_rm(self._mem, target.seq, -1, -1)
+                target.tokens = []
+                if src is not None and n > 0:
+                    if self.kv_unified:  # the cells are shared, only their sequence sets change
+                        lc.llama_memory_seq_cp(self._mem, src.seq, target.seq, 0, n)
+                    else:  # across streams llama.cpp copies whole buffers only; then cut the tail
+                        lc.llama_memory_seq_cp(self._mem, src.seq, target.seq, -1, -1)
+                        lc.llama_memory_seq_rm(self._mem, target.seq, n, -1)
+                    target.tokens = src.tokens[:n]
+                    with self.stats_lock:
+                        self.counters["forks"] += 1
+                        self.counters["forked_tokens"] += n
+            self._pending.remove(req)
+            if req.cached is None:  # a resumed (preempted) request keeps its first count
+                req.cached = n
+            if req.sampler is None:
+                try:
+                    req.sampler = self._sampler(req)
+                except BackendRequestError as exc:
+                    target.used_at = time.perf_counter()
+                    self._fail(req, exc)
+                    continue
+            target.request, req.slot = req, target
+
+    def _sampler(self, req: Request) -> Any:
+        lc = self._lc
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if req.grammar is not None:
+            g = lc.llama_sampler_init_grammar(self._vocab, req.grammar[0].encode(), req.grammar[1].encode())
+            if not g:
+                lc.llama_sampler_free(chain)
+                raise BackendRequestError("llama.cpp could not parse the GBNF grammar")
+            lc.llama_sampler_chain_add(chain, g)
+        if req.temperature <= 0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+        else:  # the parameters Llama.generate used before (top_k 40, top_p 0.95, min_p 0.05)
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(40))
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(0.95, 1))
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(0.05, 1))
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(req.temperature))
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(req.seed & 0xFFFFFFFF))
+        return chain
+
+    def _step(self) -> None:
+        """One engine step: one llama_decode with the next token of every generating sequence, then
+        prompt chunks of new requests, each in its own llama_decode (see "Exactness" in docs/engines.md:
+        a sequence's logits then depend only on its own tokens and cached prefix, not on the batch)."""
+        t0 = time.perf_counter()
+        live = sorted(self._live(), key=lambda s: s.request.order)  # type: ignore[union-attr]
+        decoding = [s for s in live if len(s.request.tokens) - len(s.tokens) == 1]  # type: ignore[union-attr]
+        reading = [s for s in live if len(s.request.tokens) - len(s.tokens) > 1]  # type: ignore[union-attr]
+        calls: list[list[tuple[Slot, int]]] = []
+        if decoding:
+            calls.append([(s, 1) for s in decoding])
+        budget = self.n_chunk
+        for s in reading:
+            todo = len(s.request.tokens) - len(s.tokens)  # type: ignore[union-attr]
+            take = min(todo, self.n_chunk)  # chunks start at the cached length, whatever else runs
+            if take > budget and calls:
+                break
+            calls.append([(s, take)])
+            budget -= take
+        n_tokens = prefill = 0
+        for items in calls:
+            if any(s.request is None for s, _ in items):  # failed or paused by an earlier call
+                items = [(s, k) for s, k in items if s.request is not None]
+                if not items:
+                    continue
+            done = self._decode(items)
+            if done is None:
+                break
+            n_tokens += sum(k for _, k in items)
+            prefill += done
+        with self.stats_lock:
+            c = self.counters
+            c["steps"] += 1
+            c["batch_tokens"] += n_tokens
+            c["max_batch_seqs"] = max(c["max_batch_seqs"], len(decoding) + len(calls) - bool(decoding))
+            c["prefill_tokens"] += prefill
+            c["decode_s"] += time.perf_counter() - t0
+
+    def _decode(self, items: list[tuple[Slot, int]]) -> int | None:
+        """Evaluate ``k`` pending tokens of each slot's request in one llama_decode; sample where due.
+
+        Returns how many prompt tokens were evaluated, or None when the call failed."""
+        lc = self._lc
+        batch = self._batch
+        n = 0
+        outputs: list[tuple[Request, int]] = []
+        for s, take in items:
+            req = s.request
+            assert req is not None
+            pos0 = len(s.tokens)
+            todo = len(req.tokens) - pos0
+            for j in range(take):
+                batch.token[n] = req.tokens[pos0 + j]
+                batch.pos[n] = pos0 + j
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = s.seq
+                last = j == take - 1 and take == todo
+                batch.logits[n] = last
+                if last:
+                    outputs.append((req, n))
+                n += 1
+        batch.n_tokens = n
+        # decode steps run on n_threads (default half the cores), prompt chunks on n_threads_batch (all cores).
+        # Measured on the shared 2-core machine: two threads for batched decode steps made K=4 2.5x faster than
+        # one after another when the machine was nearly idle, and K=8 eight times slower under load (threads
+        # wait for each other at every op); so the decode thread count stays the user's n_threads
+        threads = self.n_threads if all(k == 1 for _, k in items) else self.n_threads_batch
+        if threads != self._threads_now:
+            lc.llama_set_n_threads(self._ctx, self.n_threads, threads)
+            self._threads_now = threads
+        ret = lc.llama_decode(self._ctx, batch)
+        if ret == 1:
+            self._make_room()
+            return None
+        if ret != 0:
+            live = [s.request for s in self._live() if s.request is not None]
+            err = BackendError(f"llama_decode failed (code {ret}); the engine dropped its KV cache")
+            for req in live:
+                self._fail(req, err)
+            lc.llama_memory_clear(self._mem, True)
+            for s in self._slots:
+                s.tokens = []
+            return None
+        prefill = 0
+        for s, take in items:
+            req = s.request
+            assert req is not None
+            start = len(s.tokens)
+            s.tokens.extend(req.tokens[start:start + take])
+            prefill += max(0, min(start + take, req.n_prompt) - start)
+        for req, idx in outputs:
+            token = lc.llama_sampler_sample(req.sampler, self._ctx, idx)
+            self._on_token(req, token)
+        return prefill
+
+    def _make_room(self) -> None:
+        """No free KV cells for this batch: drop idle sequences, else pause the youngest request."""
+        lc = self._lc
+        idle = [s for s in self._slots if s.request is None and s.tokens]
+        if idle:
+            for s in idle:
+                lc.llama_memory_seq_rm(self._mem, s.seq, -1, -1)
+                s.tokens = []
+            with self.stats_lock:
+                self.counters["evicted"] += len(idle)
+            return
+        live = self._live()
+        youngest = max(live, key=lambda s: s.request.order)  # type: ignore[union-attr]
+        req = youngest.request
+        assert req is not None
+        if len(live) == 1:
+            self._fail(req, BackendError(f"the KV cache ({self.kv_cells} cells) cannot hold this request; "
+                                         "construct LlamaCppBackend with more kv_cells"))
+            return
+        lc.llama_memory_seq_rm(self._mem, youngest.seq, -1, -1)
+        youngest.tokens = []
+        youngest.request, req.slot = None, None
+        self._pending.appendleft(req)  # resumes first, from whatever prefix is cached then
+        with self.stats_lock:
+            self.counters["preempted"] += 1
+
+    def _on_token(self, req: Request, token: int) -> None:
+        lc = self._lc
+        if lc.llama_vocab_is_eog(self._vocab, token) or token in self.end_token_ids:
+            self._finish(req, "eos")
+            return
+        all_stops = req.stops + req.end_stops
+        req.n_out += 1
+        before = len(req.text)
+        req.text += req.decoder.decode(self.llama.detokenize([token]))
+        longest = max((len(s) for s in all_stops), default=0)
+        found = find_first(req.text, all_stops, max(0, before - longest + 1)) if all_stops else None
+        if found is not None:
+            req.text = req.text[: found[0]]
+            if found[1] in req.stops:
+                self._finish(req, "stop", found[1], flush=False)
+            else:
+                self._finish(req, "eos", flush=False)
+            return
+        if req.n_out >= req.budget:
+            self._finish(req, "length")
+            return
+        req.tokens.append(token)
+        if req.emit is not None:
+            safe = len(req.text) - holdback(req.text, all_stops)
+            if safe > req.emitted:
+                req.emit(req.text[req.emitted:safe])
+                req.emitted = safe
+
+    def _release(self, req: Request, *, free: bool) -> None:
+        s = req.slot
+        if s is not None:
+            if free:
+                self._lc.llama_memory_seq_rm(self._mem, s.seq, -1, -1)
+                s.tokens = []
+            s.request, req.slot = None, None
+            s.used_at = time.perf_counter()
+        if req.sampler is not None:
+            self._lc.llama_sampler_free(req.sampler)
+            req.sampler = None
+
+    def _finish(self, req: Request, finish: str, hit: str | None = None, *, flush: bool = True) -> None:
+        self._release(req, free=finish == "abort")
+        if finish == "abort":
+            with self.stats_lock:
+                self.counters["aborted"] += 1
+        if req.decoder is not None and flush:
+            req.text += req.decoder.decode(b"", final=True)
+        if req.emit is not None and len(req.text) > req.emitted and finish != "abort":
+            req.emit(req.text[req.emitted:])
+            req.emitted = len(req.text)
+        comp = Completion(text=req.text, stop=hit, finish_reason=finish, prompt_tokens=req.n_prompt,
+                          completion_tokens=req.n_out, cached_prompt_tokens=max(0, req.cached or 0))
+        try:
+            req.future.set_result(comp)
+        except InvalidStateError:  # the caller cancelled the future meanwhile
+            pass
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for req in [*(s.request for s in self._slots if s.request is not None), *self._pending]:
+            self._fail(req, exc)
+        self._pending.clear()
+        self._lc.llama_memory_clear(self._mem, True)
+        for s in self._slots:
+            s.tokens = []
+
+    def _fail(self, req: Request, exc: BaseException) -> None:
+        self._release(req, free=True)
+        try:
+            req.future.set_exception(exc)
+        except InvalidStateError:
+            pass
+
+
+def grammar_source(grammar: Any) -> tuple[str, str] | None:
+    """``(GBNF text, root rule)`` from a GBNF string or a ``llama_cpp.LlamaGrammar``."""
+    if grammar is None:
+        return None
+    if isinstance(grammar, str):
+        return grammar, "root"
+    text = getattr(grammar, "_grammar", None)
+    if isinstance(text, str):
+        return text, str(getattr(grammar, "_root", "root"))
+    raise TypeError(f"grammar must be a GBNF string or a llama_cpp.LlamaGrammar, not {type(grammar).__name__}")
+
+__all__ = ["BatchedEngine", "Request", "common_prefix", "find_first", "grammar_source", "holdback"]

@@ -1,0 +1,70 @@
+"""Pure helpers of the batched llama.cpp engine and the engines bench (no model, no llama.cpp needed).
+
+The engine itself is tested with the real model in tests/integration/test_llamacpp_batched.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from apr_agents.backends.base import Completion
+from apr_agents.backends.llamacpp_engine import common_prefix, find_first, grammar_source, holdback
+
+
+def test_holdback_keeps_what_could_still_become_a_stop() -> None:
+    assert holdback("abc </Out", ["</Outlines>"]) == 5
+    assert holdback("abc <", ["</Outlines>", "<end>"]) == 1
+    assert holdback("abc", ["</Outlines>"]) == 0
+    assert holdback("x</Outlines", ["</Outlines>"]) == len("</Outlines")
+
+
+def test_find_first_takes_the_earliest_then_the_longest() -> None:
+    assert find_first("a<end> b</Thread>", ["</Thread>", "<end>"], 0) == (1, "<end>")
+    assert find_first("ab</tool_call>", ["</tool", "</tool_call>"], 0) == (2, "</tool_call>")
+    assert find_first("abc", ["x"], 0) is None
+    assert find_first("<end>abc<end>", ["<end>"], 1) == (8, "<end>")
+
+
+def test_common_prefix() -> None:
+    assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
+    assert common_prefix([], [1]) == 0
+    assert common_prefix([7, 8], [7, 8]) == 2
+
+
+def test_grammar_source_accepts_gbnf_text_and_llamagrammar_like_objects() -> None:
+    assert grammar_source(None) is None
+    assert grammar_source('root ::= "a"') == ('root ::= "a"', "root")
+
+    class G:  # what llama_cpp.LlamaGrammar keeps: the GBNF text and the root rule
+        _grammar = 'root ::= "b"'
+        _root = "root"
+
+    assert grammar_source(G()) == ('root ::= "b"', "root")
+    with pytest.raises(TypeError):
+        grammar_source(42)
+
+
+def test_engines_bench_reports_plugin_over_raw_and_reevaluated_prefix() -> None:
+    from apr_cli.bench.engines import bench_engine, reevaluated_per_branch
+
+    class FakeEngine:
+        """FAKE engine: each call 'decodes' max_tokens tokens after a short sleep; calls overlap freely."""
+
+        def render(self, messages: list, tools: list) -> str:
+            return "prompt: " + " ".join(str(m.content) for m in messages) + "\n"
+
+        async def complete(self, prompt: str, *, stop: list[str], max_tokens: int,
+                           temperature: float = 0.0) -> Completion:
+            await asyncio.sleep(0.02)
+            return Completion(text=" x" * max_tokens, finish_reason="length", prompt_tokens=10,
+                              completion_tokens=max_tokens, cached_prompt_tokens=9)
+
+    rows = asyncio.run(bench_engine(FakeEngine(), [2, 4], tokens=3, reps=1))
+    for r in rows:
+        assert r["raw_phase_s"] > 0 and r["raw_sequential_phase_s"] > r["raw_phase_s"]
+        assert 0.5 < r["plugin_over_raw"] < 5  # both overlap K sleeps
+        assert r["shared_prefix_tokens"] is None and r["reevaluated_per_fork_warm"] is None  # no tokenizer
+    comps = [Completion(text="", prompt_tokens=600, cached_prompt_tokens=c) for c in (599, 550, 0)]
+    assert reevaluated_per_branch(560, comps) == [0, 10, 560]
