@@ -38,10 +38,10 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import BaseMessage
 
 from ..protocol.dialects import CANONICAL, TOOL_CALL_CLOSE, Dialect
-from .prompting import FEWSHOT_END_STOPS, _ai_text, _text, render_fewshot, tool_signature
+from .prompting import FEWSHOT_END_STOPS, apply_template, chat_dicts, render_fewshot, tool_signature
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -118,34 +118,8 @@ class ChatMLFormat:
                instruction: str | None = None) -> str:
         """The prompt: ``instruction`` (default: the dialect's) and system messages, the template's turns."""
         system = [self.instruction if instruction is None else instruction]
-        chat: list[dict[str, Any]] = []
-        for m in messages:
-            if isinstance(m, SystemMessage):
-                system.append(_text(m.content).strip())
-            elif isinstance(m, AIMessage):
-                chat.append({"role": "assistant", "content": _ai_text(m)})
-            elif isinstance(m, ToolMessage):
-                chat.append({"role": "tool", "content": _text(m.content)})
-            elif isinstance(m, HumanMessage):
-                chat.append({"role": "user", "content": _text(m.content)})
-            else:
-                chat.append({"role": "user", "content": _text(m.content)})
-        chat.insert(0, {"role": "system", "content": "\n\n".join(s for s in system if s)})
-        return self._apply(chat, list(tools) or None)
-
-    def _apply(self, chat: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
-        if callable(self.template):
-            return self.template(messages=chat, tools=tools, add_generation_prompt=True)
-        import jinja2.sandbox  # a dependency of llama-cpp-python and of transformers
-
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-        def raise_exception(message: str) -> None:
-            raise jinja2.exceptions.TemplateError(message)
-
-        env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.template).render(messages=chat, tools=tools, add_generation_prompt=True,
-                                                     bos_token=self.bos_token, eos_token=self.eos_token)
+        chat = chat_dicts(messages, system, wrap_tool_results=False)  # the template wraps tool turns itself
+        return apply_template(self.template, chat, tools, bos_token=self.bos_token, eos_token=self.eos_token)
 
     def tool_results(self, results: Sequence[str], *, depth: int = 0) -> str:
         """At the root, a user turn of ``<tool_response>`` blocks, as the template lays them out.
@@ -251,7 +225,7 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
     (a branch that used its tool calls) leaves only the sentence and ``</Thread>``. Text never
     holds ``<``, ``{`` or backticks, so no tool call can hide in prose or a code fence.
     """
-    from .grammars import JSON_RULES, schema_rule
+    from .grammars import JSON_RULES, schema_rule, spawn_rules
 
     rules: list[str] = [*JSON_RULES]
     calls = []
@@ -269,12 +243,7 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
         # parallel tool calls); with a </tool_call> stop the first one ends the step
         rules.append('calls ::= call ( "\\n" call ){0,7}')
     if can_spawn and first_step:
-        outlines = [f'"<Outline>{n}: " otext "</Outline>\\n"' for n in range(1, max_outlines + 1)]
-        optional = ""
-        for o in reversed(outlines[2:]):
-            optional = f"( {o} {optional})? "
-        rules.append(f'spawn ::= "<Parallel>\\n<Outlines>\\n" {outlines[0]} {outlines[1]} {optional}"</Outlines>"')
-        rules.append(r"otext ::= [^<\n{}`] [^<\n{}`]{0,79}")
+        rules += spawn_rules(max_outlines, sep=" ", otext=r"[^<\n{}`] [^<\n{}`]{0,79}")
     rules.append(r'say ::= [^<>\n{}` ] [^<>{}`]{0,400}')
     if branch and first_step and calls:
         options.append("calls")  # a thread starts with its tool call: reasoning text here went astray

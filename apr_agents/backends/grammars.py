@@ -114,6 +114,17 @@ def schema_rule(schema: Any, name: str, rules: list[str], depth: int = 0) -> str
     return "value"
 
 
+def spawn_rules(max_outlines: int, *, sep: str, otext: str) -> list[str]:
+    """``spawn``: a canonical spawn block up to ``</Outlines>`` with 2..``max_outlines`` numbered
+    outlines (``<Outline>1:{sep}...``), each outline's text matching ``otext``."""
+    outlines = [f'"<Outline>{i}:{sep}" otext "</Outline>\\n"' for i in range(1, max_outlines + 1)]
+    optional = ""
+    for o in reversed(outlines[2:]):
+        optional = f"( {o} {optional})? "
+    return [f'spawn ::= "<Parallel>\\n<Outlines>\\n" {outlines[0]} {outlines[1]} {optional}"</Outlines>"',
+            f"otext ::= {otext}"]
+
+
 def protocol_gbnf(*, branch: bool, can_spawn: bool, max_outlines: int = 4) -> str:
     """A GBNF grammar for one context's continuation in the canonical dialect (few-shot format).
 
@@ -134,12 +145,7 @@ def protocol_gbnf(*, branch: bool, can_spawn: bool, max_outlines: int = 4) -> st
     items = ["text", "call"]
     if can_spawn:
         items.append("spawn")
-        outlines = [rf'"<Outline>{i}:" otext "</Outline>\n"' for i in range(1, max_outlines + 1)]
-        optional = ""
-        for o in reversed(outlines[2:]):
-            optional = f"( {o} {optional})? "
-        rules.append(rf'spawn ::= "<Parallel>\n<Outlines>\n" {outlines[0]} {outlines[1]} {optional}"</Outlines>"')
-        rules.append(r"otext ::= [^<\n]{1,80}")
+        rules += spawn_rules(max_outlines, sep="", otext=r"[^<\n]{1,80}")
     if branch:
         items.append("close")
         rules.append(r'close ::= "</Thread>"')
@@ -149,4 +155,4 @@ def protocol_gbnf(*, branch: bool, can_spawn: bool, max_outlines: int = 4) -> st
     return "\n".join([f"root ::= ( {' | '.join(items)} )*", *rules]) + "\n"
 
 
-__all__ = ["JSON_RULES", "protocol_gbnf", "schema_rule"]
+__all__ = ["JSON_RULES", "protocol_gbnf", "schema_rule", "spawn_rules"]

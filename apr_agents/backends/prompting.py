@@ -25,7 +25,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import AIMessage, BaseMessage, SystemMessage, ToolMessage
 
 TURN_USER = "<start_of_turn>user\n"
 TURN_MODEL = "<start_of_turn>model\n"
@@ -202,6 +202,18 @@ def render_chat_template(
     system = [instruction]
     if tools:
         system.append("Tools:\n" + "\n".join(tool_signature(t) for t in tools))
+    chat = chat_dicts(messages, system, wrap_tool_results=True)
+    return apply_template(template, chat, tools, bos_token=bos_token, eos_token=eos_token)
+
+
+def chat_dicts(messages: Sequence[BaseMessage], system: list[str], *,
+               wrap_tool_results: bool) -> list[dict[str, Any]]:
+    """Messages as template dicts, the system texts (and system messages) joined into the first.
+
+    ``wrap_tool_results`` writes a tool result as ``<tool_response>...</tool_response>``
+    (for templates that do not wrap tool turns themselves).
+    """
+    system = list(system)
     chat: list[dict[str, Any]] = []
     for m in messages:
         if isinstance(m, SystemMessage):
@@ -209,12 +221,18 @@ def render_chat_template(
         elif isinstance(m, AIMessage):
             chat.append({"role": "assistant", "content": _ai_text(m)})
         elif isinstance(m, ToolMessage):
-            chat.append({"role": "tool", "content": f"<tool_response>{_text(m.content)}</tool_response>"})
-        elif isinstance(m, HumanMessage):
+            text = _text(m.content)
+            chat.append({"role": "tool", "content": f"<tool_response>{text}</tool_response>" if wrap_tool_results
+                         else text})
+        else:  # HumanMessage and any other role speak as the user
             chat.append({"role": "user", "content": _text(m.content)})
-        else:
-            chat.append({"role": "user", "content": _text(m.content)})
-    chat.insert(0, {"role": "system", "content": "\n\n".join(system)})
+    chat.insert(0, {"role": "system", "content": "\n\n".join(s for s in system if s)})
+    return chat
+
+
+def apply_template(template: str | Callable[..., str], chat: list[dict[str, Any]],
+                   tools: Sequence[dict[str, Any]], *, bos_token: str = "", eos_token: str = "") -> str:
+    """Render template dicts with a Jinja chat template (sandboxed) or a callable one."""
     if callable(template):
         return template(messages=chat, tools=list(tools) or None, add_generation_prompt=True)
     import jinja2.sandbox  # a dependency of llama-cpp-python and of transformers
@@ -230,6 +248,5 @@ def render_chat_template(
         bos_token=bos_token, eos_token=eos_token,
     )
 
-
 __all__ = ["ANSWER_END", "EXAMPLES", "FEWSHOT_END_STOPS", "INSTRUCTION", "TURN_END", "TURN_MODEL", "TURN_USER",
-           "render_chat_template", "render_fewshot", "tool_signature"]
+           "apply_template", "chat_dicts", "render_chat_template", "render_fewshot", "tool_signature"]

@@ -1,0 +1,160 @@
+"""Prompt formats, grammars and the model catalog (no model needed; llama.cpp only parses grammars)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.utils.function_calling import convert_to_openai_tool
+
+from apr_agents.backends import models
+from apr_agents.backends.base import BackendUnavailable
+from apr_agents.backends.formats import (
+    ASSISTANT_START,
+    ChatMLFormat,
+    FewShotFormat,
+    _first_step,
+    _repeated_call,
+    _thread_tool_calls,
+    chatml_gbnf,
+    tools_in_prompt,
+)
+from apr_agents.backends.grammars import JSON_RULES, _char_class, protocol_gbnf, schema_rule
+from apr_agents.protocol.dialects import CANONICAL
+from apr_tools import calculator, lookup
+
+# A ChatML template in Qwen2.5's shape: tools in the system turn, tool results in a user turn.
+QWEN_LIKE = (
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] }}"
+    "{%- if tools %}{{- '\\n\\n# Tools\\n\\n<tools>' }}{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}"
+    "{%- endfor %}{{- '\\n</tools>' }}{%- endif %}{{- '<|im_end|>\\n' }}"
+    "{%- for m in messages[1:] %}{%- if m.role == 'tool' %}"
+    "{{- '<|im_start|>user\\n<tool_response>\\n' + m.content + '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+TOOLS = [convert_to_openai_tool(t) for t in (calculator, lookup)]
+
+
+def _options(gbnf: str) -> str:
+    return gbnf.splitlines()[0]
+
+
+def test_chatml_render_lists_tools_once_and_lets_the_template_wrap_tool_results() -> None:
+    fmt = ChatMLFormat(QWEN_LIKE)
+    msgs = [SystemMessage("Be brief."), HumanMessage("Population of France?"),
+            AIMessage("", tool_calls=[{"name": "lookup", "args": {"topic": "France"}, "id": "1"}]),
+            ToolMessage("France: 68.4", tool_call_id="1")]
+    prompt = fmt.render(msgs, TOOLS)
+    assert prompt.endswith(ASSISTANT_START)
+    assert "Be brief." in prompt and "Never guess a fact" in prompt  # the dialect's instruction and the user's
+    assert prompt.split("<|im_end|>", 1)[1].count("<tool_response>") == 1  # not wrapped twice
+    assert [t["name"] for t in tools_in_prompt(prompt)] == ["calculator", "lookup"]
+    assert "Custom." in fmt.render(msgs, TOOLS, instruction="Custom.")
+
+
+def test_tool_results_in_their_own_turn_at_the_root_and_inline_in_a_thread() -> None:
+    fmt = ChatMLFormat(QWEN_LIKE)
+    root = fmt.tool_results(["68.4"], depth=0)
+    assert root.startswith("<|im_end|>\n<|im_start|>user\n<tool_response>\n68.4\n</tool_response>")
+    assert root.endswith(ASSISTANT_START)
+    assert fmt.tool_results(["68.4"], depth=1) == "\n<tool_response>68.4</tool_response>\n"
+    assert FewShotFormat().tool_results(["a", "b"]) == "\n<tool_response>a</tool_response>\n<tool_response>b</tool_response>\n"
+    assert fmt.answer("x" + root + "The answer is 108.5.<|im_end|>") == "The answer is 108.5."
+
+
+def test_step_state_is_read_from_the_prompt() -> None:
+    fmt = ChatMLFormat(QWEN_LIKE)
+    start = fmt.render([HumanMessage("q")], TOOLS)
+    assert _first_step(start)
+    after_tool = start + "<tool_call>\n{}\n</tool_call>" + fmt.tool_results(["1"], depth=0)
+    assert not _first_step(after_tool)
+    merged = start + "<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>1: x</Thread>\n</Parallel>\n"
+    assert not _first_step(merged)
+    branch = start + "<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n<Outline>2: b</Outline>\n</Outlines>\n<Thread>1:"
+    assert _first_step(branch) and _thread_tool_calls(branch, CANONICAL) == 0
+    called = branch + '<tool_call>\n{"name": "lookup"}\n</tool_call>\n<tool_response>r</tool_response>\n'
+    assert _thread_tool_calls(called, CANONICAL) == 1 and not _first_step(called)
+    call = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "1 + 1"}}\n</tool_call>'
+    assert not _repeated_call(start + call) and _repeated_call(start + call + "r" + call)
+
+
+def test_grammar_per_step() -> None:
+    fmt = ChatMLFormat(QWEN_LIKE)
+    start = fmt.render([HumanMessage("q")], TOOLS)
+    stops = ["</tool_call>", "</Outlines>"]
+    first = fmt.grammar(start, stops)
+    assert first is not None
+    assert _options(first) == 'root ::= ( say "\\n" )? calls | ( say "\\n" )? spawn'  # no answer from memory
+    later = fmt.grammar(start + "<tool_call>\n{}\n</tool_call>" + fmt.tool_results(["1"], depth=0), stops)
+    assert _options(later or "") == 'root ::= ( say "\\n" )? calls | say'
+    branch = start + "<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n<Outline>2: b</Outline>\n</Outlines>\n<Thread>1:"
+    bstops = ["</tool_call>", "</Thread>"]
+    assert _options(fmt.grammar(branch, bstops) or "") == "root ::= calls"
+    done = branch + '<tool_call>\n{"name": "lookup"}\n</tool_call>' + fmt.tool_results(["r"], depth=1)
+    assert _options(fmt.grammar(done, bstops) or "") == 'root ::= "Result: " say ( "</Thread>" )'
+    two = ChatMLFormat(QWEN_LIKE, thread_tool_calls=2)
+    assert _options(two.grammar(done, bstops) or "") == 'root ::= "Result: " say ( "</Thread>" | "\\n" calls )'
+    gbnf = chatml_gbnf(tools_in_prompt(start), branch=False, can_spawn=True, first_step=True)
+    assert '"<Outline>6: "' in gbnf and '"<Outline>7: "' not in gbnf
+    assert "[0-9a-z_+\\-*/%^(). ,]{1,200}" in gbnf  # the calculator's pattern reached the grammar
+
+
+def test_schema_rules() -> None:
+    rules = list(JSON_RULES)
+    name = schema_rule({"type": "object", "properties": {
+        "unit": {"enum": ["km", "mi"]}, "n": {"type": "integer"}, "tags": {"type": "array", "items": {"type": "string"}},
+        "note": {"type": "string"}}, "required": ["unit", "n"]}, "t", rules)
+    text = "\n".join(rules)
+    assert name == "t"
+    assert 't-p0 ::= "\\"km\\"" | "\\"mi\\""' in text
+    assert '"\\"unit\\"" ": " t-p0 ", " "\\"n\\"" ": " integer' in text  # required first, in order
+    assert '( ", " "\\"note\\"" ": " string )?' in text  # optional ones optional
+    assert _char_class(r"^[a-z]+$") == "[a-z]" and _char_class(r"^[^a-z]+$") is None
+    assert _char_class(r"^(a|b)$") is None
+
+
+def test_grammars_parse_in_llama_cpp() -> None:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    fmt = ChatMLFormat(QWEN_LIKE)
+    start = fmt.render([HumanMessage("q")], TOOLS)
+    for stops in (["</tool_call>", "</Outlines>"], ["</tool_call>", "</Thread>"], ["<|im_end|>"]):
+        llama_cpp.LlamaGrammar.from_string(fmt.grammar(start, stops), verbose=False)
+    for branch in (False, True):
+        llama_cpp.LlamaGrammar.from_string(protocol_gbnf(branch=branch, can_spawn=True), verbose=False)
+
+
+def test_catalog_assembles_parts_and_checks_the_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = [b"GGUF" + bytes(range(200)), b"tail" * 50]
+    for i, chunk in enumerate(data, 1):
+        pkg = tmp_path / "site" / f"fake_model_part{i}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "data" / f"part{i:02d}.bin").write_bytes(chunk)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    good = models.ModelSpec(name="fake", title="Fake", file_name="fake.gguf", size=sum(map(len, data)),
+                            sha256=hashlib.sha256(b"".join(data)).hexdigest(), extra="fake", prompt_style="chatml",
+                            parts=("fake_model_part1", "fake_model_part2"))
+    monkeypatch.setitem(models.CATALOG, "fake", good)
+    assert models.is_installed(good)
+    path = models.model_path("fake", tmp_path / "cache")
+    assert path.read_bytes() == b"".join(data) and models.spec_for_path(path) is good
+    assert models.model_path("fake", tmp_path / "cache") == path  # verified by its stamp, not re-assembled
+    bad = models.ModelSpec(**{**good.__dict__, "name": "bad", "file_name": "bad.gguf", "sha256": "0" * 64})
+    monkeypatch.setitem(models.CATALOG, "bad", bad)
+    with pytest.raises(BackendUnavailable, match="SHA-256"):
+        models.model_path("bad", tmp_path / "cache")
+    assert not (tmp_path / "cache" / "bad.gguf").exists()  # no half-written file left
+    missing = models.ModelSpec(**{**good.__dict__, "name": "gone", "file_name": "gone.gguf", "parts": ("no_such_part_pkg",)})
+    monkeypatch.setitem(models.CATALOG, "gone", missing)
+    with pytest.raises(BackendUnavailable, match=r"apr-agents\[fake\]"):
+        models.model_path("gone", tmp_path / "cache")
+    with pytest.raises(BackendUnavailable, match="unknown model"):
+        models.model_path("no-such-model")
+    for name in ("fake_model_part1", "fake_model_part2"):
+        sys.modules.pop(name, None)
+    assert json.dumps(sorted(models.CATALOG))  # the catalog stays serialisable
