@@ -53,7 +53,7 @@ def depth_of(msgs: list[BaseMessage]) -> int:
 def spawn_tool_message(state: dict[str, Any]) -> ToolMessage:
     from langchain_core.messages import messages_from_dict
 
-    msgs = [m for m in messages_from_dict(state["apr"]["messages"]) if isinstance(m, ToolMessage)
+    msgs = [m for m in messages_from_dict(state["apr_msgs"]) if isinstance(m, ToolMessage)
             and m.name == "spawn"]
     assert len(msgs) == 1, msgs
     return msgs[0]
@@ -560,5 +560,5 @@ async def test_empty_tool_call_content_is_filled_when_sent_only() -> None:
     assert sent == [" "]
     from langchain_core.messages import messages_from_dict
 
-    stored = [m for m in messages_from_dict(state["apr"]["messages"]) if isinstance(m, AIMessage) and m.tool_calls]
+    stored = [m for m in messages_from_dict(state["apr_msgs"]) if isinstance(m, AIMessage) and m.tool_calls]
     assert stored[0].content == ""

@@ -27,6 +27,7 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.config import get_stream_writer
 from langgraph.graph import END
 from langgraph.graph.state import CompiledStateGraph
+from langgraph.store.base import BaseStore
 from langgraph.types import Overwrite, Send
 
 from ..backends.base import BackendError, BackendRequestError, Completion, check_backend, route_key
@@ -39,6 +40,7 @@ from ..runtime.sync_loop import run_sync
 from ..runtime.tool_exec import run_tool_calls
 from ..runtime.trace import merge_traces, new_record, summarize
 from .build import _apply, checked_config_and_tools, compile_agent
+from .prefixes import PrefixMissing, SharedPrefixes
 from .state import APRState
 
 T = TypeVar("T")
@@ -105,8 +107,19 @@ class BranchRunner:
         return {"apr": ctx, "apr_spawn_input": None, "apr_trace": self._trace(ctx)}
 
     @staticmethod
-    def _trace(ctx: dict[str, Any], **extra: Any) -> dict[str, Any]:
-        return {"contexts": {ctx["id"]: dict(ctx["rec"])}, **extra}
+    def _trace(ctx: dict[str, Any], *, tool_calls: list[dict[str, Any]] | None = None,
+               spawns: list[list[str]] | None = None, **extra: Any) -> dict[str, Any]:
+        """A trace write: the context's record, plus the tool calls and spawns this step added.
+
+        ``ctx["rec"]`` holds the record's fixed-size fields only; its ``tool_calls`` and ``spawns``
+        grow in the trace (``merge_traces`` appends them), so a step writes only its own.
+        """
+        rec = dict(ctx["rec"])
+        if tool_calls:
+            rec["tool_calls"] = tool_calls
+        if spawns:
+            rec["spawns"] = spawns
+        return {"contexts": {ctx["id"]: rec}, **extra}
 
     @staticmethod
     def _limit(ctx: dict[str, Any], limit: str, detail: str) -> dict[str, Any]:
@@ -174,20 +187,25 @@ class _Agent(BranchRunner):
         self.budget = ThreadBudget()
         self.merge_strategy = merge_strategy
         self.branch_graph: CompiledStateGraph | None = None
-        self.text_channel = True  # the context text is checkpointed as deltas (apr_text)
+        # checkpointed as deltas: the context text (apr_text) and, once per context, its prompt
+        self.delta_fields = ({"text": "apr_text"}, {"prompt": "apr_prompt"})
         self._parsers: OrderedDict[tuple[str, str], tuple[StreamParser, str]] = OrderedDict()
         self._parser_chars = 0  # characters of context text the cached parsers hold
         self.parser_cache_chars = PARSER_CACHE_CHARS
+        self.prefixes = SharedPrefixes()  # spawn prefixes kept once in the graph's store
 
     # -- context bookkeeping -------------------------------------------------
-    def _new_context(self, *, cid: str, run: str, depth: int, prompt: str, label: str | None,
+    def _new_context(self, *, cid: str, run: str, depth: int, label: str | None,
                      outline: str | None, parent: str | None, deadline: float | None,
-                     deadline_kind: str | None, budget_seed: int = 0, prompt_tail: str = "") -> dict[str, Any]:
-        # ``prompt`` of a branch is its parent's prefix: one string object shared by every
-        # child of the spawn (a reference, never a per-child copy); ``prompt_tail`` is the
-        # child's own ``<Thread>i:``. The model sees prompt + prompt_tail + text.
+                     deadline_kind: str | None, budget_seed: int = 0, prompt: str | None = None,
+                     prompt_ref: str | None = None, prompt_tail: str = "") -> dict[str, Any]:
+        # A branch's prompt is its parent's prefix: either ``prompt_ref``, the key of the one copy
+        # in the graph's store (a checkpointed run with a store: no per-child copy anywhere), or
+        # ``prompt``, one string object every child of the spawn shares in memory. ``prompt_tail``
+        # is the child's own ``<Thread>i:``. The model sees prompt + prompt_tail + text.
+        head = {"prompt_ref": prompt_ref} if prompt_ref is not None else {"prompt": prompt or ""}
         return {
-            "id": cid, "run": run, "depth": depth, "prompt": prompt, "prompt_tail": prompt_tail,
+            "id": cid, "run": run, "depth": depth, **head, "prompt_tail": prompt_tail,
             "text": "", "label": label,
             "deadline": deadline, "deadline_kind": deadline_kind,
             "spawn_ok": depth < self.config.max_depth, "spawns": 0, "end": None,
@@ -220,7 +238,9 @@ class _Agent(BranchRunner):
         ctx = _copy_ctx(state["apr"])
         limits: list[dict[str, Any]] = []
         repairs: list[dict[str, Any]] = []
+        spawned: list[list[str]] = []
         cfg = self.config
+        base = await self._base_prompt(ctx)
         token = route_key.set(ctx["run"])
         try:
             while True:
@@ -241,7 +261,7 @@ class _Agent(BranchRunner):
                 # The spawn marker is a stop wherever spawning is allowed, even with a block still open
                 # (Multiverse leaves it open for the model's <Conclusion>): the parser decides below.
                 stops = self.dialect.stops(branch=ctx["depth"] > 0, can_spawn=ctx["spawn_ok"])
-                comp, timed_out = await self._complete(ctx, _prompt_of(ctx), stops, left)
+                comp, timed_out = await self._complete(ctx, _prompt_of(ctx, base), stops, left)
                 self._account(ctx, comp)
                 ctx["text"] += comp.text
                 events = self._feed(own, ctx, comp.text)  # the whole context text, stop excluded
@@ -284,9 +304,11 @@ class _Agent(BranchRunner):
                     if spawn_ev is not None:
                         repairs.extend({"ctx": ctx["id"], "kind": ev.kind, "detail": ev.detail}
                                        for ev in [*events, *closed] if isinstance(ev, Repair))
-                        spawn = self._plan_spawn(ctx, spawn_ev, limits, repairs, state.get("apr_trace"))
+                        spawn = self._plan_spawn(ctx, spawn_ev, limits, repairs, state.get("apr_trace"), base)
                         if spawn is not None:
+                            await self._share_prefix(ctx, spawn)
                             ctx["pending_spawn"] = spawn
+                            spawned.append([c["cid"] for c in spawn["children"]])
                             break
                     continue
                 # any other stop (an inner close of an inline block): keep writing
@@ -298,7 +320,26 @@ class _Agent(BranchRunner):
         if ctx["end"] is not None:
             ctx["rec"]["end"] = ctx["end"]
             self._drop_parser((ctx["run"], ctx["id"]))
-        return {"apr": ctx, "apr_trace": self._trace(ctx, limits=limits, repairs=repairs)}
+        return {"apr": ctx, "apr_trace": self._trace(ctx, spawns=spawned, limits=limits, repairs=repairs)}
+
+    # -- a spawn's prefix, stored once (graph/prefixes.py) ------------------------------
+    async def _share_prefix(self, ctx: dict[str, Any], spawn: dict[str, Any]) -> None:
+        """With a store, the children's specs carry the prefix's key instead of the text."""
+        children = spawn["children"]
+        ref = await self.prefixes.share(ctx["run"], children[0]["prompt"]) if children else None
+        if ref is not None:
+            for child in children:
+                del child["prompt"]
+                child["prompt_ref"] = ref
+
+    async def _base_prompt(self, ctx: dict[str, Any]) -> str:
+        """The prompt a context continues: its own, or its parent's prefix by reference."""
+        if "prompt" in ctx:
+            return str(ctx["prompt"])
+        try:
+            return str(await self.prefixes.get(ctx["run"], ctx["prompt_ref"], _where(ctx) + ")"))
+        except PrefixMissing as exc:
+            raise APRBackendError(str(exc)) from exc
 
     # -- what the backend's prompt format decides ---------------------------------
     def _tool_results_text(self, results: list[str], depth: int) -> str:
@@ -435,7 +476,8 @@ class _Agent(BranchRunner):
         return calls
 
     def _plan_spawn(self, ctx: dict[str, Any], spawn_ev: Spawn, limits: list[dict[str, Any]],
-                    repairs: list[dict[str, Any]], trace: dict[str, Any] | None = None) -> dict[str, Any] | None:
+                    repairs: list[dict[str, Any]], trace: dict[str, Any] | None = None,
+                    base: str | None = None) -> dict[str, Any] | None:
         """Turn the outlines the model just closed into children, within the run's limits."""
         cfg = self.config
         outlines = list(spawn_ev.outlines)
@@ -460,7 +502,7 @@ class _Agent(BranchRunner):
             outlines = outlines[:got]
         ctx["text"] += self.dialect.spawn_suffix()
         ctx["spawns"] += 1
-        prefix = _prompt_of(ctx)  # one string every child refers to (a Send carries it, no copy)
+        prefix = _prompt_of(ctx, base)  # one string every child refers to in memory
         now = time.time()
         children = []
         for i, o in enumerate(outlines):
@@ -474,7 +516,6 @@ class _Agent(BranchRunner):
                 "outline": o.text, "parent": ctx["id"], "deadline": deadline, "deadline_kind": kind,
                 "index": i, "budget_seed": self.budget.used(ctx["run"]),
             })
-        ctx["rec"]["spawns"] = [*ctx["rec"]["spawns"], [c["cid"] for c in children]]
         _emit({"apr": "spawn", "ctx": ctx["id"], "outlines": [[o.label, o.text] for o in outlines]})
         return {"children": children, "spawn_no": ctx["spawns"]}
 
@@ -484,9 +525,8 @@ class _Agent(BranchRunner):
         results = await run_tool_calls(calls, self.tools, self.limiter, self.config,
                                        deadline=ctx["deadline"], emit=_emit, ctx_id=ctx["id"])
         ctx["text"] += self._tool_results_text([text for text, _ in results], ctx["depth"])
-        ctx["rec"]["tool_calls"] = [*ctx["rec"]["tool_calls"], *(rec for _, rec in results)]
         ctx["pending_tools"] = []
-        return {"apr": ctx, "apr_trace": self._trace(ctx)}
+        return {"apr": ctx, "apr_trace": self._trace(ctx, tool_calls=[rec for _, rec in results])}
 
     async def merge(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
         ctx = _copy_ctx(state["apr"])
@@ -514,9 +554,8 @@ class _Agent(BranchRunner):
             return {"apr": ctx, "apr_trace": self._trace(ctx)}
         if ctx["id"] == "root":
             self.budget.release_run(ctx["run"])
-        full = dict(state.get("apr_trace", {}))
-        full["contexts"] = {**full.get("contexts", {}), "root": ctx["rec"]}
-        summary = summarize(full)
+            await self.prefixes.forget(ctx["run"])
+        summary = summarize(merge_traces(state.get("apr_trace", {}), self._trace(ctx)))
         answer = self._answer_text(final_answer(ctx["text"], self.dialect)) or (
             f"[apr-agents: the model wrote no answer; the root context ended with {ctx['end']!r}]")
         msg = AIMessage(content=answer, response_metadata={"apr_end": ctx["end"], "apr_run_id": ctx["run"]})
@@ -544,9 +583,9 @@ def _where(ctx: dict[str, Any]) -> str:
     return where
 
 
-def _prompt_of(ctx: dict[str, Any]) -> str:
+def _prompt_of(ctx: dict[str, Any], base: str | None = None) -> str:
     """What the model continues: the (shared) prompt, the branch's own head, its text so far."""
-    return ctx["prompt"] + ctx.get("prompt_tail", "") + ctx["text"]
+    return (ctx["prompt"] if base is None else base) + ctx.get("prompt_tail", "") + ctx["text"]
 
 
 def _copy_ctx(ctx: dict[str, Any]) -> dict[str, Any]:
@@ -557,7 +596,7 @@ def _copy_ctx(ctx: dict[str, Any]) -> dict[str, Any]:
 
 def _spawned_in(trace: dict[str, Any] | None, ctx: dict[str, Any]) -> int:
     """Branches this context's checkpointed state knows were started (its own and merged descendants')."""
-    ids = {cid for group in ctx["rec"].get("spawns", []) for cid in group}
+    ids: set[str] = set()
     for rec in (trace or {}).get("contexts", {}).values():
         ids.update(cid for group in rec.get("spawns", []) for cid in group)
     return len(ids)
@@ -626,21 +665,55 @@ def create_apr_agent(
     config: APRConfig | None = None,
     *,
     checkpointer: BaseCheckpointSaver | Literal[False] | None = None,
+    store: BaseStore | None = None,
     name: str = "apr_agent",
     merge_strategy: MergeStrategy | None = None,
 ) -> CompiledStateGraph:
-    """Build the APR agent graph: usable standalone or as a node of a ``MessagesState`` graph."""
+    """Build the APR agent: a compiled LangGraph graph whose model spawns parallel branches.
+
+    Usable on its own or as a node of any ``MessagesState`` graph; its input is ``messages``,
+    and it appends one ``AIMessage`` (the answer) and leaves the run's trace in ``apr_trace``.
+
+    Args:
+        backend: a text-completion backend (``LlamaCppBackend``, ``VLLMBackend``,
+            ``OpenAICompatibleBackend``, ``default_backend()``, anything with the ``Backend``
+            protocol): the model writes the protocol's spawn blocks in its text. Or a LangChain
+            chat model with tool calling: the model spawns through a ``spawn`` tool call.
+        tools: LangChain tools every context may call (concurrently within a step).
+        config: limits and behaviour (``APRConfig``); defaults if omitted.
+        checkpointer: a LangGraph checkpointer for durable runs (each branch is then a
+            checkpointed subgraph run that resumes where it stopped).
+        store: a LangGraph store. With a checkpointer, a spawn's shared prefix is written to it
+            once, and the branches' checkpoints hold its key instead of a copy each. A LangGraph
+            server passes its own store.
+        name: the graph's name.
+        merge_strategy: how branch results are folded into the parent (default: the
+            dialect's ``<Thread>`` blocks in outline order).
+
+    Returns:
+        The compiled graph (``invoke``/``ainvoke``/``stream``/``astream`` as any LangGraph graph).
+
+    Example::
+
+        from langchain_core.messages import HumanMessage
+        from apr_agents import APRConfig, create_apr_agent, default_backend
+        from tools.calculator import calculator
+
+        graph = create_apr_agent(default_backend(), [calculator], APRConfig(max_threads=4))
+        state = graph.invoke({"messages": [HumanMessage("What is 17*23 + 4*9?")]})
+        print(state["messages"][-1].content)
+    """
     from langchain_core.language_models import BaseChatModel
 
     if isinstance(backend, BaseChatModel):  # tool-call mode: spawn through a `spawn` tool call
         from .chat import create_chat_apr_agent
 
-        return create_chat_apr_agent(backend, tools, config, checkpointer=checkpointer, name=name,
-                                     merge_strategy=merge_strategy)
+        return create_chat_apr_agent(backend, tools, config, checkpointer=checkpointer, store=store,
+                                     name=name, merge_strategy=merge_strategy)
     check_backend(backend)
     config, tools = checked_config_and_tools(config, tools)
     agent = _Agent(backend, tools, config, merge_strategy)
 
     routes = {"generate": (agent.route, ["tools", "branch", "finalize"]), "tools": "generate"}
-    return compile_agent(agent, routes, checkpointer=checkpointer, name=name)
+    return compile_agent(agent, routes, checkpointer=checkpointer, store=store, name=name)
 

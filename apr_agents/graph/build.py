@@ -28,6 +28,7 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.graph.state import CompiledStateGraph
+from langgraph.store.base import BaseStore
 from langgraph.types import Overwrite, Send
 
 from ..config import APRConfig
@@ -116,7 +117,8 @@ def _check_tool_schema(t: BaseTool) -> None:
 
 
 def compile_agent(agent: Any, routes: dict[str, Any], *,
-                  checkpointer: BaseCheckpointSaver | Literal[False] | None, name: str) -> CompiledStateGraph:
+                  checkpointer: BaseCheckpointSaver | Literal[False] | None, name: str,
+                  store: BaseStore | None = None) -> CompiledStateGraph:
     """The node set both modes share; ``routes`` gives the mode's edges out of generate and tools.
 
     A route is a node name or ``(function, targets)`` for a conditional edge; the generate
@@ -164,7 +166,10 @@ def compile_agent(agent: Any, routes: dict[str, Any], *,
     agent.nodes = {"prepare": agent.prepare, "generate": generate_branch, "tools": agent.tools_node,
                    "branch": agent.branch, "merge": agent.merge}
     syncs = {"branch": agent.branch_sync}
-    wrap = _text_as_deltas if getattr(agent, "text_channel", False) else (lambda f: f)
+    grows, once = getattr(agent, "delta_fields", ({}, {}))
+
+    def wrap(afunc: Callable[..., Any]) -> Callable[..., Any]:
+        return _as_deltas(afunc, grows, once) if grows or once else afunc
 
     def build(entry: str, input_schema: type, nodes: dict[str, Any]) -> StateGraph:
         g = StateGraph(APRState, input_schema=input_schema, output_schema=APROutput)
@@ -185,38 +190,67 @@ def compile_agent(agent: Any, routes: dict[str, Any], *,
     # started only by the branch node, with the spec its parent planned (BranchInput).
     agent.branch_graph = _stoppable(build("generate", BranchInput, agent.nodes).compile(name=f"{name}_branch"))
     root_nodes = {**agent.nodes, "generate": generate_root}
-    return _stoppable(build("prepare", APRInput, root_nodes).compile(checkpointer=checkpointer, name=name))
+    return _stoppable(build("prepare", APRInput, root_nodes).compile(checkpointer=checkpointer, store=store,
+                                                                     name=name))
 
 
-def _text_as_deltas(afunc: Callable[[Any, RunnableConfig], Coroutine[Any, Any, dict[str, Any]]]
-                    ) -> Callable[[Any, RunnableConfig], Coroutine[Any, Any, dict[str, Any]]]:
-    """A text-mode node whose context text travels in ``apr_text`` (a ``DeltaChannel``).
+def _as_deltas(afunc: Callable[[Any, RunnableConfig], Coroutine[Any, Any, dict[str, Any]]],
+               grows: dict[str, str], once: dict[str, str],
+               ) -> Callable[[Any, RunnableConfig], Coroutine[Any, Any, dict[str, Any]]]:
+    """A node whose growing context fields travel in ``DeltaChannel``s instead of ``apr``.
 
-    The node still sees ``ctx["text"]``; what it returns is split: ``apr`` without the text,
-    and ``apr_text`` = only what the step appended (``Overwrite`` when a context starts). So a
-    checkpoint write carries the step's delta, not the whole text again (docs/checkpointing.md).
+    ``grows`` maps a context field that steps only append to (text mode's ``text``, tool-call
+    mode's ``messages``) to its channel; ``once`` maps a field set when a context starts and
+    never changed (text mode's ``prompt``) to its channel. The node still sees the whole
+    context; what it returns is split: ``apr`` without those fields, each growing channel gets
+    only what the step appended (``Overwrite`` when a context starts), and each ``once``
+    channel is written only when a context starts. So a checkpoint stores each step's delta,
+    never the whole text or prompt again (docs/checkpointing.md, "Storage bounds").
     """
+    fields = {**grows, **once}
 
     async def run(state: Any, config: RunnableConfig) -> dict[str, Any]:
         ctx = state.get("apr")
-        before: str | None = None
+        before: dict[str, Any] = {}
         if ctx is not None:
-            before = ctx["text"] if "text" in ctx else state.get("apr_text", "")
-            state = {**state, "apr": {**ctx, "text": before}}
+            # an unwritten DeltaChannel reads as its type's empty value: a ``once`` field that was
+            # never written (a branch whose prompt is a reference) is not there, not ""
+            before = {f: ctx[f] if f in ctx else state[ch] for f, ch in fields.items()
+                      if f in ctx or (ch in state and (f in grows or state[ch]))}
+            state = {**state, "apr": {**ctx, **before}}
         update = await afunc(state, config)
         new = update.get("apr")
-        if new is None or "text" not in new:
+        if new is None or not any(f in new for f in fields):
             return update
-        text = new["text"]
-        update = {**update, "apr": {k: v for k, v in new.items() if k != "text"}}
-        if before is not None and new.get("id") == ctx.get("id") and text.startswith(before):
-            if len(text) > len(before):
-                update["apr_text"] = text[len(before):]
-        else:  # a new context (a run's root, a branch's first step)
-            update["apr_text"] = Overwrite(text)
+        update = {**update, "apr": {k: v for k, v in new.items() if k not in fields}}
+        same = ctx is not None and new.get("id") == ctx.get("id")
+        for f, ch in grows.items():
+            if f not in new:
+                continue
+            added = _appended(before.get(f), new[f]) if same else None
+            if added is None:  # a new context (a run's root, a branch's first step)
+                update[ch] = Overwrite(new[f])
+            elif len(added):
+                update[ch] = added
+        for f, ch in once.items():
+            if f in new and not (same and new[f] is before.get(f)):
+                update[ch] = Overwrite(new[f])
         return update
 
     return run
+
+
+def _appended(old: Any, new: Any) -> Any:
+    """What ``new`` adds at the end of ``old`` (a str or list), or ``None`` if it is not an extension."""
+    if old is None or len(new) < len(old):
+        return None
+    if isinstance(new, str):
+        return new[len(old):] if new.startswith(old) else None
+    if all(a is b or a == b for a, b in zip(new, old, strict=False)):
+        # a tuple: LangGraph turns message-shaped dicts in a list written to a DeltaChannel into
+        # messages; the context's messages are stored as ``message_to_dict`` dicts, kept as they are
+        return tuple(new[len(old):])
+    return None
 
 
 class APRCompiledGraph(CompiledStateGraph):

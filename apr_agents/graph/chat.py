@@ -40,6 +40,7 @@ from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph.state import CompiledStateGraph
+from langgraph.store.base import BaseStore
 from langgraph.types import Overwrite, Send
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
@@ -48,8 +49,8 @@ from ..config import APRConfig
 from ..protocol.parser import ToolCall
 from ..runtime.limits import Limiter, ThreadBudget
 from ..runtime.tool_exec import run_tool_calls, truncate
-from ..runtime.trace import new_record, summarize
-from .agent import APRBackendError, BranchRunner, _copy_ctx, _emit
+from ..runtime.trace import merge_traces, new_record, summarize
+from .agent import APRBackendError, BranchRunner, _copy_ctx, _emit, _spawned_in
 from .build import checked_config_and_tools, compile_agent
 from .chat_prompt import (
     DEFAULT_CHAT_SYSTEM_PROMPT,
@@ -60,6 +61,7 @@ from .chat_prompt import (
     format_system_prompt,
     spawn_ack,
 )
+from .prefixes import PrefixMissing, SharedPrefixes
 from .state import APRState
 
 # (results in task order, dialect) -> the spawn ToolMessage's text. Results carry the
@@ -169,14 +171,6 @@ def _estimate_tokens(msg: AIMessage) -> int:
     return max(1, len(text) // 4)
 
 
-def _spawned_in(trace: dict[str, Any] | None, ctx: dict[str, Any]) -> int:
-    """Branches this context's checkpointed state knows were started (its own and merged descendants')."""
-    ids = {cid for group in ctx["rec"].get("spawns", []) for cid in group}
-    for rec in (trace or {}).get("contexts", {}).values():
-        ids.update(cid for group in rec.get("spawns", []) for cid in group)
-    return len(ids)
-
-
 def _last_ai_text(messages: Sequence[BaseMessage]) -> str:
     for m in reversed(messages):
         if isinstance(m, AIMessage):
@@ -197,6 +191,8 @@ class _ChatAgent(BranchRunner):
         self.budget = ThreadBudget()
         self.merge_strategy = merge_strategy
         self.bind_tools_kwargs = bind_tools_kwargs
+        self.delta_fields = ({"messages": "apr_msgs"}, {})  # the context's messages, checkpointed as deltas
+        self.prefixes = SharedPrefixes()  # spawn prefixes kept once in the graph's store
         template = DEFAULT_CHAT_SYSTEM_PROMPT if system_prompt is None else system_prompt
         self.system_prompt = format_system_prompt(template, config.max_threads)
         self.spawn_schema = spawn_tool_schema(config.max_threads)
@@ -218,9 +214,13 @@ class _ChatAgent(BranchRunner):
     # -- context bookkeeping -------------------------------------------------
     def _new_context(self, *, cid: str, run: str, depth: int, messages: list[dict[str, Any]], label: str | None,
                      outline: str | None, parent: str | None, deadline: float | None,
-                     deadline_kind: str | None, prefix_len: int = 0, budget_seed: int = 0) -> dict[str, Any]:
+                     deadline_kind: str | None, prefix_len: int = 0, budget_seed: int = 0,
+                     prefix_ref: str | None = None) -> dict[str, Any]:
+        # ``messages``: the context's conversation; with ``prefix_ref`` (a checkpointed run with a
+        # store) only what follows the parent's prefix, which is read back by key (_full)
         return {
             "id": cid, "run": run, "depth": depth, "messages": messages, "prefix_len": prefix_len,
+            **({"prefix_ref": prefix_ref} if prefix_ref is not None else {}),
             "budget_seed": budget_seed,  # branches of the run already started when this one was (resume)
             "label": label, "deadline": deadline, "deadline_kind": deadline_kind,
             "spawn_ok": depth < self.config.max_depth, "spawns": 0, "end": None,
@@ -265,7 +265,7 @@ class _ChatAgent(BranchRunner):
             limits.append(self._limit(ctx, ctx["deadline_kind"], "deadline passed"))
             ctx["end"], rec["truncated"] = "timeout", True
         else:
-            ai = await self._invoke(ctx, messages_from_dict(ctx["messages"]), config)
+            ai = await self._invoke(ctx, messages_from_dict(await self._full(ctx)), config)
             if ai is None:
                 limits.append(self._limit(ctx, ctx["deadline_kind"] or "thread_timeout_s",
                                           "deadline passed during generation"))
@@ -412,7 +412,6 @@ class _ChatAgent(BranchRunner):
                                                   status="error" if trec["error"] else "success")
                 records.append(trec)
         records.sort(key=lambda r: r["started"])
-        ctx["rec"]["tool_calls"] = [*ctx["rec"]["tool_calls"], *records]
         ctx["pending_tools"] = False
         ids = [c["id"] for c in order]
         if spawn is None:
@@ -420,9 +419,11 @@ class _ChatAgent(BranchRunner):
         else:
             spawn["answers"] = {i: message_to_dict(m) for i, m in answers.items()}
             spawn["order"] = ids
-            self._fill_children(ctx, spawn)
+            await self._fill_children(ctx, spawn)
             ctx["pending_spawn"] = spawn
-        return {"apr": ctx, "apr_trace": self._trace(ctx, limits=limits, repairs=repairs)}
+        spawned = [[c["cid"] for c in spawn["children"]]] if spawn is not None else None
+        return {"apr": ctx, "apr_trace": self._trace(ctx, tool_calls=records, spawns=spawned, limits=limits,
+                                                     repairs=repairs)}
 
     def _plan_spawn(self, ctx: dict[str, Any], call: dict[str, Any], limits: list[dict[str, Any]],
                     repairs: list[dict[str, Any]],
@@ -461,12 +462,25 @@ class _ChatAgent(BranchRunner):
         ctx["spawns"] += 1
         return {"call_id": call["id"], "tasks": tasks, "skipped": skipped, "spawn_no": ctx["spawns"]}, None
 
-    def _fill_children(self, ctx: dict[str, Any], spawn: dict[str, Any]) -> None:
-        """Each branch: the parent's conversation, the spawn acknowledged, then its own sub-task."""
+    async def _full(self, ctx: dict[str, Any]) -> list[dict[str, Any]]:
+        """The context's whole conversation: its parent's prefix (by reference) and its own messages."""
+        if "prefix_ref" not in ctx:
+            return list(ctx["messages"])
+        try:
+            prefix = await self.prefixes.get(ctx["run"], ctx["prefix_ref"], f"context {ctx['id']!r}")
+        except PrefixMissing as exc:
+            raise APRBackendError(str(exc)) from exc
+        return [*prefix, *ctx["messages"]]
+
+    async def _fill_children(self, ctx: dict[str, Any], spawn: dict[str, Any]) -> None:
+        """Each branch: the parent's conversation, the spawn acknowledged, then its own sub-task.
+
+        With a store, the shared part is written there once and each child carries its key and
+        its own task message only (graph/prefixes.py)."""
         cfg = self.config
         tasks: list[str] = spawn["tasks"]
         n = len(tasks)
-        prefix = list(ctx["messages"])
+        prefix = await self._full(ctx)
         for i in spawn["order"]:
             if i == spawn["call_id"]:
                 prefix.append(message_to_dict(ToolMessage(spawn_ack(n), tool_call_id=i, name=SPAWN_TOOL_NAME)))
@@ -487,8 +501,11 @@ class _ChatAgent(BranchRunner):
                 "label": label, "outline": task, "parent": ctx["id"], "deadline": deadline,
                 "deadline_kind": kind, "index": k, "budget_seed": self.budget.used(ctx["run"]),
             })
+        ref = await self.prefixes.share(ctx["run"], prefix) if children else None
+        if ref is not None:
+            for child in children:
+                child["messages"], child["prefix_ref"] = child["messages"][len(prefix):], ref
         spawn["children"] = children
-        ctx["rec"]["spawns"] = [*ctx["rec"]["spawns"], [c["cid"] for c in children]]
         _emit({"apr": "spawn", "ctx": ctx["id"], "outlines": [[c["label"], c["outline"]] for c in children],
                "skipped": len(spawn["skipped"])})
 
@@ -516,7 +533,7 @@ class _ChatAgent(BranchRunner):
 
     async def finalize(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
         ctx = _copy_ctx(state["apr"])
-        messages = messages_from_dict(ctx["messages"])
+        messages = messages_from_dict(await self._full(ctx))
         rec = ctx["rec"]
         rec["ended"] = time.time()
         rec["end"] = ctx["end"]
@@ -527,8 +544,8 @@ class _ChatAgent(BranchRunner):
             return {"apr": ctx, "apr_trace": self._trace(ctx)}
         if ctx["id"] == "root":
             self.budget.release_run(ctx["run"])
-        full = dict(state.get("apr_trace", {}))
-        full["contexts"] = {**full.get("contexts", {}), "root": rec}
+            await self.prefixes.forget(ctx["run"])
+        full = merge_traces(state.get("apr_trace", {}), self._trace(ctx))
         msg = AIMessage(content=ctx["text"], response_metadata={"apr_end": ctx["end"], "apr_run_id": ctx["run"]})
         return {"apr": ctx, "messages": [msg],
                 "apr_trace": {"contexts": {"root": rec}, "summary": summarize(full),
@@ -555,6 +572,7 @@ def create_chat_apr_agent(
     config: APRConfig | None = None,
     *,
     checkpointer: BaseCheckpointSaver | Literal[False] | None = None,
+    store: BaseStore | None = None,
     name: str = "apr_agent",
     merge_strategy: ChatMergeStrategy | None = None,
     system_prompt: str | None = None,
@@ -588,4 +606,4 @@ def create_chat_apr_agent(
 
     routes = {"generate": (agent.route_generate, ["tools", "finalize"]),
               "tools": (agent.route_tools, ["branch", "generate"])}
-    return compile_agent(agent, routes, checkpointer=checkpointer, name=name)
+    return compile_agent(agent, routes, checkpointer=checkpointer, store=store, name=name)

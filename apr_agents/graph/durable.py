@@ -12,7 +12,17 @@ What a checkpointer keeps for a run with branches in flight:
   branch that was still running resumes from its last finished step (a tool
   call in flight when the process died runs again; its earlier steps do not).
 
-``run_with_checkpoint`` is what ``apr run --db FILE [--resume THREAD_ID]`` calls.
+``run_with_checkpoint`` is what ``apr run --db FILE [--resume THREAD_ID]`` calls. It
+opens a LangGraph store beside the checkpointer (same SQLite file or Postgres database), where
+each spawn's shared prefix is written once instead of once per branch, and it holds the thread
+while it runs: a second run of the same thread, in this process or another, is refused
+(``ThreadBusy``). Usage::
+
+    from apr_agents import APRConfig, create_apr_agent, default_backend, run_with_checkpoint
+
+    state = await run_with_checkpoint(
+        lambda saver: create_apr_agent(default_backend(), [], APRConfig(), checkpointer=saver),
+        "What is 2 + 2?", "runs.sqlite", "thread-1", resume=False)
 """
 
 from __future__ import annotations
@@ -59,7 +69,7 @@ def thread_lock(db: str | Path | None, thread_id: str) -> Iterator[None]:
     In one process: a set of held (store, thread) pairs. Across processes, for a SQLite
     file: an exclusive ``flock`` on ``<db>.<thread>.lock`` next to it (released by the
     kernel if the process dies, so a ``kill -9`` never leaves a thread locked). A Postgres
-    store is locked within the process only (docs/checkpointing.md).
+    store is locked across processes by ``athread_lock`` (a Postgres advisory lock).
     """
     store = ":memory:" if db is None else str(db)
     key = (store, thread_id)
@@ -67,7 +77,7 @@ def thread_lock(db: str | Path | None, thread_id: str) -> Iterator[None]:
         raise ThreadBusy(f"thread {thread_id!r} is already running in this process; wait for it to "
                          "finish (resuming it twice would run its pending tool calls twice)")
     handle = None
-    if store != ":memory:" and not store.startswith(("postgres://", "postgresql://")):
+    if store != ":memory:" and not _is_postgres(store):
         import fcntl
 
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in thread_id)[:100]
@@ -87,6 +97,58 @@ def thread_lock(db: str | Path | None, thread_id: str) -> Iterator[None]:
         _held.discard(key)
         if handle is not None:
             handle.close()  # releases the flock
+
+
+@asynccontextmanager
+async def athread_lock(db: str | Path | None, thread_id: str) -> AsyncIterator[None]:
+    """``thread_lock``, and for a Postgres store a session advisory lock on the thread.
+
+    The lock lives on its own connection for the length of the run; Postgres releases it when
+    that connection ends, so a killed process never leaves a thread locked.
+    """
+    with thread_lock(db, thread_id):
+        if db is None or not _is_postgres(str(db)):
+            yield
+            return
+        import psycopg
+
+        async with await psycopg.AsyncConnection.connect(str(db), autocommit=True) as conn:
+            cur = await conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
+                                     (f"apr-agents:{thread_id}",))
+            row = await cur.fetchone()
+            if not row or not row[0]:
+                raise ThreadBusy(f"thread {thread_id!r} of the Postgres store is being run by another "
+                                 "process (advisory lock); wait for it to finish (resuming it twice would "
+                                 "run its pending tool calls twice)")
+            yield  # the lock ends with the connection
+
+
+def _is_postgres(url: str) -> bool:
+    return url.startswith(("postgres://", "postgresql://"))
+
+
+@asynccontextmanager
+async def open_store(db: str | Path | None) -> AsyncIterator[Any]:
+    """The LangGraph store beside ``open_checkpointer(db)``'s checkpointer: the same SQLite
+    file or Postgres database, or an ``InMemoryStore`` for ``None``/``":memory:"``."""
+    if db is None or str(db) == ":memory:":
+        from langgraph.store.memory import InMemoryStore
+
+        yield InMemoryStore()
+        return
+    url = str(db)
+    if _is_postgres(url):
+        from langgraph.store.postgres.aio import AsyncPostgresStore
+
+        async with AsyncPostgresStore.from_conn_string(url) as store:
+            await store.setup()
+            yield store
+        return
+    from langgraph.store.sqlite.aio import AsyncSqliteStore
+
+    async with AsyncSqliteStore.from_conn_string(_sqlite_file(url)) as store:
+        await store.setup()
+        yield store
 
 
 def new_thread_id() -> str:
@@ -183,9 +245,9 @@ async def run_with_checkpoint(
     another dialect or tool set would misread the run's text and lose the answer).
 
     Only one run of a thread at a time: a second concurrent call for the same thread (this
-    process, or another process on the same SQLite file) raises ``ThreadBusy`` at once.
+    process, or another process on the same SQLite file or Postgres database) raises ``ThreadBusy`` at once.
     """
-    with thread_lock(db_path, thread_id):
+    async with athread_lock(db_path, thread_id):
         return await _run_with_checkpoint(graph_factory, question, db_path, thread_id, resume,
                                           on_event=on_event, config=config, durability=durability,
                                           expect=expect)
@@ -197,8 +259,10 @@ async def _run_with_checkpoint(graph_factory: GraphFactory, question: str | None
                                expect: dict[str, Any] | None) -> dict[str, Any]:
     from .streaming import stream_events
 
-    async with open_checkpointer(db_path) as saver:
+    async with open_checkpointer(db_path) as saver, open_store(db_path) as store:
         graph = graph_factory(saver)
+        if getattr(graph, "store", None) is None:
+            graph.store = store  # where spawn prefixes are kept once (as a LangGraph server sets it)
         run_config: dict[str, Any] = {"recursion_limit": 10_000, **(config or {})}
         run_config["configurable"] = {**run_config.get("configurable", {}), "thread_id": thread_id}
         snapshot = await graph.aget_state(run_config)

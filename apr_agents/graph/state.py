@@ -44,20 +44,45 @@ def append_text(text: str, pieces: Sequence[str]) -> str:
     return text + "".join(pieces)
 
 
-#: The text-mode context text, kept out of ``apr`` so that a checkpoint stores what each step
-#: appended (LangGraph's ``DeltaChannel``: writes are the deltas; a full snapshot every
-#: ``TEXT_SNAPSHOT_EVERY`` updates bounds the replay on load) instead of the whole text again.
-TEXT_SNAPSHOT_EVERY = 64
-TextChannel = Annotated[str, DeltaChannel(append_text, snapshot_frequency=TEXT_SNAPSHOT_EVERY)]
+def append_items(items: list[Any], batches: Sequence[Sequence[Any]]) -> list[Any]:
+    """``apr_msgs``'s reducer: each write is the messages a step appended (a tuple)."""
+    return [*items, *(item for batch in batches for item in batch)]
+
+
+def last_value(value: Any, writes: Sequence[Any]) -> Any:
+    """``apr_prompt``'s reducer: written once when a context starts (normally as ``Overwrite``)."""
+    return writes[-1] if writes else value
+
+
+def fold_traces(trace: dict[str, Any], deltas: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``apr_trace``'s reducer: each write is what a step added (``merge_traces`` appends a
+    context's ``tool_calls`` and ``spawns``), so the fold is the same in one batch or many."""
+    for delta in deltas:
+        trace = merge_traces(trace, delta)
+    return trace
+
+
+#: Everything that grows with a run's steps is kept out of ``apr`` (whose whole value a checkpoint
+#: stores at every step) in LangGraph ``DeltaChannel``s: a checkpoint stores what each step
+#: appended, plus a full snapshot every ``SNAPSHOT_EVERY`` updates, which bounds the replay on
+#: load. So storage grows linearly with the steps (docs/checkpointing.md, "Storage bounds").
+SNAPSHOT_EVERY = 256
+TEXT_SNAPSHOT_EVERY = SNAPSHOT_EVERY
+TextChannel = Annotated[str, DeltaChannel(append_text, snapshot_frequency=SNAPSHOT_EVERY)]
+MessagesChannel = Annotated[list[dict[str, Any]], DeltaChannel(append_items, snapshot_frequency=SNAPSHOT_EVERY)]
+PromptChannel = Annotated[str, DeltaChannel(last_value, snapshot_frequency=SNAPSHOT_EVERY)]
+TraceChannel = Annotated[dict[str, Any], DeltaChannel(fold_traces, snapshot_frequency=SNAPSHOT_EVERY)]
 
 
 class APRState(TypedDict, total=False):
     """Compatible with ``MessagesState``: a user graph needs only ``messages``."""
 
     messages: Annotated[list[AnyMessage], add_messages]
-    apr_trace: Annotated[dict[str, Any], merge_traces]
-    apr: dict[str, Any]  # the context this graph invocation runs (root or one branch)
+    apr_trace: TraceChannel
+    apr: dict[str, Any]  # the context this graph invocation runs (root or one branch), small fields only
     apr_text: TextChannel  # text mode: that context's text (checkpointed as deltas)
+    apr_prompt: PromptChannel  # text mode: the prompt the context continues (stored once per context)
+    apr_msgs: MessagesChannel  # tool-call mode: that context's messages (checkpointed as deltas)
     apr_spawn_input: dict[str, Any] | None  # branch graph only: the child spec its parent planned
     apr_branch_results: Annotated[list[dict[str, Any]], collect_results]
 
@@ -77,6 +102,7 @@ class BranchInput(TypedDict, total=False):
 
 class APROutput(TypedDict, total=False):
     messages: Annotated[list[AnyMessage], add_messages]
-    apr_trace: Annotated[dict[str, Any], merge_traces]
+    apr_trace: TraceChannel
     apr: dict[str, Any]
     apr_text: TextChannel
+    apr_msgs: MessagesChannel

@@ -1,8 +1,13 @@
 """The run trace (SPEC §5): a JSON-serialisable record per context and its summary.
 
-``merge_traces`` is the LangGraph reducer for ``state["apr_trace"]``: parallel
-branches each return their own records and they fold together without
-clobbering each other. A new run resets it with LangGraph's ``Overwrite``.
+``merge_traces`` folds one trace write into another: parallel branches each
+return their own records and they fold together without clobbering each
+other. A write is a delta: a context's scalar fields replace the old ones, its
+``tool_calls`` and ``spawns`` are appended (a step writes only the ones it
+added), ``limits`` and ``repairs`` are appended without duplicates. So a step's
+write stays the size of what the step did, whatever the run's length, and the
+graph keeps the trace in a ``DeltaChannel`` (``graph/state.py``). A new run
+resets it with LangGraph's ``Overwrite``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ def new_record(cid: str, *, parent: str | None, depth: int, label: str | None,
             "end": None, "truncated": False}
 
 
+#: context-record lists that a write appends to (a step writes only its new entries)
+APPENDED = ("tool_calls", "spawns")
+
+
 def merge_traces(left: dict[str, Any] | None, right: dict[str, Any] | None) -> dict[str, Any]:
     if not right:
         return left or {}
@@ -28,7 +37,12 @@ def merge_traces(left: dict[str, Any] | None, right: dict[str, Any] | None) -> d
         if key == "contexts":
             ctxs = dict(out.get("contexts", {}))
             for cid, rec in val.items():
-                ctxs[cid] = {**ctxs.get(cid, {}), **rec}
+                old = ctxs.get(cid, {})
+                new = {**old, **rec}
+                for grows in APPENDED:
+                    if grows in rec and old.get(grows):
+                        new[grows] = [*old[grows], *rec[grows]]
+                ctxs[cid] = new
             out["contexts"] = ctxs
         elif key in ("limits", "repairs"):
             seen = {_key(e) for e in out.get(key, [])}

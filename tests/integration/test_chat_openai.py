@@ -131,7 +131,7 @@ async def test_forced_spawn_fans_out_and_merges_through_the_real_server(server: 
     question = "Find the capital of France and the capital of Japan. Split this into two short sub-tasks."
     state = await graph.ainvoke({"messages": [HumanMessage(question)]})
 
-    messages = messages_from_dict(state["apr"]["messages"])
+    messages = messages_from_dict(state["apr_msgs"])
     first = next(m for m in messages if isinstance(m, AIMessage))
     calls = [*first.tool_calls, *first.invalid_tool_calls]
     assert [c["name"] for c in calls] == ["spawn"]  # the server returned a real tool call
