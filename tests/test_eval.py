@@ -80,6 +80,14 @@ def test_stratified_subset_covers_every_type(questions: list[Question]) -> None:
     assert stratified(questions, 13) == sub
 
 
+def test_quick_set_is_one_question_of_each_quick_kind(questions: list[Question]) -> None:
+    from apr_cli.eval.__main__ import QUICK_KINDS, quick_set
+
+    picked = quick_set(questions)
+    assert [(q.type, q.parts) for q in picked] == list(QUICK_KINDS)
+    assert any(q.parts == 1 for q in picked) and sum(q.parts >= 3 for q in picked) == 2
+
+
 def test_jsonl_round_trip_and_user_files(tmp_path: Path, questions: list[Question]) -> None:
     path = tmp_path / "q.jsonl"
     save_jsonl(questions[:5], path)
