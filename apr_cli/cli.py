@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     import sqlite3
 
     from apr_agents.backends.base import BackendError
-    from apr_agents.graph.agent import APRBackendError
+    from apr_agents.graph.core import APRBackendError
     from apr_agents.graph.durable import ConfigMismatch, NothingToResume, RunInProgress
 
     try:

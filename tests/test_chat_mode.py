@@ -362,7 +362,7 @@ async def test_model_errors_are_retried_then_reported_with_the_context() -> None
     state = await create_apr_agent(ok, [], APRConfig(backend_attempts=3)).ainvoke(Q)
     assert state["messages"][-1].content == "fine" and ok.calls == 3
     bad = ScriptedChatModel(respond=lambda m, t: "never", fail_first=10)
-    with pytest.raises(APRBackendError, match=r"context 'root' .* 2 attempt\(s\): ConnectionError"):
+    with pytest.raises(APRBackendError, match=r"context 'root' .* after 2 attempts: ConnectionError"):
         await create_apr_agent(bad, [], APRConfig(backend_attempts=2)).ainvoke(Q)
 
 

@@ -1,4 +1,4 @@
-"""``create_apr_agent``: the compiled LangGraph graph that runs model-written spawns.
+"""``create_apr_agent`` and the text mode: the model writes the spawn protocol in its text.
 
 One graph serves the root and every branch. A context loops
 ``generate -> tools -> generate`` until its model stops at a spawn point; then
@@ -6,173 +6,58 @@ each outline becomes a ``Send`` to the ``branch`` node, which runs the same
 graph again for that branch (a subgraph run with its own checkpoints, or the
 same nodes called inline: ``APRConfig.branch_runs``). When
 all branches of the spawn are back, ``merge`` folds them into the parent's text
-in outline order and the parent goes on generating.
+in outline order and the parent goes on generating. What both modes share (the
+branch node, the retry policy) is in ``core.py``; the graph's wiring in ``build.py``.
+
+Usage::
+
+    from langchain_core.messages import HumanMessage
+    from apr_agents import APRConfig, create_apr_agent, default_backend
+
+    graph = create_apr_agent(default_backend(), tools, APRConfig(max_threads=4))
+    answer = graph.invoke({"messages": [HumanMessage("...")]})["messages"][-1].content
 """
 
 from __future__ import annotations
 
-import asyncio
-import random
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from langchain_core.messages import AIMessage, BaseMessage, SystemMessage
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.checkpoint.base import BaseCheckpointSaver
-from langgraph.config import get_stream_writer
-from langgraph.graph import END
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.store.base import BaseStore
 from langgraph.types import Overwrite, Send
 
-from ..backends.base import BackendError, BackendRequestError, Completion, check_backend, route_key
+from ..backends.base import BackendError, Completion, check_backend, route_key
 from ..config import APRConfig
 from ..protocol.dialects import TOOL_CALL_CLOSE, Dialect, get_dialect, neutralize
 from ..protocol.document import parse_document
 from ..protocol.parser import Repair, Spawn, StreamParser, ToolCall
 from ..runtime.limits import Limiter, ThreadBudget
-from ..runtime.sync_loop import run_sync
 from ..runtime.tool_exec import run_tool_calls
 from ..runtime.trace import merge_traces, new_record, summarize
-from .build import _apply, checked_config_and_tools, compile_agent
+from .build import checked_config_and_tools, compile_agent
+from .core import APRBackendError, BranchRunner, call_with_retries, copy_ctx, emit, spawned_in, where
 from .prefixes import PrefixMissing, SharedPrefixes
 from .state import APRState
 
-T = TypeVar("T")
 #: characters of context text whose parse is kept between steps (LRU over contexts). A parser
 #: holds about its text again, so the cache costs at most ~2-3x this in memory (docs/architecture.md).
 PARSER_CACHE_CHARS = 32 * 2**20
 MergeStrategy = Callable[[list[dict[str, Any]], Dialect], str]
 
 
-class APRBackendError(RuntimeError):
-    """The backend kept failing for one context; names the context so the user knows where."""
-
-
-def _emit(event: dict[str, Any]) -> None:
-    try:
-        get_stream_writer()(event)
-    except (RuntimeError, LookupError, KeyError):  # not inside a streaming run
-        pass
-
-
 def final_answer(text: str, dialect: Dialect) -> str:
     """The root text after the last protocol block (SPEC §2.8)."""
     doc = parse_document(text, dialect)
     return doc.final_text or doc.last_text
-
-
-_SPAWN_KEYS = frozenset({"cid", "run", "depth", "parent", "deadline", "deadline_kind"})
-
-
-class BranchRunner:
-    """The ``branch`` node of both modes: run each child as a branch of its parent.
-
-    One ``Send`` carries one child (parallel) or all of a spawn's children
-    (``parallel=False``: they run one after another in this task). A child runs
-    either as a run of the branch graph (``subgraph``: its own checkpoints and
-    stream namespace) or ``inline``: the same node functions called in this task
-    along the same edges (``flow``), with the state's reducers applied by hand.
-    Inline skips the per-branch Pregel supersteps, the plugin's main overhead
-    (docs/benchmarks/overhead.md); what it gives up is resuming a branch halfway.
-    """
-
-    branch_graph: CompiledStateGraph | None = None
-    config: APRConfig
-    #: node name -> next node, or (route function, its possible targets); filled by compile_agent
-    flow: dict[str, Any]
-    nodes: dict[str, Callable[[Any, RunnableConfig], Coroutine[Any, Any, dict[str, Any]]]]
-
-    def _new_context(self, **spec: Any) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def _start_branch(self, spawn: dict[str, Any]) -> dict[str, Any]:
-        """``prepare`` for a graph run a parent started as one of its branches.
-
-        Only the internal branch graph reads a spawn spec, and only the ``branch`` node writes
-        one (the root graph's input is ``messages`` only), so no caller can choose a depth,
-        deadline, run id or prompt. The spec is still checked, so a bug names itself.
-        """
-        missing = sorted(_SPAWN_KEYS - spawn.keys())
-        if missing or not isinstance(spawn.get("depth"), int) or spawn["depth"] < 1:
-            raise ValueError(f"internal error: a branch spec without {missing or 'a depth >= 1'}")
-        ctx = self._new_context(**spawn)
-        _emit({"apr": "branch_start", "ctx": ctx["id"], "label": ctx["label"],
-               "outline": ctx["rec"]["outline"], "depth": ctx["depth"]})
-        return {"apr": ctx, "apr_spawn_input": None, "apr_trace": self._trace(ctx)}
-
-    @staticmethod
-    def _trace(ctx: dict[str, Any], *, tool_calls: list[dict[str, Any]] | None = None,
-               spawns: list[list[str]] | None = None, **extra: Any) -> dict[str, Any]:
-        """A trace write: the context's record, plus the tool calls and spawns this step added.
-
-        ``ctx["rec"]`` holds the record's fixed-size fields only; its ``tool_calls`` and ``spawns``
-        grow in the trace (``merge_traces`` appends them), so a step writes only its own.
-        """
-        rec = dict(ctx["rec"])
-        if tool_calls:
-            rec["tool_calls"] = tool_calls
-        if spawns:
-            rec["spawns"] = spawns
-        return {"contexts": {ctx["id"]: rec}, **extra}
-
-    @staticmethod
-    def _limit(ctx: dict[str, Any], limit: str, detail: str) -> dict[str, Any]:
-        return {"ctx": ctx["id"], "limit": limit, "detail": detail}
-
-    def _inline(self, config: RunnableConfig) -> bool:
-        mode = self.config.branch_runs
-        if mode == "auto":
-            # A checkpointed run always carries a thread_id (LangGraph refuses one without), so
-            # its presence, public configuration, stands for "durable": subgraph branches. A run
-            # given a thread_id without a checkpointer also gets subgraphs: slower, still right.
-            return not (config.get("configurable") or {}).get("thread_id")
-        return mode == "inline"
-
-    async def branch(self, payload: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
-        assert self.branch_graph is not None
-        run = self._run_inline if self._inline(config) else self.branch_graph.ainvoke
-        return self._collect([(await run(inp, config), index) for inp, index in _inputs(payload)])
-
-    def branch_sync(self, payload: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
-        assert self.branch_graph is not None
-        if self._inline(config):
-            return run_sync(self.branch(payload, config))
-        return self._collect([(self.branch_graph.invoke(inp, config), index) for inp, index in _inputs(payload)])
-
-    async def _run_inline(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
-        """One branch: the graph's nodes along its edges, in this task; nested spawns run concurrently."""
-        state = {"messages": [], "apr_trace": {}, "apr_branch_results": [], **state}
-        state["apr_spawn_input"] = state.get("apr_spawn_input")
-        node = "generate"  # where the branch graph starts too: a branch sets itself up there
-        while node != END:
-            _apply(state, await self.nodes[node](state, config))
-            _emit({"apr": "step", "ctx": state["apr"]["id"], "node": node})
-            nxt = self.flow[node]
-            if isinstance(nxt, tuple):
-                nxt = nxt[0](state)
-            if isinstance(nxt, list):  # Sends to the branch node: one task each, like a superstep
-                for update in await _gather_or_cancel([self.branch(send.arg, config) for send in nxt]):
-                    _apply(state, update)
-                _emit({"apr": "step", "ctx": state["apr"]["id"], "node": "branch"})
-                nxt = self.flow["branch"]
-            node = nxt
-        return state
-
-    @staticmethod
-    def _collect(outs: list[tuple[dict[str, Any], int]]) -> dict[str, Any]:
-        results = []
-        for out, index in outs:
-            c = out["apr"]
-            text = c["text"] if "text" in c else out.get("apr_text", "")
-            results.append({"id": c["id"], "label": c["label"], "index": index, "text": text,
-                            "end": c["end"], "outline": c["rec"].get("outline")})
-        return {"apr_branch_results": results, "apr_trace": _fold([o.get("apr_trace", {}) for o, _ in outs])}
 
 
 class _Agent(BranchRunner):
@@ -235,7 +120,7 @@ class _Agent(BranchRunner):
         return {"apr": ctx, "apr_trace": Overwrite(trace), "apr_branch_results": Overwrite([])}
 
     async def generate(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
-        ctx = _copy_ctx(state["apr"])
+        ctx = copy_ctx(state["apr"])
         limits: list[dict[str, Any]] = []
         repairs: list[dict[str, Any]] = []
         spawned: list[list[str]] = []
@@ -337,7 +222,7 @@ class _Agent(BranchRunner):
         if "prompt" in ctx:
             return str(ctx["prompt"])
         try:
-            return str(await self.prefixes.get(ctx["run"], ctx["prompt_ref"], _where(ctx) + ")"))
+            return str(await self.prefixes.get(ctx["run"], ctx["prompt_ref"], where(ctx) + ")"))
         except PrefixMissing as exc:
             raise APRBackendError(str(exc)) from exc
 
@@ -398,48 +283,19 @@ class _Agent(BranchRunner):
 
     async def _complete(self, ctx: dict[str, Any], prompt: str, stops: list[str],
                         max_tokens: int) -> tuple[Completion, bool]:
-        """One backend call with retries; returns (completion, deadline_hit)."""
-        cfg = self.config
-        last: BaseException | None = None
-        for attempt in range(cfg.backend_attempts):
-            pieces: list[str] = []
-            try:
-                async with self.limiter.llm():
-                    # the deadline is read after the wait for a slot: a branch queued behind
-                    # llm_concurrency others must not get a full budget from before it waited
-                    timeout = cfg.backend_timeout_s
-                    if ctx["deadline"] is not None:
-                        rem = max(0.0, ctx["deadline"] - time.time())
-                        timeout = rem if timeout is None else min(timeout, rem)
-                    async with asyncio.timeout(timeout):  # no extra task, unlike wait_for
-                        return await self._call(ctx, prompt, stops, max_tokens, pieces), False
-            except TimeoutError as exc:
-                if ctx["deadline"] is not None and time.time() >= ctx["deadline"] - 1e-3:
-                    text = "".join(pieces)
-                    return Completion(text=text, stop=None, finish_reason="abort",
-                                      completion_tokens=len(pieces)), True
-                last = exc
-            except BackendRequestError as exc:  # the same request fails the same way: never retried
-                raise APRBackendError(
-                    f"backend {type(self.backend).__name__} refused the request in {_where(ctx)}); not "
-                    f"retried, it cannot succeed as sent: {exc}. Give the model a larger context (n_ctx / "
-                    f"max_model_len), lower APRConfig.max_tokens ({cfg.max_tokens}) or shorten the "
-                    "conversation and tool outputs (max_tool_output_chars)."
-                ) from exc
-            except BackendError as exc:
-                last = exc
-            except (OSError, ConnectionError, ValueError) as exc:
-                last = exc
-            except Exception as exc:  # a bug in the adapter: not retried, but say where it happened
-                raise APRBackendError(f"backend {type(self.backend).__name__} raised in {_where(ctx)}): "
-                                      f"{type(exc).__name__}: {exc}") from exc
-            if attempt + 1 < cfg.backend_attempts:
-                await asyncio.sleep(min(2.0, 0.05 * 2 ** attempt) * (1 + random.random()))
-        where = _where(ctx)
-        raise APRBackendError(
-            f"backend {type(self.backend).__name__} failed in {where}) after {cfg.backend_attempts} "
-            f"attempts: {type(last).__name__}: {last}"
-        ) from last
+        """One backend call under the shared retry policy; returns (completion, deadline_hit)."""
+        pieces: list[str] = []
+
+        def attempt() -> Coroutine[Any, Any, Completion]:
+            pieces.clear()  # what this attempt streamed, kept if the deadline cuts it
+            return self._call(ctx, prompt, stops, max_tokens, pieces)
+
+        comp = await call_with_retries(ctx, self.config, self.limiter, attempt,
+                                       what=f"backend {type(self.backend).__name__}")
+        if comp is None:
+            return Completion(text="".join(pieces), stop=None, finish_reason="abort",
+                              completion_tokens=len(pieces)), True
+        return comp, False
 
     async def _call(self, ctx: dict[str, Any], prompt: str, stops: list[str], max_tokens: int,
                     pieces: list[str]) -> Completion:
@@ -452,7 +308,7 @@ class _Agent(BranchRunner):
                                  temperature=self.config.temperature):
             if isinstance(item, str):
                 pieces.append(item)
-                _emit({"apr": "token", "ctx": ctx["id"], "text": item})
+                emit({"apr": "token", "ctx": ctx["id"], "text": item})
             else:
                 final = item
         if final is None:
@@ -490,7 +346,7 @@ class _Agent(BranchRunner):
                                       f"more than {cfg.max_threads} outlines; kept the first {cfg.max_threads}"))
             outlines = outlines[: cfg.max_threads]
         # After a restart the in-process budget is empty: seed it from what the checkpointed state knows.
-        seed = ctx.get("budget_seed", 0) + _spawned_in(trace, ctx)
+        seed = ctx.get("budget_seed", 0) + spawned_in(trace, ctx)
         got = self.budget.reserve(ctx["run"], len(outlines), cfg.max_total_threads, seed=seed)
         if got < len(outlines):
             limits.append(self._limit(ctx, "max_total_threads",
@@ -516,20 +372,20 @@ class _Agent(BranchRunner):
                 "outline": o.text, "parent": ctx["id"], "deadline": deadline, "deadline_kind": kind,
                 "index": i, "budget_seed": self.budget.used(ctx["run"]),
             })
-        _emit({"apr": "spawn", "ctx": ctx["id"], "outlines": [[o.label, o.text] for o in outlines]})
+        emit({"apr": "spawn", "ctx": ctx["id"], "outlines": [[o.label, o.text] for o in outlines]})
         return {"children": children, "spawn_no": ctx["spawns"]}
 
     async def tools_node(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
-        ctx = _copy_ctx(state["apr"])
+        ctx = copy_ctx(state["apr"])
         calls = [ToolCall(c["name"], c["arguments"], c["raw"], c["error"]) for c in ctx["pending_tools"]]
         results = await run_tool_calls(calls, self.tools, self.limiter, self.config,
-                                       deadline=ctx["deadline"], emit=_emit, ctx_id=ctx["id"])
+                                       deadline=ctx["deadline"], emit=emit, ctx_id=ctx["id"])
         ctx["text"] += self._tool_results_text([text for text, _ in results], ctx["depth"])
         ctx["pending_tools"] = []
         return {"apr": ctx, "apr_trace": self._trace(ctx, tool_calls=[rec for _, rec in results])}
 
     async def merge(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
-        ctx = _copy_ctx(state["apr"])
+        ctx = copy_ctx(state["apr"])
         spawn = ctx["pending_spawn"] or {"children": []}
         wanted = {c["cid"] for c in spawn["children"]}
         results = sorted((r for r in state.get("apr_branch_results", []) if r["id"] in wanted),
@@ -540,16 +396,16 @@ class _Agent(BranchRunner):
             merged = self.dialect.merge_text([(r["label"], r["text"]) for r in results])
         ctx["text"] += merged
         ctx["pending_spawn"] = None
-        _emit({"apr": "merge", "ctx": ctx["id"], "children": [r["id"] for r in results]})
+        emit({"apr": "merge", "ctx": ctx["id"], "children": [r["id"] for r in results]})
         return {"apr": ctx, "apr_branch_results": Overwrite([]), "apr_trace": self._trace(ctx)}
 
     async def finalize(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
-        ctx = _copy_ctx(state["apr"])
+        ctx = copy_ctx(state["apr"])
         ctx["rec"]["ended"] = time.time()
         ctx["rec"]["end"] = ctx["end"]
         ctx["rec"]["text"] = ctx["text"]
         if ctx["depth"] > 0:
-            _emit({"apr": "branch_end", "ctx": ctx["id"], "end": ctx["end"],
+            emit({"apr": "branch_end", "ctx": ctx["id"], "end": ctx["end"],
                    "tokens": ctx["rec"]["completion_tokens"]})
             return {"apr": ctx, "apr_trace": self._trace(ctx)}
         if ctx["id"] == "root":
@@ -576,59 +432,9 @@ class _Agent(BranchRunner):
         return "finalize"
 
 
-def _where(ctx: dict[str, Any]) -> str:
-    where = f"context {ctx['id']!r} (depth {ctx['depth']}"
-    if ctx["rec"].get("outline"):
-        where += f", outline {ctx['rec']['outline'][:60]!r}"
-    return where
-
-
 def _prompt_of(ctx: dict[str, Any], base: str | None = None) -> str:
     """What the model continues: the (shared) prompt, the branch's own head, its text so far."""
     return (ctx["prompt"] if base is None else base) + ctx.get("prompt_tail", "") + ctx["text"]
-
-
-def _copy_ctx(ctx: dict[str, Any]) -> dict[str, Any]:
-    out = dict(ctx)
-    out["rec"] = dict(ctx["rec"])
-    return out
-
-
-def _spawned_in(trace: dict[str, Any] | None, ctx: dict[str, Any]) -> int:
-    """Branches this context's checkpointed state knows were started (its own and merged descendants')."""
-    ids: set[str] = set()
-    for rec in (trace or {}).get("contexts", {}).values():
-        ids.update(cid for group in rec.get("spawns", []) for cid in group)
-    return len(ids)
-
-
-def _fold(traces: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for t in traces:
-        out = merge_traces(out, t)
-    return out
-
-
-def _inputs(payload: dict[str, Any]) -> list[tuple[dict[str, Any], int]]:
-    """Each child of a ``Send`` payload as a branch-graph input, with its outline index."""
-    out = []
-    for child in payload["children"]:
-        child = dict(child)
-        index = child.pop("index")
-        out.append(({"apr_spawn_input": child, "messages": []}, index))
-    return out
-
-
-async def _gather_or_cancel(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
-    """All results, or the first error with the others cancelled (as a failing superstep does)."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
 
 
 def _neutral(value: Any) -> Any:

@@ -18,9 +18,7 @@ Trace, limits and custom stream events are those of the text mode.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import random
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -44,13 +42,12 @@ from langgraph.store.base import BaseStore
 from langgraph.types import Overwrite, Send
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from ..backends.base import BackendRequestError
+from ..backends.base import BackendError
 from ..config import APRConfig
 from ..protocol.parser import ToolCall
 from ..runtime.limits import Limiter, ThreadBudget
 from ..runtime.tool_exec import run_tool_calls, truncate
 from ..runtime.trace import merge_traces, new_record, summarize
-from .agent import APRBackendError, BranchRunner, _copy_ctx, _emit, _spawned_in
 from .build import checked_config_and_tools, compile_agent
 from .chat_prompt import (
     DEFAULT_CHAT_SYSTEM_PROMPT,
@@ -61,6 +58,7 @@ from .chat_prompt import (
     format_system_prompt,
     spawn_ack,
 )
+from .core import APRBackendError, BranchRunner, call_with_retries, copy_ctx, emit, spawned_in
 from .prefixes import PrefixMissing, SharedPrefixes
 from .state import APRState
 
@@ -154,14 +152,6 @@ def render_transcript(messages: Sequence[BaseMessage]) -> str:
     return "\n".join(lines)
 
 
-def _is_permanent(exc: BaseException) -> bool:
-    """A client error the server will answer the same way again (bad request, auth)."""
-    if isinstance(exc, BackendRequestError):
-        return True
-    status = getattr(exc, "status_code", None)
-    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 409, 429)
-
-
 def _estimate_tokens(msg: AIMessage) -> int:
     text = msg.text if isinstance(msg.text, str) else str(msg.content)
     for c in msg.tool_calls:
@@ -250,7 +240,7 @@ class _ChatAgent(BranchRunner):
         return {"apr": ctx, "apr_trace": Overwrite(trace), "apr_branch_results": Overwrite([])}
 
     async def generate(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
-        ctx = _copy_ctx(state["apr"])
+        ctx = copy_ctx(state["apr"])
         ctx["messages"] = list(ctx["messages"])
         cfg = self.config
         limits: list[dict[str, Any]] = []
@@ -287,45 +277,19 @@ class _ChatAgent(BranchRunner):
 
     async def _invoke(self, ctx: dict[str, Any], messages: list[BaseMessage],
                       config: RunnableConfig) -> AIMessage | None:
-        """One model call with retries; ``None`` when the context's deadline passed."""
-        cfg = self.config
+        """One model call under the shared retry policy (core.py); ``None`` when the deadline passed."""
         model = self.bound_model(ctx)
         if self.empty_tool_call_content:
             messages = [self._filled(m) for m in messages]
-        last: BaseException | None = None
-        for attempt in range(cfg.backend_attempts):
-            timeout = cfg.backend_timeout_s
-            if ctx["deadline"] is not None:
-                rem = max(0.0, ctx["deadline"] - time.time())
-                timeout = rem if timeout is None else min(timeout, rem)
-            try:
-                async with self.limiter.llm(), asyncio.timeout(timeout):
-                    out = await model.ainvoke(messages, config)
-                if not isinstance(out, AIMessage):
-                    raise TypeError(f"chat model returned {type(out).__name__}, not an AIMessage")
-                return out
-            except TimeoutError as exc:
-                if ctx["deadline"] is not None and time.time() >= ctx["deadline"] - 1e-3:
-                    return None
-                last = exc
-            except Exception as exc:
-                last = exc
-                if _is_permanent(exc):  # the same request fails the same way: never retried
-                    where = f"context {ctx['id']!r} (depth {ctx['depth']})"
-                    raise APRBackendError(
-                        f"chat model {type(self.model).__name__} refused the request in {where}; not retried, "
-                        f"it cannot succeed as sent: {type(exc).__name__}: {exc}. For a context-length error "
-                        f"give the model a larger context, lower APRConfig.max_tokens ({cfg.max_tokens}) or "
-                        "shorten the conversation and tool outputs (max_tool_output_chars).") from exc
-            if attempt + 1 < cfg.backend_attempts:
-                await asyncio.sleep(min(2.0, 0.05 * 2 ** attempt) * (1 + random.random()))
-        where = f"context {ctx['id']!r} (depth {ctx['depth']}"
-        if ctx["rec"].get("outline"):
-            where += f", task {ctx['rec']['outline'][:60]!r}"
-        raise APRBackendError(
-            f"chat model {type(self.model).__name__} failed in {where}) after {attempt + 1} "
-            f"attempt(s): {type(last).__name__}: {last}"
-        ) from last
+
+        async def attempt() -> AIMessage:
+            out = await model.ainvoke(messages, config)
+            if not isinstance(out, AIMessage):
+                raise BackendError(f"chat model returned {type(out).__name__}, not an AIMessage")
+            return out
+
+        return await call_with_retries(ctx, self.config, self.limiter, attempt,
+                                       what=f"chat model {type(self.model).__name__}")
 
     def _filled(self, m: BaseMessage) -> BaseMessage:
         """What is sent (never stored) for a tool-calling assistant message without text."""
@@ -357,7 +321,7 @@ class _ChatAgent(BranchRunner):
             rec["tokens_estimated"] = True
 
     async def tools_node(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
-        ctx = _copy_ctx(state["apr"])
+        ctx = copy_ctx(state["apr"])
         ctx["messages"] = list(ctx["messages"])
         cfg = self.config
         limits: list[dict[str, Any]] = []
@@ -406,7 +370,7 @@ class _ChatAgent(BranchRunner):
         if regular:
             calls = [ToolCall(c["name"], c["args"], json.dumps(c["args"], default=str), None) for c in regular]
             results = await run_tool_calls(calls, self.tools, self.limiter, cfg, deadline=ctx["deadline"],
-                                           emit=_emit, ctx_id=ctx["id"])
+                                           emit=emit, ctx_id=ctx["id"])
             for call, (text, trec) in zip(regular, results, strict=True):
                 answers[call["id"]] = ToolMessage(text, tool_call_id=call["id"], name=call["name"],
                                                   status="error" if trec["error"] else "success")
@@ -448,7 +412,7 @@ class _ChatAgent(BranchRunner):
             return None, error
         assert tasks is not None
         # After a restart the in-process budget is empty: seed it from what the checkpointed state knows.
-        seed = ctx.get("budget_seed", 0) + _spawned_in(trace, ctx)
+        seed = ctx.get("budget_seed", 0) + spawned_in(trace, ctx)
         got = self.budget.reserve(ctx["run"], len(tasks), cfg.max_total_threads, seed=seed)
         skipped: list[str] = []
         if got < len(tasks):
@@ -506,11 +470,11 @@ class _ChatAgent(BranchRunner):
             for child in children:
                 child["messages"], child["prefix_ref"] = child["messages"][len(prefix):], ref
         spawn["children"] = children
-        _emit({"apr": "spawn", "ctx": ctx["id"], "outlines": [[c["label"], c["outline"]] for c in children],
+        emit({"apr": "spawn", "ctx": ctx["id"], "outlines": [[c["label"], c["outline"]] for c in children],
                "skipped": len(spawn["skipped"])})
 
     async def merge(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
-        ctx = _copy_ctx(state["apr"])
+        ctx = copy_ctx(state["apr"])
         ctx["messages"] = list(ctx["messages"])
         spawn = ctx["pending_spawn"]
         wanted = {c["cid"] for c in spawn["children"]}
@@ -528,11 +492,11 @@ class _ChatAgent(BranchRunner):
         for i in spawn["order"]:
             ctx["messages"].append(message_to_dict(answer) if i == spawn["call_id"] else spawn["answers"][i])
         ctx["pending_spawn"] = None
-        _emit({"apr": "merge", "ctx": ctx["id"], "children": [r["id"] for r in results]})
+        emit({"apr": "merge", "ctx": ctx["id"], "children": [r["id"] for r in results]})
         return {"apr": ctx, "apr_branch_results": Overwrite([]), "apr_trace": self._trace(ctx)}
 
     async def finalize(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
-        ctx = _copy_ctx(state["apr"])
+        ctx = copy_ctx(state["apr"])
         messages = messages_from_dict(await self._full(ctx))
         rec = ctx["rec"]
         rec["ended"] = time.time()
@@ -540,7 +504,7 @@ class _ChatAgent(BranchRunner):
         ctx["text"] = _last_ai_text(messages[ctx["prefix_len"]:])
         rec["text"] = render_transcript(messages[ctx["prefix_len"]:])
         if ctx["depth"] > 0:
-            _emit({"apr": "branch_end", "ctx": ctx["id"], "end": ctx["end"], "tokens": rec["completion_tokens"]})
+            emit({"apr": "branch_end", "ctx": ctx["id"], "end": ctx["end"], "tokens": rec["completion_tokens"]})
             return {"apr": ctx, "apr_trace": self._trace(ctx)}
         if ctx["id"] == "root":
             self.budget.release_run(ctx["run"])
