@@ -305,12 +305,13 @@ async def test_item09_chat_mode_request_errors_are_not_retried() -> None:
 
 # -- 10 --------------------------------------------------------------------------------------
 def test_item10_parser_cache_is_bounded_in_characters() -> None:
-    agent = _Agent(Recorder(), [], APRConfig(), None)
-    agent.parser_cache_chars = 10_000
+    from apr_agents.protocol.parser_cache import ParserCache
+
+    cache = ParserCache(StreamParser, max_chars=10_000)
     for i in range(50):
-        agent._keep_parser((f"run{i}", "root"), StreamParser(), "x" * 3_000)
-    assert agent._parser_chars <= 10_000 and len(agent._parsers) == 3
-    assert agent._parser_chars == sum(len(t) for _, t in agent._parsers.values())
+        cache.keep((f"run{i}", "root"), StreamParser(), "x" * 3_000)
+    assert cache.chars <= 10_000 and len(cache) == 3
+    assert cache.chars == sum(len(t) for t in cache.texts())
 
 
 async def test_item10_failed_runs_leave_no_parser_behind() -> None:
@@ -322,7 +323,7 @@ async def test_item10_failed_runs_leave_no_parser_behind() -> None:
     for _ in range(5):
         with pytest.raises(APRBackendError):
             await graph.ainvoke(Q)
-    assert not agent._parsers and agent._parser_chars == 0
+    assert not len(agent.parsers) and agent.parsers.chars == 0
 
 
 def test_item10_children_share_the_parent_prefix() -> None:

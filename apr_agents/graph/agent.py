@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Literal
 
@@ -40,6 +39,7 @@ from ..config import APRConfig
 from ..protocol.dialects import TOOL_CALL_CLOSE, Dialect, get_dialect, neutralize
 from ..protocol.document import parse_document
 from ..protocol.parser import Repair, Spawn, StreamParser, ToolCall
+from ..protocol.parser_cache import ParserCache
 from ..runtime.limits import Limiter, ThreadBudget
 from ..runtime.tool_exec import run_tool_calls
 from ..runtime.trace import merge_traces, new_record, summarize
@@ -48,9 +48,6 @@ from .core import APRBackendError, BranchRunner, call_with_retries, copy_ctx, em
 from .prefixes import PrefixMissing, SharedPrefixes
 from .state import APRState
 
-#: characters of context text whose parse is kept between steps (LRU over contexts). A parser
-#: holds about its text again, so the cache costs at most ~2-3x this in memory (docs/architecture.md).
-PARSER_CACHE_CHARS = 32 * 2**20
 MergeStrategy = Callable[[list[dict[str, Any]], Dialect], str]
 
 
@@ -74,9 +71,7 @@ class _Agent(BranchRunner):
         self.branch_graph: CompiledStateGraph | None = None
         # checkpointed as deltas: the context text (apr_text) and, once per context, its prompt
         self.delta_fields = ({"text": "apr_text"}, {"prompt": "apr_prompt"})
-        self._parsers: OrderedDict[tuple[str, str], tuple[StreamParser, str]] = OrderedDict()
-        self._parser_chars = 0  # characters of context text the cached parsers hold
-        self.parser_cache_chars = PARSER_CACHE_CHARS
+        self.parsers = ParserCache(lambda: StreamParser(self.dialect, max_outlines=config.max_threads + 1))
         self.prefixes = SharedPrefixes()  # spawn prefixes kept once in the graph's store
 
     # -- context bookkeeping -------------------------------------------------
@@ -198,13 +193,13 @@ class _Agent(BranchRunner):
                     continue
                 # any other stop (an inner close of an inline block): keep writing
         except BaseException:  # a failed or cancelled step: its parse is not needed again
-            self._drop_parser((ctx["run"], ctx["id"]))
+            self.parsers.drop((ctx["run"], ctx["id"]))
             raise
         finally:
             route_key.reset(token)
         if ctx["end"] is not None:
             ctx["rec"]["end"] = ctx["end"]
-            self._drop_parser((ctx["run"], ctx["id"]))
+            self.parsers.drop((ctx["run"], ctx["id"]))
         return {"apr": ctx, "apr_trace": self._trace(ctx, spawns=spawned, limits=limits, repairs=repairs)}
 
     # -- a spawn's prefix, stored once (graph/prefixes.py) ------------------------------
@@ -240,46 +235,12 @@ class _Agent(BranchRunner):
 
     # -- the context's own parse, kept between steps -----------------------------
     def _parser_of(self, ctx: dict[str, Any]) -> StreamParser:
-        """A parser that has consumed exactly ``ctx["text"]``.
-
-        Kept in memory between the steps of a context, so each step feeds only what was added
-        since (its model text, tool responses, merged threads) instead of the whole context
-        again. A miss (a resumed run, another process, a text that is not a continuation of the
-        one parsed) parses the whole text, which is always correct.
-        """
-        key = (ctx["run"], ctx["id"])
-        hit = self._drop_parser(key)
-        text = ctx["text"]
-        if hit is not None and text.startswith(hit[1]):
-            parser, seen = hit
-            parser.feed(text[len(seen):])
-        else:
-            parser = StreamParser(self.dialect, max_outlines=self.config.max_threads + 1)
-            parser.feed(text)
-        self._keep_parser(key, parser, text)
-        return parser
+        """A parser that has consumed exactly ``ctx["text"]`` (kept between the context's steps)."""
+        return self.parsers.parser_of((ctx["run"], ctx["id"]), ctx["text"])
 
     def _feed(self, parser: StreamParser, ctx: dict[str, Any], piece: str) -> list[Any]:
         """Feed ``piece``, the end of ``ctx["text"]``, and remember that the parser has seen it."""
-        events = parser.feed(piece)
-        key = (ctx["run"], ctx["id"])
-        self._drop_parser(key)
-        self._keep_parser(key, parser, ctx["text"])
-        return events
-
-    def _keep_parser(self, key: tuple[str, str], parser: StreamParser, text: str) -> None:
-        """Cache a context's parse; evict the least recently used past ``parser_cache_chars``."""
-        self._parsers[key] = (parser, text)
-        self._parser_chars += len(text)
-        while self._parser_chars > self.parser_cache_chars and len(self._parsers) > 1:
-            _, (_, old) = self._parsers.popitem(last=False)  # contexts of abandoned runs first
-            self._parser_chars -= len(old)
-
-    def _drop_parser(self, key: tuple[str, str]) -> tuple[StreamParser, str] | None:
-        hit = self._parsers.pop(key, None)
-        if hit is not None:
-            self._parser_chars -= len(hit[1])
-        return hit
+        return self.parsers.feed((ctx["run"], ctx["id"]), parser, ctx["text"], piece)
 
     async def _complete(self, ctx: dict[str, Any], prompt: str, stops: list[str],
                         max_tokens: int) -> tuple[Completion, bool]:

@@ -22,7 +22,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import (
@@ -40,7 +40,6 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.store.base import BaseStore
 from langgraph.types import Overwrite, Send
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from ..backends.base import BackendError
 from ..config import APRConfig
@@ -51,12 +50,14 @@ from ..runtime.trace import merge_traces, new_record, summarize
 from .build import checked_config_and_tools, compile_agent
 from .chat_prompt import (
     DEFAULT_CHAT_SYSTEM_PROMPT,
-    SPAWN_TASKS_DESCRIPTION,
-    SPAWN_TOOL_DESCRIPTION,
     SPAWN_TOOL_NAME,
     branch_task_message,
+    default_chat_merge,
     format_system_prompt,
+    parse_spawn_args,
+    render_transcript,
     spawn_ack,
+    spawn_tool_schema,
 )
 from .core import APRBackendError, BranchRunner, call_with_retries, copy_ctx, emit, spawned_in
 from .prefixes import PrefixMissing, SharedPrefixes
@@ -69,88 +70,6 @@ ChatMergeStrategy = Callable[[list[dict[str, Any]], Any], str]
 # What to pass to ``bind_tools`` besides the tools: a dict, or a function of the step
 # ({"ctx", "depth", "step", "spawn_bound"}) returning one (e.g. a per-step tool_choice).
 BindKwargs = Mapping[str, Any] | Callable[[dict[str, Any]], Mapping[str, Any]]
-
-Task = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
-
-
-class SpawnArgs(BaseModel):
-    """Arguments of the ``spawn`` tool: checked here, never trusted from the model."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    tasks: list[Task] = Field(min_length=1, description=SPAWN_TASKS_DESCRIPTION)
-
-
-def spawn_tool_schema(max_threads: int) -> dict[str, Any]:
-    """The OpenAI-format schema bound to the model (``maxItems`` is the per-spawn limit)."""
-    return {
-        "type": "function",
-        "function": {
-            "name": SPAWN_TOOL_NAME,
-            "description": SPAWN_TOOL_DESCRIPTION,
-            "parameters": {
-                "type": "object",
-                "properties": {
-                    "tasks": {
-                        "type": "array",
-                        "description": SPAWN_TASKS_DESCRIPTION,
-                        "items": {"type": "string", "minLength": 1},
-                        "minItems": 1,
-                        "maxItems": max_threads,
-                    }
-                },
-                "required": ["tasks"],
-            },
-        },
-    }
-
-
-def parse_spawn_args(args: Any, max_threads: int) -> tuple[list[str] | None, str | None, str | None]:
-    """``(tasks, None, None)`` or ``(None, error text for the model, "invalid_spawn" | "max_threads")``."""
-    usage = (f'spawn takes {{"tasks": ["<sub-task 1>", "<sub-task 2>", ...]}}: a list of 1 to {max_threads} '
-             "non-empty strings")
-    if isinstance(args, Mapping) and isinstance(args.get("tasks"), list) and len(args["tasks"]) > max_threads:
-        n = len(args["tasks"])
-        return None, (f"error: spawn accepts at most {max_threads} tasks per call; got {n}. Nothing was run. "
-                      "Spawn fewer, broader sub-tasks (or do some yourself)."), "max_threads"
-    try:
-        parsed = SpawnArgs.model_validate(args)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']}" for e in exc.errors()[:3])
-        more = f" (+{len(exc.errors()) - 3} more)" if len(exc.errors()) > 3 else ""
-        return None, f"error: invalid spawn call: {problems}{more}. Nothing was run. {usage}.", "invalid_spawn"
-    return parsed.tasks, None, None
-
-
-def default_chat_merge(results: list[dict[str, Any]], dialect: Any = None) -> str:
-    """The spawn tool's result: every branch's final message, in task order."""
-    parts = [f"Results of {len(results)} sub-task{'s' if len(results) != 1 else ''}, in task order:"]
-    for r in results:
-        head = f"[{r['label']}] {r['outline']}"
-        body = r["text"].strip() or "(no result)"
-        if r["end"] not in ("thread_end", "eos"):
-            body += f"\n(this branch ended early: {r['end']}; the result may be incomplete)"
-        parts.append(f"{head}\n{body}")
-    return "\n\n".join(parts)
-
-
-def render_transcript(messages: Sequence[BaseMessage]) -> str:
-    """A readable, JSON-friendly rendering of a conversation for the trace."""
-    lines = []
-    for m in messages:
-        text = m.text if isinstance(m.text, str) else str(m.content)
-        if isinstance(m, ToolMessage):
-            lines.append(f"[tool {m.name or ''} {m.tool_call_id}] {text}")
-            continue
-        lines.append(f"[{m.type}] {text}")
-        if isinstance(m, AIMessage):
-            for c in m.tool_calls:
-                lines.append(f"  -> {c['name']}({json.dumps(c['args'], ensure_ascii=False)}) [{c['id']}]")
-            for c in m.invalid_tool_calls:
-                lines.append(f"  -> {c.get('name')}(<invalid> {c.get('args')!r}) [{c.get('id')}]")
-    return "\n".join(lines)
-
 
 def _estimate_tokens(msg: AIMessage) -> int:
     text = msg.text if isinstance(msg.text, str) else str(msg.content)

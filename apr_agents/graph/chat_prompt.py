@@ -1,11 +1,26 @@
-"""Texts of the tool-call mode: the system prompt that teaches spawning, and what branches read.
+"""The tool-call mode's ``spawn`` tool: what the model reads, its schema, its parsing, its result.
 
 ``DEFAULT_CHAT_SYSTEM_PROMPT`` ships as the default; pass ``system_prompt=`` to
 ``create_chat_apr_agent`` to replace it (``""`` adds none). ``{max_threads}`` in
-any system prompt is replaced by the configured limit.
+any system prompt is replaced by the configured limit. ``spawn_tool_schema`` is
+bound to the model beside the user's tools; ``parse_spawn_args`` checks what the
+model sent (never trusted); ``default_chat_merge`` writes the spawn's result
+message; ``render_transcript`` renders a conversation for the trace.
+
+Usage::
+
+    tasks, error, kind = parse_spawn_args({"tasks": ["a", "b"]}, max_threads=4)
+    assert tasks == ["a", "b"] and error is None
 """
 
 from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any
+
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 SPAWN_TOOL_NAME = "spawn"
 
@@ -56,3 +71,85 @@ def branch_task_message(index: int, n: int, task: str, *, can_spawn: bool) -> st
 
 def format_system_prompt(template: str, max_threads: int) -> str:
     return template.replace("{max_threads}", str(max_threads))
+
+
+Task = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+
+
+class SpawnArgs(BaseModel):
+    """Arguments of the ``spawn`` tool: checked here, never trusted from the model."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    tasks: list[Task] = Field(min_length=1, description=SPAWN_TASKS_DESCRIPTION)
+
+
+def spawn_tool_schema(max_threads: int) -> dict[str, Any]:
+    """The OpenAI-format schema bound to the model (``maxItems`` is the per-spawn limit)."""
+    return {
+        "type": "function",
+        "function": {
+            "name": SPAWN_TOOL_NAME,
+            "description": SPAWN_TOOL_DESCRIPTION,
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "tasks": {
+                        "type": "array",
+                        "description": SPAWN_TASKS_DESCRIPTION,
+                        "items": {"type": "string", "minLength": 1},
+                        "minItems": 1,
+                        "maxItems": max_threads,
+                    }
+                },
+                "required": ["tasks"],
+            },
+        },
+    }
+
+
+def parse_spawn_args(args: Any, max_threads: int) -> tuple[list[str] | None, str | None, str | None]:
+    """``(tasks, None, None)`` or ``(None, error text for the model, "invalid_spawn" | "max_threads")``."""
+    usage = (f'spawn takes {{"tasks": ["<sub-task 1>", "<sub-task 2>", ...]}}: a list of 1 to {max_threads} '
+             "non-empty strings")
+    if isinstance(args, Mapping) and isinstance(args.get("tasks"), list) and len(args["tasks"]) > max_threads:
+        n = len(args["tasks"])
+        return None, (f"error: spawn accepts at most {max_threads} tasks per call; got {n}. Nothing was run. "
+                      "Spawn fewer, broader sub-tasks (or do some yourself)."), "max_threads"
+    try:
+        parsed = SpawnArgs.model_validate(args)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']}" for e in exc.errors()[:3])
+        more = f" (+{len(exc.errors()) - 3} more)" if len(exc.errors()) > 3 else ""
+        return None, f"error: invalid spawn call: {problems}{more}. Nothing was run. {usage}.", "invalid_spawn"
+    return parsed.tasks, None, None
+
+
+def default_chat_merge(results: list[dict[str, Any]], dialect: Any = None) -> str:
+    """The spawn tool's result: every branch's final message, in task order."""
+    parts = [f"Results of {len(results)} sub-task{'s' if len(results) != 1 else ''}, in task order:"]
+    for r in results:
+        head = f"[{r['label']}] {r['outline']}"
+        body = r["text"].strip() or "(no result)"
+        if r["end"] not in ("thread_end", "eos"):
+            body += f"\n(this branch ended early: {r['end']}; the result may be incomplete)"
+        parts.append(f"{head}\n{body}")
+    return "\n\n".join(parts)
+
+
+def render_transcript(messages: Sequence[BaseMessage]) -> str:
+    """A readable, JSON-friendly rendering of a conversation for the trace."""
+    lines = []
+    for m in messages:
+        text = m.text if isinstance(m.text, str) else str(m.content)
+        if isinstance(m, ToolMessage):
+            lines.append(f"[tool {m.name or ''} {m.tool_call_id}] {text}")
+            continue
+        lines.append(f"[{m.type}] {text}")
+        if isinstance(m, AIMessage):
+            for c in m.tool_calls:
+                lines.append(f"  -> {c['name']}({json.dumps(c['args'], ensure_ascii=False)}) [{c['id']}]")
+            for c in m.invalid_tool_calls:
+                lines.append(f"  -> {c.get('name')}(<invalid> {c.get('args')!r}) [{c.get('id')}]")
+    return "\n".join(lines)
