@@ -28,8 +28,9 @@ def test_quick_overhead_suite_writes_tables(tmp_path: Path) -> None:
             assert math.isfinite(r[key]) and r[key] > 0
     assert data["goals"] and all(g["measured"] > 0 for g in data["goals"])
     durable = data["data"]["checkpointed"]  # the dev install has the sqlite extra
-    assert [r["k"] for r in durable] == [1, 8]
-    assert all(math.isfinite(r["subgraph_vs_inline"]) and r["subgraph_vs_inline"] > 0 for r in durable)
+    assert [r["k"] for r in durable] == [1, 8, 64]
+    assert all(math.isfinite(r[key]) and r[key] > 0 for r in durable
+               for key in ("subgraph_vs_inline", "inline_vs_langgraph", "subgraph_vs_langgraph"))
 
 
 def test_unknown_suite_is_a_usage_error(tmp_path: Path) -> None:

@@ -158,3 +158,70 @@ def test_catalog_assembles_parts_and_checks_the_hash(tmp_path: Path, monkeypatch
     for name in ("fake_model_part1", "fake_model_part2"):
         sys.modules.pop(name, None)
     assert json.dumps(sorted(models.CATALOG))  # the catalog stays serialisable
+
+
+# -- dialects own their prompting (issue 10) ------------------------------------------------
+@pytest.mark.parametrize("name", ["canonical", "multiverse", "apr"])
+def test_each_dialect_is_taught_and_constrained_in_its_own_words(name: str) -> None:
+    from apr_agents.protocol.dialects import DIALECTS
+
+    dialect = DIALECTS[name]
+    fmt = ChatMLFormat(QWEN_LIKE, dialect=dialect)
+    prompt = fmt.render([HumanMessage("Population of France and Canada?")], TOOLS)
+    others = [d for d in DIALECTS.values() if d.spawn_marker != dialect.spawn_marker]
+    assert dialect.example(["look up the first item", "look up the second item"]) in prompt
+    assert f"ends with {dialect.thread_close}" in prompt
+    assert not any(d.spawn_marker in prompt for d in others)  # no other dialect's spawn point is taught
+    root = fmt.grammar(prompt, dialect.stops(branch=False, can_spawn=True))  # first step: call or spawn
+    branch = chatml_gbnf(TOOLS, branch=True, can_spawn=False, first_step=False, dialect=dialect)  # after a result
+    assert root is not None
+    assert json.dumps(dialect.spawn_marker) in root and json.dumps(dialect.thread_close) in branch
+    llama_cpp = pytest.importorskip("llama_cpp")
+    for gbnf in (root, branch):  # well-formed GBNF for llama.cpp
+        llama_cpp.LlamaGrammar.from_string(gbnf, verbose=False)
+
+
+@pytest.mark.parametrize("name", ["canonical", "multiverse", "apr"])
+async def test_each_dialect_runs_end_to_end_through_the_chat_template_render_path(name: str) -> None:
+    """A spawn written in the dialect the backend's prompt teaches is parsed, run and merged;
+    an agent that would parse another dialect is refused at construction."""
+    from apr_agents import APRConfig, Completion, create_apr_agent
+    from apr_agents.protocol.dialects import DIALECTS
+
+    dialect = DIALECTS[name]
+    fmt = ChatMLFormat(QWEN_LIKE, dialect=dialect)
+    spawn, close = dialect.example(["France", "Canada"]), dialect.thread_close
+    facts = {"1": " France has 68.4 million.", "2": " Canada has 40.1 million."}
+
+    class TemplateBackend:  # a FAKE model over the real backends' render path (ChatMLFormat)
+        prompt_dialect = dialect
+
+        def __init__(self) -> None:
+            self.prompts: list[str] = []
+
+        def render(self, messages: list, tools: list) -> str:
+            return fmt.render(messages, tools)
+
+        async def complete(self, prompt: str, *, stop: list[str], max_tokens: int,
+                           temperature: float = 0.0) -> Completion:
+            self.prompts.append(prompt)
+            for label, fact in facts.items():
+                if prompt.endswith(dialect.branch_suffix(label)):
+                    return Completion(text=fact, stop=close, finish_reason="stop")
+            if prompt.endswith(ASSISTANT_START):
+                return Completion(text="Splitting.\n" + spawn[: -len(dialect.spawn_marker)],
+                                  stop=dialect.spawn_marker, finish_reason="stop")
+            end = "" if dialect.merge_closes_parallel or not dialect.parallel_close else (
+                f"<Conclusion>both found</Conclusion>\n{dialect.parallel_close}\n")  # Multiverse closes it itself
+            return Completion(text=end + "Both found: 108.5 million.", stop=None, finish_reason="stop")
+
+    backend = TemplateBackend()
+    state = await create_apr_agent(backend, [], APRConfig(dialect=name)).ainvoke(
+        {"messages": [HumanMessage("Population of France plus Canada?")]})
+    assert state["messages"][-1].content == "Both found: 108.5 million."
+    assert state["apr_trace"]["summary"]["branches"] == 2
+    merged = backend.prompts[-1]  # the root's last prompt holds both threads, merged in this dialect
+    assert dialect.merge_text(list(facts.items())) in merged
+    other = next(d for d in DIALECTS if d != name)
+    with pytest.raises(ValueError, match=f"prompts the model in the {name!r} dialect"):
+        create_apr_agent(backend, [], APRConfig(dialect=other))

@@ -40,7 +40,7 @@ from typing import Any
 
 from langchain_core.messages import BaseMessage
 
-from ..protocol.dialects import CANONICAL, TOOL_CALL_CLOSE, Dialect
+from ..protocol.dialects import CANONICAL, TOOL_CALL_CLOSE, APRDialect, Dialect
 from .prompting import FEWSHOT_END_STOPS, apply_template, chat_dicts, render_fewshot, tool_signature
 
 IM_START = "<|im_start|>"
@@ -58,6 +58,7 @@ class FewShotFormat:
 
     name = "fewshot"
     end_stops: tuple[str, ...] = FEWSHOT_END_STOPS
+    dialect: Dialect = CANONICAL  # the worked examples are written in it
 
     def render(self, messages: Sequence[BaseMessage], tools: Sequence[dict[str, Any]], *,
                instruction: str | None = None) -> str:
@@ -76,17 +77,19 @@ class FewShotFormat:
 
 
 def spawn_instruction(dialect: Dialect, max_outlines: int) -> str:
-    """How the model asks for parallel threads, in the words of the canonical dialect."""
+    """How the model asks for parallel threads, in the words of ``dialect`` (its spawn block and
+    its thread end), so the prompt teaches the dialect the runtime parses."""
+    example = dialect.example(["look up the first item", "look up the second item"])
     return (
         "You answer questions with the tools. Never guess a fact or a number: look it up. "
         "Call a tool by writing <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>; its result comes "
         "back in <tool_response>.\n"
         "When the question needs the same kind of information about several independent items (for example "
         "facts about several countries), first split the work into parallel threads, one per item, like this:\n"
-        "<Parallel>\n<Outlines>\n<Outline>1: look up the first item</Outline>\n"
-        "<Outline>2: look up the second item</Outline>\n</Outlines>\n"
+        f"{example}\n"
         f"Write at most {max_outlines} outlines. Each thread then runs by itself and works only on its own "
-        "outline: it calls the tool it needs, states the result in one short sentence and ends with </Thread>. "
+        "outline: it calls the tool it needs, states the result in one short sentence and ends with "
+        f"{dialect.thread_close}. "
         "The threads come back to you in order. Then finish: compute with the calculator when the question "
         "needs arithmetic, and give the final answer in one sentence with the number or name it asks for. "
         "Work from the tool results only."
@@ -151,7 +154,8 @@ class ChatMLFormat:
             if len(self._grammars) >= 256:
                 self._grammars.clear()
             self._grammars[key] = chatml_gbnf(tools, branch=branch, can_spawn=can_spawn, first_step=first,
-                                              max_outlines=self.max_outlines, may_call=may_call)
+                                              max_outlines=self.max_outlines, may_call=may_call,
+                                              dialect=self.dialect)
         return self._grammars[key]
 
 
@@ -211,8 +215,8 @@ def _first_step(prompt: str) -> bool:
 
 
 def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: bool, first_step: bool,
-                max_outlines: int = 6, may_call: bool = True) -> str:
-    """GBNF for one step of a ChatML model in the canonical dialect.
+                max_outlines: int = 6, may_call: bool = True, dialect: Dialect = CANONICAL) -> str:
+    """GBNF for one step of a ChatML model in ``dialect`` (its spawn block, its thread end).
 
     A step is one of: a tool call whose arguments follow that tool's JSON schema (the
     step stops at ``</tool_call>``), optionally after a line of reasoning; a spawn block
@@ -225,7 +229,7 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
     (a branch that used its tool calls) leaves only the sentence and ``</Thread>``. Text never
     holds ``<``, ``{`` or backticks, so no tool call can hide in prose or a code fence.
     """
-    from .grammars import JSON_RULES, schema_rule, spawn_rules
+    from .grammars import JSON_RULES, gbnf_literal, schema_rule, spawn_rules
 
     rules: list[str] = [*JSON_RULES]
     calls = []
@@ -242,8 +246,10 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
         # several calls in one reply where generation does not stop at the first (chat mode's
         # parallel tool calls); with a </tool_call> stop the first one ends the step
         rules.append('calls ::= call ( "\\n" call ){0,7}')
-    if can_spawn and first_step:
-        rules += spawn_rules(max_outlines, sep=" ", otext=r"[^<\n{}`] [^<\n{}`]{0,79}")
+    if can_spawn and first_step:  # an outline never holds a quote in APR's JSON list
+        plain = r"[^<\n{}`\"\\]" if isinstance(dialect, APRDialect) else r"[^<\n{}`]"
+        rules += spawn_rules(max_outlines, sep=" ", otext=f"{plain} {plain}{{0,79}}", dialect=dialect)
+    close = gbnf_literal(dialect.thread_close)
     rules.append(r'say ::= [^<>\n{}` ] [^<>{}`]{0,400}')
     if branch and first_step and calls:
         options.append("calls")  # a thread starts with its tool call: reasoning text here went astray
@@ -255,9 +261,9 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
         if can_spawn and first_step:
             options.append('( say "\\n" )? spawn')
         if not first_step or not options:
-            options.append('say "</Thread>"' if branch else "say")
+            options.append(f"say {close}" if branch else "say")
     else:  # a branch after a tool result: say what was found, then close (or call again, if it may)
-        options.append('"Result: " say ( "</Thread>"' + (' | "\\n" calls' if calls and may_call else "") + " )")
+        options.append(f'"Result: " say ( {close}' + (' | "\\n" calls' if calls and may_call else "") + " )")
     return "\n".join([f"root ::= {' | '.join(options)}", *rules]) + "\n"
 
 

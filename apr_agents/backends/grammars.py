@@ -20,6 +20,8 @@ import json
 import re
 from typing import Any
 
+from ..protocol.dialects import CANONICAL, APRDialect, Dialect
+
 #: Generic JSON values with bounded strings and numbers (a small model can loop on digits forever).
 JSON_RULES: tuple[str, ...] = (
     r'value ::= string | number | object | array | "true" | "false" | "null"',
@@ -114,15 +116,30 @@ def schema_rule(schema: Any, name: str, rules: list[str], depth: int = 0) -> str
     return "value"
 
 
-def spawn_rules(max_outlines: int, *, sep: str, otext: str) -> list[str]:
-    """``spawn``: a canonical spawn block up to ``</Outlines>`` with 2..``max_outlines`` numbered
-    outlines (``<Outline>1:{sep}...``), each outline's text matching ``otext``."""
-    outlines = [f'"<Outline>{i}:{sep}" otext "</Outline>\\n"' for i in range(1, max_outlines + 1)]
+def spawn_rules(max_outlines: int, *, sep: str, otext: str, dialect: Dialect = CANONICAL) -> list[str]:
+    """``spawn``: the dialect's spawn block up to its spawn point with 2..``max_outlines`` outlines,
+    each outline's text matching ``otext``. Tag dialects number their outlines
+    (``<Outline>1:{sep}...``); APR writes ``spawn(["...", "..."])``, each task a JSON string."""
+    if isinstance(dialect, APRDialect):
+        items = ['"\\"" otext "\\""'] * max_outlines
+        optional = ""
+        for item in reversed(items[2:]):
+            optional = f'( ", " {item} {optional})? '
+        return [f'spawn ::= {gbnf_literal(dialect.parallel_open)} {items[0]} ", " {items[1]} {optional}'
+                f"{gbnf_literal(dialect.spawn_marker)}", f"otext ::= {otext}"]
+    outlines = [f"{gbnf_literal(f'{dialect.outline_open}{i}:{sep}')} otext {gbnf_literal(dialect.outline_close + chr(10))}"
+                for i in range(1, max_outlines + 1)]
     optional = ""
     for o in reversed(outlines[2:]):
         optional = f"( {o} {optional})? "
-    return [f'spawn ::= "<Parallel>\\n<Outlines>\\n" {outlines[0]} {outlines[1]} {optional}"</Outlines>"',
+    head = gbnf_literal(f"{dialect.parallel_open}\n{dialect.outlines_open}\n")
+    return [f"spawn ::= {head} {outlines[0]} {outlines[1]} {optional}{gbnf_literal(dialect.spawn_marker)}",
             f"otext ::= {otext}"]
+
+
+def gbnf_literal(text: str) -> str:
+    """``text`` as a GBNF string literal."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
 def protocol_gbnf(*, branch: bool, can_spawn: bool, max_outlines: int = 4) -> str:
@@ -155,4 +172,4 @@ def protocol_gbnf(*, branch: bool, can_spawn: bool, max_outlines: int = 4) -> st
     return "\n".join([f"root ::= ( {' | '.join(items)} )*", *rules]) + "\n"
 
 
-__all__ = ["JSON_RULES", "protocol_gbnf", "schema_rule", "spawn_rules"]
+__all__ = ["JSON_RULES", "gbnf_literal", "protocol_gbnf", "schema_rule", "spawn_rules"]

@@ -45,6 +45,7 @@ from typing import Any
 
 from langchain_core.messages import BaseMessage
 
+from ..protocol.dialects import CANONICAL, Dialect, get_dialect
 from .base import BackendError, BackendRequestError, BackendUnavailable, Completion
 from .formats import ChatMLFormat, FewShotFormat
 from .grammars import protocol_gbnf
@@ -89,6 +90,9 @@ class LlamaCppBackend:
     for this model (``apr_agents.backends.formats``); by default from ``chat_template``:
     ``None`` gives the few-shot format for base models, ``True`` the GGUF file's own
     chat template (``ChatMLFormat``), a string is a Jinja template.
+    ``dialect``: the spawn dialect the chat-template format teaches (instruction, spawn
+    grammar, thread end); it must be the ``APRConfig.dialect`` the agent parses, which
+    ``create_apr_agent`` checks (``prompt_dialect``). The few-shot format is canonical only.
     ``end_stops``: extra stop strings reported as end of sequence; by default the
     format's own (the few-shot turn markers; none with a chat template).
     ``reuse_prefix``: keep the KV cache of the previous call and evaluate only the
@@ -117,6 +121,7 @@ class LlamaCppBackend:
         grammar: Any = None,
         chat_template: bool | str | None = None,
         prompt_format: FewShotFormat | ChatMLFormat | None = None,
+        dialect: str | Dialect = "canonical",
         end_stops: Sequence[str] | None = None,
         verbose: bool = False,
         reuse_prefix: bool = True,
@@ -169,7 +174,10 @@ class LlamaCppBackend:
             if template:
                 bos = self.llama._model.token_get_text(self.llama.token_bos())
                 eos = self.llama._model.token_get_text(self.llama.token_eos())
-                prompt_format = ChatMLFormat(template, bos_token=bos, eos_token=eos)
+                prompt_format = ChatMLFormat(template, bos_token=bos, eos_token=eos, dialect=get_dialect(dialect))
+            elif get_dialect(dialect) is not CANONICAL:
+                raise ValueError(f"dialect {get_dialect(dialect).name!r} needs a chat template (chat_template=True or a "
+                                 "Jinja string): the few-shot prompt for base models teaches the canonical dialect only")
             else:
                 prompt_format = FewShotFormat()
         self.prompt_format = prompt_format
@@ -211,6 +219,11 @@ class LlamaCppBackend:
                instruction: str | None = None) -> str:
         """``instruction`` replaces the text protocol's (e.g. a plain tool-calling one for a chat adapter)."""
         return self.prompt_format.render(messages, tools, instruction=instruction)
+
+    @property
+    def prompt_dialect(self) -> Dialect:
+        """The spawn dialect this backend's prompts teach (``create_apr_agent`` checks it)."""
+        return self.prompt_format.dialect
 
     def tool_results_text(self, results: Sequence[str], *, depth: int = 0) -> str:
         """What the runtime appends after a ``</tool_call>`` stop in a context at ``depth``:

@@ -66,6 +66,7 @@ from typing import Any
 
 from langchain_core.messages import BaseMessage
 
+from ..protocol.dialects import CANONICAL, Dialect
 from .base import BackendError, BackendRequestError, BackendUnavailable, Completion, first_stop, route_key
 from .prompting import FEWSHOT_END_STOPS, render_fewshot
 
@@ -196,6 +197,11 @@ class OpenAICompatibleBackend:
             weakref.WeakKeyDictionary())
 
     # -- the Backend protocol ------------------------------------------------------
+    @property
+    def prompt_dialect(self) -> Dialect | None:
+        """The spawn dialect the built-in few-shot prompt teaches; ``None`` with your own ``render``."""
+        return CANONICAL if self._render is None else None
+
     def render(self, messages: list[BaseMessage], tools: list[dict[str, Any]]) -> str:
         if self._render is None:
             return render_fewshot(messages, tools)

@@ -54,6 +54,7 @@ from typing import Any, TypeVar
 
 from langchain_core.messages import BaseMessage
 
+from ..protocol.dialects import CANONICAL
 from .base import BackendError, BackendUnavailable, Completion
 
 T = TypeVar("T")
@@ -325,6 +326,9 @@ class VLLMBackend:
         await self.aclose()
 
     # -- the Backend protocol ---------------------------------------------------------
+    #: the spawn dialect its prompts teach (the few-shot prompt and the chat-template instruction)
+    prompt_dialect = CANONICAL
+
     def render(self, messages: list[BaseMessage], tools: list[dict[str, Any]]) -> str:
         from .prompting import render_chat_template, render_fewshot
 

@@ -426,6 +426,17 @@ def neutralized_message(m: BaseMessage) -> BaseMessage:
     return m.model_copy(update=update)
 
 
+def _check_dialect(backend: Any, parsed: Dialect) -> None:
+    """A backend whose prompts teach one dialect cannot serve an agent that parses another."""
+    taught = getattr(backend, "prompt_dialect", None)
+    if isinstance(taught, Dialect) and taught.name != parsed.name:
+        raise ValueError(
+            f"{type(backend).__name__} prompts the model in the {taught.name!r} dialect, but "
+            f"APRConfig.dialect={parsed.name!r}: the runtime would parse text the model was not taught. Use "
+            f"APRConfig(dialect={taught.name!r}), or build the backend for {parsed.name!r} "
+            f"(LlamaCppBackend(..., chat_template=True, dialect={parsed.name!r}))")
+
+
 def create_apr_agent(
     backend: Any,
     tools: Sequence[BaseTool] = (),
@@ -479,6 +490,7 @@ def create_apr_agent(
                                      name=name, merge_strategy=merge_strategy)
     check_backend(backend)
     config, tools = checked_config_and_tools(config, tools)
+    _check_dialect(backend, get_dialect(config.dialect))
     agent = _Agent(backend, tools, config, merge_strategy)
 
     routes = {"generate": (agent.route, ["tools", "branch", "finalize"]), "tools": "generate"}

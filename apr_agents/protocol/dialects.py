@@ -74,6 +74,12 @@ class Dialect:
         """What follows the spawn marker in the shared branch prefix."""
         return "\n"
 
+    def example(self, outlines: list[str]) -> str:
+        """A spawn block as the model writes it, up to and including the spawn point: what
+        instructions and worked examples show, so a prompt teaches the dialect it is parsed in."""
+        body = "".join(f"{self.outline_open}{i}: {o}{self.outline_close}\n" for i, o in enumerate(outlines, 1))
+        return f"{self.parallel_open}\n{self.outlines_open}\n{body}{self.spawn_marker}"
+
 
 CANONICAL = Dialect(
     name="canonical",
@@ -118,6 +124,9 @@ class APRDialect(Dialect):
 
     def merge_text(self, threads: list[tuple[str, str]]) -> str:
         return "join(" + json.dumps([text.strip() for _, text in threads], ensure_ascii=False) + ")\n"
+
+    def example(self, outlines: list[str]) -> str:
+        return self.parallel_open + ", ".join(json.dumps(o, ensure_ascii=False) for o in outlines) + self.spawn_marker
 
 
 APR = APRDialect(
