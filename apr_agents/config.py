@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Dialect = Literal["canonical", "multiverse", "apr"]
 
@@ -41,3 +41,17 @@ class APRConfig(BaseModel):
                     "checkpoints and stream namespace), 'inline' (the same nodes called in one task: no "
                     "per-branch supersteps, so less overhead, but a branch cut short reruns whole on resume), "
                     "'auto' (subgraph when the run has a checkpointer, else inline)")
+    spawn_at: Literal["outlines", "outline"] = Field(
+        "outlines",
+        description="when branches start: 'outlines' (ThreadWeaver's: all together at the spawn point, after "
+                    "the last outline), or 'outline' (eager, text mode, tag dialects: branch i starts as soon "
+                    "as outline i is closed, while the model writes the next one; the branches run inline in "
+                    "the parent's step and see the outlines up to their own; docs/architecture.md)")
+
+    @model_validator(mode="after")
+    def _eager_needs_parallel_tags(self) -> APRConfig:
+        if self.spawn_at == "outline" and (not self.parallel or self.dialect == "apr"):
+            raise ValueError("spawn_at='outline' starts each branch while the next outline is written: it "
+                             "needs parallel=True and a tag dialect (canonical or multiverse), not "
+                             f"parallel={self.parallel}, dialect={self.dialect!r}")
+        return self

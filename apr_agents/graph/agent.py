@@ -45,6 +45,7 @@ from ..runtime.tool_exec import run_tool_calls
 from ..runtime.trace import merge_traces, new_record, summarize
 from .build import checked_config_and_tools, compile_agent
 from .core import APRBackendError, BranchRunner, call_with_retries, copy_ctx, emit, spawned_in, where
+from .eager import EagerSpawn
 from .prefixes import PrefixMissing, SharedPrefixes
 from .state import APRState
 
@@ -121,6 +122,8 @@ class _Agent(BranchRunner):
         spawned: list[list[str]] = []
         cfg = self.config
         base = await self._base_prompt(ctx)
+        eager: EagerSpawn | None = None  # spawn_at="outline": branches started as their outlines close
+        folded: list[dict[str, Any]] = []  # traces of eager branches merged in this step
         token = route_key.set(ctx["run"])
         try:
             while True:
@@ -141,6 +144,8 @@ class _Agent(BranchRunner):
                 # The spawn marker is a stop wherever spawning is allowed, even with a block still open
                 # (Multiverse leaves it open for the model's <Conclusion>): the parser decides below.
                 stops = self.dialect.stops(branch=ctx["depth"] > 0, can_spawn=ctx["spawn_ok"])
+                if cfg.spawn_at == "outline" and ctx["spawn_ok"]:
+                    stops.append(self.dialect.outline_close)
                 comp, timed_out = await self._complete(ctx, _prompt_of(ctx, base), stops, left)
                 self._account(ctx, comp)
                 ctx["text"] += comp.text
@@ -171,6 +176,10 @@ class _Agent(BranchRunner):
                         break
                 ctx["text"] += comp.stop
                 closed = self._feed(own, ctx, comp.stop)  # what the stop string itself closed
+                if comp.stop == self.dialect.outline_close and cfg.spawn_at == "outline" and ctx["spawn_ok"]:
+                    eager = eager or EagerSpawn(self, ctx, base, state.get("apr_trace"), config)
+                    eager.start(own.closed_outlines(), limits)  # branch i starts now; the model goes on
+                    continue
                 if comp.stop == TOOL_CALL_CLOSE:
                     calls = self._tool_calls_of([*events, *closed], repairs, ctx)
                     if calls:
@@ -181,6 +190,16 @@ class _Agent(BranchRunner):
                     # fork only on the spawn this marker closed, at the top level of the context:
                     # never on one the parser repaired earlier in the completion
                     spawn_ev = next((ev for ev in closed if isinstance(ev, Spawn) and ev.depth == 1), None)
+                    if spawn_ev is not None and cfg.spawn_at == "outline":
+                        eager = eager or EagerSpawn(self, ctx, base, state.get("apr_trace"), config)
+                        eager.start([(o.label, o.text) for o in spawn_ev.outlines], limits)
+                        done = await eager.finish()
+                        eager = None
+                        if done is not None:
+                            cids, trace = done
+                            spawned.append(cids)
+                            folded.append(trace)
+                        continue
                     if spawn_ev is not None:
                         repairs.extend({"ctx": ctx["id"], "kind": ev.kind, "detail": ev.detail}
                                        for ev in [*events, *closed] if isinstance(ev, Repair))
@@ -194,13 +213,18 @@ class _Agent(BranchRunner):
                 # any other stop (an inner close of an inline block): keep writing
         except BaseException:  # a failed or cancelled step: its parse is not needed again
             self.parsers.drop((ctx["run"], ctx["id"]))
+            if eager is not None:
+                await eager.cancel()
             raise
         finally:
             route_key.reset(token)
         if ctx["end"] is not None:
             ctx["rec"]["end"] = ctx["end"]
             self.parsers.drop((ctx["run"], ctx["id"]))
-        return {"apr": ctx, "apr_trace": self._trace(ctx, spawns=spawned, limits=limits, repairs=repairs)}
+        trace = self._trace(ctx, spawns=spawned, limits=limits, repairs=repairs)
+        for branch_trace in folded:
+            trace = merge_traces(branch_trace, trace)
+        return {"apr": ctx, "apr_trace": trace}
 
     # -- a spawn's prefix, stored once (graph/prefixes.py) ------------------------------
     async def _share_prefix(self, ctx: dict[str, Any], spawn: dict[str, Any]) -> None:
@@ -320,21 +344,21 @@ class _Agent(BranchRunner):
         ctx["text"] += self.dialect.spawn_suffix()
         ctx["spawns"] += 1
         prefix = _prompt_of(ctx, base)  # one string every child refers to in memory
-        now = time.time()
-        children = []
-        for i, o in enumerate(outlines):
-            cid = f"{ctx['id']}/{ctx['spawns']}.{o.label}"
-            deadline, kind = now + cfg.thread_timeout_s, "thread_timeout_s"
-            if ctx["deadline"] is not None and ctx["deadline"] < deadline:
-                deadline, kind = ctx["deadline"], ctx["deadline_kind"]
-            children.append({
-                "cid": cid, "run": ctx["run"], "depth": ctx["depth"] + 1,
-                "prompt": prefix, "prompt_tail": self.dialect.branch_suffix(o.label), "label": o.label,
-                "outline": o.text, "parent": ctx["id"], "deadline": deadline, "deadline_kind": kind,
-                "index": i, "budget_seed": self.budget.used(ctx["run"]),
-            })
+        children = [self.child_spec(ctx, ctx["spawns"], i, o.label, o.text, prefix, self.dialect.branch_suffix(o.label))
+                    for i, o in enumerate(outlines)]
         emit({"apr": "spawn", "ctx": ctx["id"], "outlines": [[o.label, o.text] for o in outlines]})
         return {"children": children, "spawn_no": ctx["spawns"]}
+
+    def child_spec(self, ctx: dict[str, Any], spawn_no: int, index: int, label: str, outline: str, prefix: str,
+                   tail: str) -> dict[str, Any]:
+        """One branch's spec: its id, its prompt (the shared prefix and its own head), its deadline."""
+        deadline, kind = time.time() + self.config.thread_timeout_s, "thread_timeout_s"
+        if ctx["deadline"] is not None and ctx["deadline"] < deadline:
+            deadline, kind = ctx["deadline"], ctx["deadline_kind"]
+        return {"cid": f"{ctx['id']}/{spawn_no}.{label}", "run": ctx["run"], "depth": ctx["depth"] + 1,
+                "prompt": prefix, "prompt_tail": tail, "label": label, "outline": outline, "parent": ctx["id"],
+                "deadline": deadline, "deadline_kind": kind, "index": index,
+                "budget_seed": self.budget.used(ctx["run"])}
 
     async def tools_node(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
         ctx = copy_ctx(state["apr"])

@@ -475,6 +475,9 @@ def create_chat_apr_agent(
     if not isinstance(chat_model, BaseChatModel):
         raise TypeError(f"chat_model must be a LangChain BaseChatModel, not {type(chat_model).__name__}")
     config, tools = checked_config_and_tools(config, tools)
+    if config.spawn_at == "outline":
+        raise ValueError("spawn_at='outline' (eager spawn) is a text-mode option: in tool-call mode the "
+                         "branches start when the model's spawn call is complete")
     if SPAWN_TOOL_NAME in (t.name for t in tools):
         raise ValueError(f"a tool may not be named {SPAWN_TOOL_NAME!r}: the agent binds its own spawn tool")
     if system_prompt is not None and not isinstance(system_prompt, str):

@@ -152,7 +152,7 @@ class BranchRunner:
             if isinstance(nxt, tuple):
                 nxt = nxt[0](state)
             if isinstance(nxt, list):  # Sends to the branch node: one task each, like a superstep
-                for update in await _gather_or_cancel([self.branch(send.arg, config) for send in nxt]):
+                for update in await gather_or_cancel([self.branch(send.arg, config) for send in nxt]):
                     _apply(state, update)
                 emit({"apr": "step", "ctx": state["apr"]["id"], "node": "branch"})
                 nxt = self.flow["branch"]
@@ -210,7 +210,7 @@ def _inputs(payload: dict[str, Any]) -> list[tuple[dict[str, Any], int]]:
     return out
 
 
-async def _gather_or_cancel(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
+async def gather_or_cancel(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
     """All results, or the first error with the others cancelled (as a failing superstep does)."""
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:

@@ -432,6 +432,14 @@ class StreamParser:
             return
         self._text_start = self._raw_len
 
+    def closed_outlines(self) -> list[tuple[str, str]]:
+        """``(label, text)`` of each outline closed so far in the open, not yet spawned block at
+        the top level (for eager spawn); a missing number is the outline's position."""
+        if len(self._stack) != 1 or self._stack[0].spawned:
+            return []
+        out = self._stack[0].outlines[: self.max_outlines]
+        return [(label if label is not None else str(i), text) for i, (label, text) in enumerate(out, 1)]
+
     def _finish_outline(self, blk: _Block, events: list[Event], *, repaired: bool = False,
                         end: int | None = None) -> None:
         assert blk.outline_start is not None

@@ -73,8 +73,9 @@ class ScriptedBackend:
         self.prompts: list[str] = []
         self.cancelled = 0
         self._seen_prefixes: set[int] = set()
-        self._splitters = sorted(
-            {TOOL_CALL_CLOSE, self.dialect.spawn_marker, self.dialect.thread_close}, key=len, reverse=True
+        self._splitters = sorted(  # where a context's script can be cut (outline closes: eager spawn)
+            {s for s in (TOOL_CALL_CLOSE, self.dialect.spawn_marker, self.dialect.thread_close,
+                         self.dialect.outline_close) if s}, key=len, reverse=True
         )
 
     # -- the Backend protocol --------------------------------------------------
