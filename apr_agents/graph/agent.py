@@ -44,7 +44,7 @@ from ..runtime.limits import Limiter, ThreadBudget
 from ..runtime.tool_exec import run_tool_calls
 from ..runtime.trace import merge_traces, new_record, summarize
 from .build import checked_config_and_tools, compile_agent
-from .core import APRBackendError, BranchRunner, call_with_retries, copy_ctx, emit, spawned_in, where
+from .core import APRBackendError, BranchRunner, call_with_retries, copy_ctx, emit, prompt_of, spawned_in, where
 from .eager import EagerSpawn
 from .prefixes import PrefixMissing, SharedPrefixes
 from .state import APRState
@@ -146,7 +146,7 @@ class _Agent(BranchRunner):
                 stops = self.dialect.stops(branch=ctx["depth"] > 0, can_spawn=ctx["spawn_ok"])
                 if cfg.spawn_at == "outline" and ctx["spawn_ok"]:
                     stops.append(self.dialect.outline_close)
-                comp, timed_out = await self._complete(ctx, _prompt_of(ctx, base), stops, left)
+                comp, timed_out = await self._complete(ctx, prompt_of(ctx, base), stops, left)
                 self._account(ctx, comp)
                 ctx["text"] += comp.text
                 events = self._feed(own, ctx, comp.text)  # the whole context text, stop excluded
@@ -343,7 +343,7 @@ class _Agent(BranchRunner):
             outlines = outlines[:got]
         ctx["text"] += self.dialect.spawn_suffix()
         ctx["spawns"] += 1
-        prefix = _prompt_of(ctx, base)  # one string every child refers to in memory
+        prefix = prompt_of(ctx, base)  # one string every child refers to in memory
         children = [self.child_spec(ctx, ctx["spawns"], i, o.label, o.text, prefix, self.dialect.branch_suffix(o.label))
                     for i, o in enumerate(outlines)]
         emit({"apr": "spawn", "ctx": ctx["id"], "outlines": [[o.label, o.text] for o in outlines]})
@@ -375,14 +375,16 @@ class _Agent(BranchRunner):
         wanted = {c["cid"] for c in spawn["children"]}
         results = sorted((r for r in state.get("apr_branch_results", []) if r["id"] in wanted),
                          key=lambda r: r["index"])
-        if self.merge_strategy is not None:
-            merged = self.merge_strategy(results, self.dialect)
-        else:
-            merged = self.dialect.merge_text([(r["label"], r["text"]) for r in results])
-        ctx["text"] += merged
+        ctx["text"] += self.merged_text(results)
         ctx["pending_spawn"] = None
         emit({"apr": "merge", "ctx": ctx["id"], "children": [r["id"] for r in results]})
         return {"apr": ctx, "apr_branch_results": Overwrite([]), "apr_trace": self._trace(ctx)}
+
+    def merged_text(self, results: list[dict[str, Any]]) -> str:
+        """What a spawn's merge writes into the parent: the branches' threads, in outline order."""
+        if self.merge_strategy is not None:
+            return self.merge_strategy(results, self.dialect)
+        return self.dialect.merge_text([(r["label"], r["text"]) for r in results])
 
     async def finalize(self, state: APRState, config: RunnableConfig) -> dict[str, Any]:
         ctx = copy_ctx(state["apr"])
@@ -417,9 +419,7 @@ class _Agent(BranchRunner):
         return "finalize"
 
 
-def _prompt_of(ctx: dict[str, Any], base: str | None = None) -> str:
-    """What the model continues: the (shared) prompt, the branch's own head, its text so far."""
-    return (ctx["prompt"] if base is None else base) + ctx.get("prompt_tail", "") + ctx["text"]
+
 
 
 def _neutral(value: Any) -> Any:

@@ -222,6 +222,11 @@ async def gather_or_cancel(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
         raise
 
 
+def prompt_of(ctx: dict[str, Any], base: str | None = None) -> str:
+    """What a text-mode context continues: its (shared) prompt or ``base``, its own head, its text."""
+    return (ctx["prompt"] if base is None else base) + ctx.get("prompt_tail", "") + ctx["text"]
+
+
 def is_permanent(exc: BaseException) -> bool:
     """A client error the backend will answer the same way again (bad request, auth, context length)."""
     if isinstance(exc, BackendRequestError):

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from langchain_core.runnables import RunnableConfig
 
-from .core import emit, gather_or_cancel, spawned_in
+from .core import emit, gather_or_cancel, prompt_of, spawned_in
 
 if TYPE_CHECKING:
     from .agent import _Agent
@@ -38,11 +38,13 @@ class EagerSpawn:
 
     def __init__(self, agent: _Agent, ctx: dict[str, Any], base: str, trace: dict[str, Any] | None,
                  config: RunnableConfig) -> None:
-        self.agent, self.ctx, self.base, self.trace, self.config = agent, ctx, base, trace, config
+        self.agent, self.ctx, self.base, self.config = agent, ctx, base, config
         self.spawn_no = ctx["spawns"] + 1
         self.started: list[tuple[int, asyncio.Future[dict[str, Any]]]] = []  # (outline index, branch task)
         self.seen = 0  # outlines considered so far (started or refused)
         self.full = False  # a limit stopped further starts
+        # after a restart the in-process budget is empty: seed it from what the checkpointed state knows
+        self.budget_seed = ctx.get("budget_seed", 0) + spawned_in(trace, ctx)
 
     def start(self, outlines: Sequence[tuple[str, str]], limits: list[dict[str, Any]]) -> None:
         """Start a branch for each outline not seen yet, within the spawn's and the run's limits."""
@@ -57,13 +59,12 @@ class EagerSpawn:
                                            f"more than {cfg.max_threads} outlines; kept the first {cfg.max_threads}"))
                 self.full = True
                 continue
-            seed = ctx.get("budget_seed", 0) + spawned_in(self.trace, ctx)
-            if agent.budget.reserve(ctx["run"], 1, cfg.max_total_threads, seed=seed) < 1:
+            if agent.budget.reserve(ctx["run"], 1, cfg.max_total_threads, seed=self.budget_seed) < 1:
                 limits.append(agent._limit(ctx, "max_total_threads",
                                            f"{cfg.max_total_threads} branches per run; outline {label} not run"))
                 self.full = True
                 continue
-            prefix = self.base + ctx.get("prompt_tail", "") + ctx["text"]  # up to this outline's close
+            prefix = prompt_of(ctx, self.base)  # up to this outline's close
             spec = agent.child_spec(ctx, self.spawn_no, index, label, text, prefix,
                                     "\n" + agent.dialect.branch_suffix(label))
             spec.pop("index")
@@ -74,17 +75,14 @@ class EagerSpawn:
     async def finish(self) -> tuple[list[str], dict[str, Any]] | None:
         """At the spawn point: wait for every branch, write the merged threads into the parent's
         text; ``(branch ids, their traces)``, or ``None`` when no branch ran."""
-        agent, ctx, dialect = self.agent, self.ctx, self.agent.dialect
-        ctx["text"] += dialect.spawn_suffix()
+        agent, ctx = self.agent, self.ctx
+        ctx["text"] += agent.dialect.spawn_suffix()
         if not self.started:  # no outline, or every outline refused by a limit: the model goes on
             return None
         outs = await gather_or_cancel([task for _, task in self.started])
         collected = agent._collect([(out, index) for out, (index, _) in zip(outs, self.started, strict=True)])
         results = sorted(collected["apr_branch_results"], key=lambda r: r["index"])
-        if agent.merge_strategy is not None:
-            ctx["text"] += agent.merge_strategy(results, dialect)
-        else:
-            ctx["text"] += dialect.merge_text([(r["label"], r["text"]) for r in results])
+        ctx["text"] += agent.merged_text(results)
         ctx["spawns"] = self.spawn_no
         ids = [r["id"] for r in results]
         emit({"apr": "merge", "ctx": ctx["id"], "children": ids})
