@@ -118,3 +118,15 @@ def test_eager_spawn_config_is_checked() -> None:
         create_apr_agent(ScriptedChatModel(respond=lambda m, t: "x"), [], APRConfig(spawn_at="outline"))
 
 
+
+
+async def test_eager_branches_are_labelled_as_the_spawn_labels_them() -> None:
+    # the model numbers two outlines "1": the spawn repairs the second to "2"; eager must agree
+    sc = {"": "Plan.\n<Parallel>\n<Outlines>\n<Outline>1: get item 1</Outline>\n<Outline>1: get item 2</Outline>\n"
+              "</Outlines>\nDone.",
+          "1": call("fetch", item=1) + "\nfound 1</Thread>", "2": call("fetch", item=2) + "\nfound 2</Thread>"}
+    outs = {}
+    for mode in ("outlines", "outline"):
+        state = await create_apr_agent(ScriptedBackend(sc), [fetch], APRConfig(spawn_at=mode)).ainvoke(Q)
+        outs[mode] = (sorted(state["apr_trace"]["contexts"]), state["apr_trace"]["summary"]["tool_calls"])
+    assert outs["outline"] == outs["outlines"] == (["root", "root/1.1", "root/1.2"], 2)

@@ -119,6 +119,26 @@ def _scanner(dialect: Dialect) -> tuple[re.Pattern[str], frozenset[str], int]:
             max(len(m) for m in markers))
 
 
+def _labelled(written: list[tuple[str | None, str]], events: list[Event]) -> list[Outline]:
+    """Outlines with unique labels: a missing number becomes the position, a duplicate the
+    position (primed until unique); each repair is recorded in ``events``."""
+    outs: list[Outline] = []
+    seen: set[str] = set()
+    for i, (label, text) in enumerate(written, 1):
+        final = label
+        if label is None:
+            events.append(Repair("missing_outline_number", f"outline {i}"))
+            final = str(i)
+        if final in seen:
+            events.append(Repair("duplicate_outline_number", f"{label} at position {i}"))
+            final = str(i)
+            while final in seen:
+                final += "'"
+        seen.add(final)
+        outs.append(Outline(final, text, label))
+    return outs
+
+
 @dataclass
 class _Block:
     outlines: list[tuple[str | None, str]] = field(default_factory=list)
@@ -434,11 +454,10 @@ class StreamParser:
 
     def closed_outlines(self) -> list[tuple[str, str]]:
         """``(label, text)`` of each outline closed so far in the open, not yet spawned block at
-        the top level (for eager spawn); a missing number is the outline's position."""
+        the top level (for eager spawn), labelled as the spawn will label them (``_labelled``)."""
         if len(self._stack) != 1 or self._stack[0].spawned:
             return []
-        out = self._stack[0].outlines[: self.max_outlines]
-        return [(label if label is not None else str(i), text) for i, (label, text) in enumerate(out, 1)]
+        return [(o.label, o.text) for o in _labelled(self._stack[0].outlines[: self.max_outlines], [])]
 
     def _finish_outline(self, blk: _Block, events: list[Event], *, repaired: bool = False,
                         end: int | None = None) -> None:
@@ -456,24 +475,10 @@ class StreamParser:
 
     def _spawn(self, blk: _Block, events: list[Event], *, repaired: bool = False) -> None:
         blk.spawned = True
-        written = [o for o in blk.outlines[: self.max_outlines]]
+        written = blk.outlines[: self.max_outlines]
         if repaired:
             events.append(Repair("missing_spawn_marker", f"{len(written)} outlines"))
-        outs: list[Outline] = []
-        seen: set[str] = set()
-        for i, (label, text) in enumerate(written, 1):
-            final = label
-            if label is None:
-                events.append(Repair("missing_outline_number", f"outline {i}"))
-                final = str(i)
-            if final in seen:
-                events.append(Repair("duplicate_outline_number", f"{label} at position {i}"))
-                final = str(i)
-                while final in seen:
-                    final += "'"
-            seen.add(final)
-            outs.append(Outline(final, text, label))
-        events.append(Spawn(tuple(outs), len(self._stack)))
+        events.append(Spawn(tuple(_labelled(written, events)), len(self._stack)))
 
     def _close_thread(self, blk: _Block, events: list[Event], *, truncated: bool = False,
                       end: int | None = None) -> None:
