@@ -44,9 +44,9 @@ from ..runtime.limits import Limiter, ThreadBudget
 from ..runtime.tool_exec import run_tool_calls
 from ..runtime.trace import merge_traces, new_record, summarize
 from .build import checked_config_and_tools, compile_agent
-from .core import APRBackendError, BranchRunner, call_with_retries, copy_ctx, emit, prompt_of, spawned_in, where
+from .core import BranchRunner, call_with_retries, copy_ctx, emit, prompt_of, spawned_in, where
 from .eager import EagerSpawn
-from .prefixes import PrefixMissing, SharedPrefixes
+from .prefixes import SharedPrefixes
 from .state import APRState
 
 MergeStrategy = Callable[[list[dict[str, Any]], Dialect], str]
@@ -240,10 +240,7 @@ class _Agent(BranchRunner):
         """The prompt a context continues: its own, or its parent's prefix by reference."""
         if "prompt" in ctx:
             return str(ctx["prompt"])
-        try:
-            return str(await self.prefixes.get(ctx["run"], ctx["prompt_ref"], where(ctx) + ")"))
-        except PrefixMissing as exc:
-            raise APRBackendError(str(exc)) from exc
+        return str(await self.prefixes.get(ctx["run"], ctx["prompt_ref"], where(ctx) + ")"))
 
     # -- what the backend's prompt format decides ---------------------------------
     def _tool_results_text(self, results: list[str], depth: int) -> str:

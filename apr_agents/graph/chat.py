@@ -59,8 +59,8 @@ from .chat_prompt import (
     spawn_ack,
     spawn_tool_schema,
 )
-from .core import APRBackendError, BranchRunner, call_with_retries, copy_ctx, emit, spawned_in
-from .prefixes import PrefixMissing, SharedPrefixes
+from .core import BranchRunner, call_with_retries, copy_ctx, emit, spawned_in, where
+from .prefixes import SharedPrefixes
 from .state import APRState
 
 # (results in task order, dialect) -> the spawn ToolMessage's text. Results carry the
@@ -349,10 +349,7 @@ class _ChatAgent(BranchRunner):
         """The context's whole conversation: its parent's prefix (by reference) and its own messages."""
         if "prefix_ref" not in ctx:
             return list(ctx["messages"])
-        try:
-            prefix = await self.prefixes.get(ctx["run"], ctx["prefix_ref"], f"context {ctx['id']!r}")
-        except PrefixMissing as exc:
-            raise APRBackendError(str(exc)) from exc
+        prefix = await self.prefixes.get(ctx["run"], ctx["prefix_ref"], where(ctx) + ")")
         return [*prefix, *ctx["messages"]]
 
     async def _fill_children(self, ctx: dict[str, Any], spawn: dict[str, Any]) -> None:

@@ -169,7 +169,7 @@ async def open_checkpointer(db: str | Path | None) -> AsyncIterator[BaseCheckpoi
         yield InMemorySaver()
         return
     url = str(db)
-    if url.startswith(("postgres://", "postgresql://")):
+    if _is_postgres(url):
         try:
             from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
         except ImportError as exc:  # pragma: no cover - depends on the extra

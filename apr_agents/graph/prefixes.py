@@ -28,14 +28,16 @@ from typing import Any
 from langgraph.config import get_store
 from langgraph.store.base import BaseStore
 
+from .core import APRBackendError
+
 #: characters of prefixes kept in memory (LRU over all runs of a graph); a miss reads the store
 PREFIX_CACHE_CHARS = 64 * 2**20
 #: the store namespace ``(PREFIX_NS, run_id)`` that holds each spawn's prefix once
 PREFIX_NS = "apr_prefix"
 
 
-class PrefixMissing(LookupError):
-    """A branch's prefix key is in no cache and not in the graph's store."""
+class PrefixMissing(APRBackendError, LookupError):
+    """A branch's prefix key is in no cache and not in the graph's store (the run cannot go on)."""
 
 
 def graph_store() -> BaseStore | None:

@@ -67,7 +67,6 @@ def fold_traces(trace: dict[str, Any], deltas: Sequence[dict[str, Any]]) -> dict
 #: appended, plus a full snapshot every ``SNAPSHOT_EVERY`` updates, which bounds the replay on
 #: load. So storage grows linearly with the steps (docs/checkpointing.md, "Storage bounds").
 SNAPSHOT_EVERY = 256
-TEXT_SNAPSHOT_EVERY = SNAPSHOT_EVERY
 TextChannel = Annotated[str, DeltaChannel(append_text, snapshot_frequency=SNAPSHOT_EVERY)]
 MessagesChannel = Annotated[list[dict[str, Any]], DeltaChannel(append_items, snapshot_frequency=SNAPSHOT_EVERY)]
 PromptChannel = Annotated[str, DeltaChannel(last_value, snapshot_frequency=SNAPSHOT_EVERY)]
