@@ -35,18 +35,12 @@ class APRConfig(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=5.0)
     dialect: Dialect = "canonical"
     parallel: bool = Field(True, description="False runs every spawn's branches one after another")
-    branch_runs: Literal["auto", "subgraph", "inline"] = Field(
-        "auto",
-        description="how the branch node runs a branch: 'subgraph' (a run of the branch graph, with its own "
-                    "checkpoints and stream namespace), 'inline' (the same nodes called in one task: no "
-                    "per-branch supersteps, so less overhead, but a branch cut short reruns whole on resume), "
-                    "'auto' (subgraph when the run has a checkpointer, else inline)")
     spawn_at: Literal["outlines", "outline"] = Field(
         "outlines",
         description="when branches start: 'outlines' (ThreadWeaver's: all together at the spawn point, after "
                     "the last outline), or 'outline' (eager, text mode, tag dialects: branch i starts as soon "
-                    "as outline i is closed, while the model writes the next one; the branches run inline in "
-                    "the parent's step and see the outlines up to their own; docs/architecture.md)")
+                    "as outline i is closed, while the model writes the next one; the branches run within "
+                    "the parent's step (not resumable halfway) and see the outlines up to their own; docs/architecture.md)")
 
     @model_validator(mode="after")
     def _eager_needs_parallel_tags(self) -> APRConfig:

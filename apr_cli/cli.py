@@ -57,7 +57,7 @@ def make_config(args: argparse.Namespace, **over: Any) -> APRConfig:
     from pydantic import ValidationError
 
     fields = {k: getattr(args, k) for k in ("max_threads", "max_depth", "max_total_threads", "max_tokens",
-                                            "thread_timeout_s", "dialect", "branch_runs")
+                                            "thread_timeout_s", "dialect")
               if getattr(args, k, None) is not None}
     fields.update(over)
     try:
@@ -313,8 +313,6 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--max-tokens", dest="max_tokens", type=int)
         sp.add_argument("--thread-timeout", dest="thread_timeout_s", type=float)
         sp.add_argument("--dialect", choices=["canonical", "multiverse", "apr"])
-        sp.add_argument("--branch-runs", dest="branch_runs", choices=["auto", "inline", "subgraph"],
-                        help="auto (default): subgraph branches with --db, inline without")
         sp.add_argument("--quiet", action="store_true", help="no live tree")
 
     r = sub.add_parser("run", help="answer one question, showing the thread tree live")

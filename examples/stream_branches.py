@@ -3,7 +3,7 @@
     python examples/stream_branches.py              # FAKE scripted model, instant
     python examples/stream_branches.py --raw        # LangGraph's own stream tuples instead
     python examples/stream_branches.py --backend embedded   # the embedded CPU model
-    python examples/stream_branches.py --raw --branch-runs subgraph   # a namespace per branch
+    python examples/stream_branches.py --raw --durable   # checkpointed: branch steps run as tasks
 
 Uses ``apr_agents.graph.streaming.stream_events`` (the normalised events the
 CLI's live tree draws); ``--raw`` shows what it is built on:
@@ -27,7 +27,7 @@ from apr_agents.testing.scripts import DEMO_QUESTION, demo_script
 from apr_tools import calculator, lookup, with_latency
 
 
-def build(backend_kind: str, branch_runs: str = "auto") -> Any:
+def build(backend_kind: str, durable: bool = False) -> tuple[Any, dict[str, Any]]:
     if backend_kind == "embedded":
         from apr_agents import default_backend
 
@@ -35,13 +35,18 @@ def build(backend_kind: str, branch_runs: str = "auto") -> Any:
     else:
         backend = ScriptedBackend(demo_script(), token_latency_s=0.01)  # FAKE model
     tools = [with_latency(lookup, 0.3), with_latency(calculator, 0.1)]  # slow "APIs"
-    return create_apr_agent(backend, tools, APRConfig(max_threads=4, branch_runs=branch_runs))
+    if not durable:
+        return create_apr_agent(backend, tools, APRConfig(max_threads=4)), {}
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    graph = create_apr_agent(backend, tools, APRConfig(max_threads=4), checkpointer=InMemorySaver())
+    return graph, {"configurable": {"thread_id": "stream-branches"}}
 
 
-async def normalised(graph: Any) -> None:
+async def normalised(graph: Any, config: dict[str, Any]) -> None:
     t0 = time.time()
     words: dict[str, list[str]] = defaultdict(list)
-    async for ev in stream_events(graph, {"messages": [HumanMessage(DEMO_QUESTION)]}, steps=False):
+    async for ev in stream_events(graph, {"messages": [HumanMessage(DEMO_QUESTION)]}, config, steps=False):
         kind, ctx, at = ev["apr"], ev["ctx"], f"{ev['t'] - t0:6.2f}s"
         indent = "  " * ctx.count("/")
         if kind == "token":
@@ -69,8 +74,8 @@ async def normalised(graph: Any) -> None:
                   f"{summary['tool_calls']} tool calls")
 
 
-async def raw(graph: Any) -> None:
-    async for ns, mode, chunk in graph.astream({"messages": [HumanMessage(DEMO_QUESTION)]},
+async def raw(graph: Any, config: dict[str, Any]) -> None:
+    async for ns, mode, chunk in graph.astream({"messages": [HumanMessage(DEMO_QUESTION)]}, config,
                                                stream_mode=["updates", "custom", "messages"], subgraphs=True):
         where = "|".join(n.split(":")[0] + ":" + n.split(":")[1][:8] for n in ns) or "(root graph)"
         if mode == "custom" and chunk.get("apr") == "token":
@@ -87,11 +92,11 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--raw", action="store_true", help="print LangGraph's stream tuples")
     p.add_argument("--backend", choices=["scripted", "embedded"], default="scripted")
-    p.add_argument("--branch-runs", choices=["auto", "inline", "subgraph"], default="auto",
-                   help="inline (auto here: no checkpointer) or subgraph branches (a namespace each)")
+    p.add_argument("--durable", action="store_true",
+                   help="with a checkpointer: each branch step is a LangGraph task, saved as it completes")
     args = p.parse_args()
-    graph = build(args.backend, args.branch_runs)
-    asyncio.run(raw(graph) if args.raw else normalised(graph))
+    graph, config = build(args.backend, args.durable)
+    asyncio.run(raw(graph, config) if args.raw else normalised(graph, config))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,12 @@
 """Child process of tests/test_checkpoint.py: one APR run on a SQLite checkpoint file.
 
-    python tests/durable_child.py DB WORKDIR THREAD_ID [--resume] [--sequential] [--inline]
+    python tests/durable_child.py DB WORKDIR THREAD_ID [--resume] [--sequential]
 
 The root spawns four branches; each calls the ``work`` tool once. Branches 1
 and 2 finish at once; branches 3 and 4 block in their tool until the file
 ``WORKDIR/gate`` exists (the first process never sees it: the test kills it
 there). With ``--sequential`` (``APRConfig(parallel=False)``) the four
-branches run one after another inside one ``branch`` node. With ``--inline``
-(``APRConfig(branch_runs="inline")``) each branch runs inline in its ``branch``
-task, without checkpoints of its own. After the merge the root spawns two more branches, which the run's
+branches run one after another inside one ``branch`` node. After the merge the root spawns two more branches, which the run's
 thread budget (``max_total_threads=5``) cuts to one, also after a restart.
 
 Every backend call appends ``<pid> <context path>`` to ``WORKDIR/calls.log``;
@@ -78,8 +76,7 @@ SCRIPT = {
 
 
 def factory(checkpointer: Any) -> Any:
-    cfg = APRConfig(max_total_threads=5, thread_timeout_s=120, parallel="--sequential" not in sys.argv,
-                    branch_runs="inline" if "--inline" in sys.argv else "auto")
+    cfg = APRConfig(max_total_threads=5, thread_timeout_s=120, parallel="--sequential" not in sys.argv)
     return create_apr_agent(CountingBackend(SCRIPT), [work], cfg, checkpointer=checkpointer)
 
 

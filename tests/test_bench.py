@@ -30,7 +30,7 @@ def test_quick_overhead_suite_writes_tables(tmp_path: Path) -> None:
     durable = data["data"]["checkpointed"]  # the dev install has the sqlite extra
     assert [r["k"] for r in durable] == [1, 8, 64]
     assert all(math.isfinite(r[key]) and r[key] > 0 for r in durable
-               for key in ("subgraph_vs_inline", "inline_vs_langgraph", "subgraph_vs_langgraph"))
+               for key in ("plugin_vs_langgraph", "plugin_vs_langgraph_tasks", "tasks_vs_langgraph"))
 
 
 def test_unknown_suite_is_a_usage_error(tmp_path: Path) -> None:

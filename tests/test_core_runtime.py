@@ -1,7 +1,8 @@
 """Core runtime on the FAKE ScriptedBackend: spawn, merge, nesting, tools, limits, embedding.
 
-Every test runs twice: branches as subgraph runs and branches run inline
-(``APRConfig.branch_runs``); both must behave the same.
+Every test runs twice: with the branch steps called directly (a run without a
+``thread_id``) and as LangGraph tasks (what a checkpointed run does; here a ``thread_id``
+without a checkpointer, so each invocation is still a fresh run). Both must behave the same.
 """
 
 from __future__ import annotations
@@ -21,19 +22,21 @@ from apr_agents.protocol import parse_document
 from apr_agents.testing import ScriptedBackend
 
 Q = {"messages": [HumanMessage("question")]}
-BRANCH_RUNS = {"mode": "inline"}
+BRANCH_STEPS = {"mode": "direct"}
 
 
-@pytest.fixture(autouse=True, params=["inline", "subgraph"])
-def branch_runs(request: pytest.FixtureRequest) -> str:
-    BRANCH_RUNS["mode"] = request.param
+@pytest.fixture(autouse=True, params=["direct", "tasks"])
+def branch_steps(request: pytest.FixtureRequest) -> str:
+    BRANCH_STEPS["mode"] = request.param
     return request.param
 
 
 def create_apr_agent(backend: object, tools: object = (), config: APRConfig | None = None, **kw: object) -> object:
-    """``create_apr_agent`` with this test's ``branch_runs`` mode."""
-    config = (config or APRConfig()).model_copy(update={"branch_runs": BRANCH_RUNS["mode"]})
-    return _create_apr_agent(backend, tools, config, **kw)
+    """``create_apr_agent``, bound to a ``thread_id`` when this test runs the branch steps as tasks."""
+    graph = _create_apr_agent(backend, tools, config, **kw)
+    if BRANCH_STEPS["mode"] == "tasks":
+        return graph.with_config(configurable={"thread_id": "tasks"})
+    return graph
 
 
 def spawn_text(n: int, tail: str = "Final answer.") -> str:

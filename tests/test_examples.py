@@ -25,20 +25,22 @@ def run_example(*args: str) -> str:
 ANSWER = "Japan is the most densely populated: France 124/km2, Japan 329/km2, Kenya 95/km2."
 
 
-@pytest.mark.parametrize("branch_runs", ["auto", "subgraph"])
-def test_stream_branches(branch_runs: str) -> None:
-    out = run_example("examples/stream_branches.py", "--branch-runs", branch_runs)
+@pytest.mark.parametrize("flags", [(), ("--durable",)], ids=["direct", "durable"])
+def test_stream_branches(flags: tuple[str, ...]) -> None:
+    out = run_example("examples/stream_branches.py", *flags)
     assert f"answer: {ANSWER}" in out
     for ctx in ("root/1.1", "root/1.2", "root/1.3"):
         assert f"[{ctx}] start (depth 1)" in out and f"[{ctx}] end: thread_end" in out
     assert "[root] merge: root/1.1, root/1.2, root/1.3" in out
 
 
-def test_stream_branches_raw_shows_a_namespace_per_subgraph_branch() -> None:
-    out = run_example("examples/stream_branches.py", "--raw", "--branch-runs", "subgraph")
+def test_stream_branches_raw_shows_each_branch_step_as_a_task_when_durable() -> None:
+    out = run_example("examples/stream_branches.py", "--raw", "--durable")
     starts = [ln for ln in out.splitlines() if "'branch_start'" in ln]
     assert len(starts) == 3 and all(ln.startswith("branch:") for ln in starts)
-    assert len({ln.split()[0] for ln in starts}) == 3
+    assert len({ln.split()[0] for ln in starts}) == 3  # each branch's steps run under its own branch task
+    steps = [ln for ln in out.splitlines() if "{'apr_step': 'root/1." in ln]
+    assert len(steps) >= 6  # each branch: a lookup step, its tools, its answer
 
 
 def test_user_graph_node() -> None:

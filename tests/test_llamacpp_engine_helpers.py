@@ -10,7 +10,7 @@ import asyncio
 import pytest
 
 from apr_agents.backends.base import Completion
-from apr_agents.backends.llamacpp_engine import common_prefix, find_first, grammar_source, holdback
+from apr_agents.backends.llamacpp_helpers import common_prefix, find_first, grammar_source, holdback
 
 
 def test_holdback_keeps_what_could_still_become_a_stop() -> None:

@@ -6,6 +6,7 @@ FAKE ScriptedBackend streams its replies piece by piece, so branch tokens flow.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import defaultdict
 from typing import Any
@@ -13,9 +14,11 @@ from typing import Any
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.tools import tool
+from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import START, MessagesState, StateGraph
 
-from apr_agents import APRConfig, create_apr_agent
+from apr_agents import create_apr_agent
+from apr_agents.graph.core import BRANCH_TASKS
 from apr_agents.graph.streaming import APR_EVENTS, stream_events
 from apr_agents.testing import ScriptedBackend
 
@@ -38,8 +41,18 @@ SCRIPT = {
     "2/1": " c is fine</Thread>",
 }
 Q = {"messages": [HumanMessage("question")]}
-SUBGRAPH = APRConfig(branch_runs="subgraph")
-INLINE = APRConfig(branch_runs="inline")
+MODES = ["direct", "tasks"]  # branch steps called directly (no checkpointer), or as LangGraph tasks
+
+
+def agent_and_config(mode: str, **kw: Any) -> tuple[Any, dict[str, Any]]:
+    """The agent, and the run config: a checkpointed run (``tasks``) needs a thread id."""
+    if mode == "direct":
+        return create_apr_agent(ScriptedBackend(SCRIPT, **kw), [echo]), {}
+    graph = create_apr_agent(ScriptedBackend(SCRIPT, **kw), [echo], checkpointer=InMemorySaver())
+    return graph, {"configurable": {"thread_id": f"t-{next(_threads)}"}}
+
+
+_threads = itertools.count()
 
 
 def model_text(reply: str) -> str:
@@ -47,9 +60,9 @@ def model_text(reply: str) -> str:
     return reply.replace("</tool_call>", "").replace("</Outlines>", "").replace("</Thread>", "")
 
 
-async def collect(graph: Any, **kw: Any) -> list[tuple[tuple[str, ...], str, Any]]:
+async def collect(graph: Any, config: dict[str, Any], **kw: Any) -> list[tuple[tuple[str, ...], str, Any]]:
     out = []
-    async for item in graph.astream(Q, stream_mode=["updates", "custom", "messages"], **kw):
+    async for item in graph.astream(Q, config, stream_mode=["updates", "custom", "messages"], **kw):
         out.append(item if len(item) == 3 else ((), *item))
     return out
 
@@ -87,48 +100,12 @@ def check_events_per_context(custom: list[dict[str, Any]]) -> None:
     assert all(order.index(("branch_end", c)) < root_merge for c in ("root/1.1", "root/1.2", "root/1.2/1.1"))
 
 
-async def test_each_branch_is_told_apart_with_subgraphs() -> None:
-    graph = create_apr_agent(ScriptedBackend(SCRIPT, token_latency_s=0.001), [echo], SUBGRAPH)
-    items = await collect(graph, subgraphs=True)
-    custom = [(ns, ev) for ns, mode, ev in items if mode == "custom"]
-    assert {ev["apr"] for _, ev in custom} == set(APR_EVENTS) - {"step"}  # steps come as updates
-
-    # one namespace per context: the branch_start event names it, every later event agrees
-    ns_of: dict[str, tuple[str, ...]] = {"root": ()}
-    for ns, ev in custom:
-        if ev["apr"] == "branch_start":
-            assert ev["ctx"] not in ns_of
-            ns_of[ev["ctx"]] = ns
-    assert sorted(ns_of) == ["root", "root/1.1", "root/1.2", "root/1.2/1.1"]
-    assert len(set(ns_of.values())) == 4
-    assert ns_of["root/1.2/1.1"][:-1] == ns_of["root/1.2"]  # the nested branch sits under its parent
-    for ns, ev in custom:
-        assert ns == ns_of[ev["ctx"]], ev
-
-    check_events_per_context([ev for _, ev in custom])
-
-    # updates: every node update of a branch comes in that branch's namespace and names its context
-    for ns, mode, upd in items:
-        if mode != "updates":
-            continue
-        for node, val in upd.items():
-            if isinstance(val, dict) and "apr" in val:
-                assert ns_of[val["apr"]["id"]] == ns, (node, ns)
-    branch_nodes = {node for ns, mode, upd in items if mode == "updates" and ns == ns_of["root/1.1"] for node in upd}
-    assert branch_nodes == {"generate", "tools"}  # set up in its first generate, closed in its last
-
-    # messages: the answer, from the root's last generate step (which closed the root context)
-    msgs = [(ns, m, meta) for ns, mode, (m, meta) in ((i[0], i[1], i[2]) for i in items if i[1] == "messages")]
-    assert [(ns, m.content, meta["langgraph_node"]) for ns, m, meta in msgs] == [((), "Done: both.", "generate")]
-    assert isinstance(msgs[0][1], AIMessage)
-
-
-async def test_inline_branches_stream_from_the_branch_node_told_apart_by_context() -> None:
-    graph = create_apr_agent(ScriptedBackend(SCRIPT, token_latency_s=0.001), [echo], INLINE)
-    for subgraphs in (True, False):  # inline branches are no subgraphs: the flag changes nothing
-        items = await collect(graph, subgraphs=subgraphs)
-        custom = [ev for ns, mode, ev in items if mode == "custom" and ns == ()]
-        assert len(custom) == len([1 for _, mode, _ in items if mode == "custom"])
+@pytest.mark.parametrize("mode", MODES)
+async def test_each_branch_is_told_apart_by_its_context(mode: str) -> None:
+    for subgraphs in (True, False):  # branches are no subgraphs: the flag changes nothing
+        graph, config = agent_and_config(mode, token_latency_s=0.001)
+        items = await collect(graph, config, subgraphs=subgraphs)
+        custom = [ev for _, mode_, ev in items if mode_ == "custom"]
         assert {ev["apr"] for ev in custom} == set(APR_EVENTS)
         check_events_per_context([ev for ev in custom if ev["apr"] != "step"])
         # each branch node that finished, as a custom step event in its own context
@@ -137,47 +114,45 @@ async def test_inline_branches_stream_from_the_branch_node_told_apart_by_context
                 ("root/1.2/1.1", "generate")} <= steps
         assert {node for _, node in steps} == {"generate", "tools", "branch", "merge"}
         assert not any(ctx == "root" for ctx, _ in steps)  # the root's nodes report as updates
-        updates = [upd for _, mode, upd in items if mode == "updates"]
-        assert [node for upd in updates for node in upd] == [
-            "prepare", "generate", "branch", "branch", "merge", "generate"]
+        nodes = [node for _, mode_, upd in items if mode_ == "updates" for node in upd]
+        assert [n for n in nodes if n not in BRANCH_TASKS] == ["prepare", "generate", "branch", "branch", "merge",
+                                                               "generate"]
+        # a checkpointed run's branch steps are tasks, whose results LangGraph reports as updates too
+        assert {n for n in nodes if n in BRANCH_TASKS} == (set(BRANCH_TASKS) if mode == "tasks" else set())
+        # messages: the answer, from the root's last generate step (which closed the root context)
+        msgs = [(m, meta) for _, mode_, (m, meta) in ((i[0], i[1], i[2]) for i in items if i[1] == "messages")]
+        assert [(m.content, meta["langgraph_node"]) for m, meta in msgs] == [("Done: both.", "generate")]
+        assert isinstance(msgs[0][0], AIMessage)
 
 
-async def test_without_subgraphs_only_the_root_graph_events_arrive() -> None:
-    graph = create_apr_agent(ScriptedBackend(SCRIPT), [echo], SUBGRAPH)
-    items = await collect(graph)
-    custom = [ev for _, mode, ev in items if mode == "custom"]
-    assert {ev["ctx"] for ev in custom} == {"root"}
-    assert [ev["apr"] for ev in custom if ev["apr"] != "token"] == ["spawn", "merge"]
-    assert "".join(ev["text"] for ev in custom if ev["apr"] == "token").startswith("Go.\n<Parallel>")
-
-
-@pytest.mark.parametrize("config", [SUBGRAPH, INLINE], ids=["subgraph", "inline"])
-async def test_stream_events_normalises_and_ends_with_done(config: APRConfig) -> None:
-    graph = create_apr_agent(ScriptedBackend(SCRIPT), [echo], config)
-    events = [ev async for ev in stream_events(graph, Q)]
+@pytest.mark.parametrize("mode", MODES)
+async def test_stream_events_normalises_and_ends_with_done(mode: str) -> None:
+    graph, config = agent_and_config(mode)
+    events = [ev async for ev in stream_events(graph, Q, config)]
     assert events[-1]["apr"] == "done" and events[-1]["answer"] == "Done: both."
     assert events[-1]["state"]["apr_trace"]["summary"]["branches"] == 3
     assert all({"apr", "ctx", "ns", "t"} <= ev.keys() for ev in events)
-    ns_of = {ev["ctx"]: ev["ns"] for ev in events if ev["apr"] == "branch_start"}
     steps = [ev for ev in events if ev["apr"] == "step"]
-    for ev in steps:
-        assert ev["ns"] == ns_of.get(ev["ctx"], ""), ev
+    assert not any(ev["node"] in BRANCH_TASKS for ev in steps)  # told as the branch's own steps
     assert {(ev["ctx"], ev["node"]) for ev in steps} >= {("root/1.1", "tools"), ("root", "merge"),
                                                           ("root/1.2", "merge"), ("root/1.2/1.1", "generate")}
     ts = [ev["t"] for ev in events]
     assert ts == sorted(ts)
-    quiet = [ev async for ev in stream_events(graph, Q, steps=False)]
+    if mode == "tasks":
+        config = {"configurable": {"thread_id": "quiet"}}
+    quiet = [ev async for ev in stream_events(graph, Q, config, steps=False)]
     assert not any(ev["apr"] == "step" for ev in quiet) and quiet[-1]["answer"] == "Done: both."
 
 
-@pytest.mark.parametrize("config", [SUBGRAPH, INLINE], ids=["subgraph", "inline"])
-async def test_events_keep_their_context_when_the_agent_is_a_node_of_a_user_graph(config: APRConfig) -> None:
-    agent = create_apr_agent(ScriptedBackend(SCRIPT), [echo], config)
+@pytest.mark.parametrize("mode", MODES)
+async def test_events_keep_their_context_when_the_agent_is_a_node_of_a_user_graph(mode: str) -> None:
+    agent = create_apr_agent(ScriptedBackend(SCRIPT), [echo])
     outer = StateGraph(MessagesState)
     outer.add_node("agent", agent)
     outer.add_edge(START, "agent")
-    graph = outer.compile()
-    events = [ev async for ev in stream_events(graph, Q)]
+    graph = outer.compile(checkpointer=InMemorySaver() if mode == "tasks" else None)
+    config = {"configurable": {"thread_id": "outer"}} if mode == "tasks" else {}
+    events = [ev async for ev in stream_events(graph, Q, config)]
     assert events[-1]["answer"] == "Done: both."
     starts = {ev["ctx"] for ev in events if ev["apr"] == "branch_start"}
     assert starts == {"root/1.1", "root/1.2", "root/1.2/1.1"}
@@ -185,9 +160,9 @@ async def test_events_keep_their_context_when_the_agent_is_a_node_of_a_user_grap
     assert root_spawn["ns"].startswith("agent:")  # the whole agent runs under the user's node
 
 
-@pytest.mark.parametrize("config", [SUBGRAPH, INLINE], ids=["subgraph", "inline"])
-def test_sync_stream_carries_every_branch_event(config: APRConfig) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_sync_stream_carries_every_branch_event(mode: str) -> None:
     """The sync facade runs nodes on a shared loop; the caller's stream writer goes with them."""
-    graph = create_apr_agent(ScriptedBackend(SCRIPT), [echo], config)
-    custom = [ev for _, ev in graph.stream(Q, stream_mode="custom", subgraphs=True)]
+    graph, config = agent_and_config(mode)
+    custom = [ev for _, ev in graph.stream(Q, config, stream_mode="custom", subgraphs=True)]
     check_events_per_context([ev for ev in custom if ev["apr"] != "step"])

@@ -13,6 +13,8 @@ from typing import Any, Protocol, runtime_checkable
 from langchain_core.messages import BaseMessage
 from pydantic import BaseModel, ConfigDict
 
+from ..protocol.dialects import Dialect
+
 # Set by the runtime to the run id around each backend call, so a multi-replica
 # backend can send every context of one run (all branches of a spawn) to one
 # replica and its prefix cache.
@@ -116,3 +118,14 @@ async def complete_from_stream(stream: AsyncIterator[str | Completion]) -> Compl
     if final is None:
         raise BackendError("stream ended without a completion")
     return final
+
+
+def check_dialect(backend: Any, parsed: Dialect) -> None:
+    """A backend whose prompts teach one dialect cannot serve an agent that parses another."""
+    taught = getattr(backend, "prompt_dialect", None)
+    if isinstance(taught, Dialect) and taught.name != parsed.name:
+        raise ValueError(
+            f"{type(backend).__name__} prompts the model in the {taught.name!r} dialect, but "
+            f"APRConfig.dialect={parsed.name!r}: the runtime would parse text the model was not taught. Use "
+            f"APRConfig(dialect={taught.name!r}), or build the backend for {parsed.name!r} "
+            f"(LlamaCppBackend(..., chat_template=True, dialect={parsed.name!r}))")

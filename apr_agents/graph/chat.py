@@ -105,7 +105,6 @@ class _ChatAgent(BranchRunner):
         template = DEFAULT_CHAT_SYSTEM_PROMPT if system_prompt is None else system_prompt
         self.system_prompt = format_system_prompt(template, config.max_threads)
         self.spawn_schema = spawn_tool_schema(config.max_threads)
-        self.branch_graph: CompiledStateGraph | None = None
 
     # -- model ---------------------------------------------------------------
     def bound_model(self, ctx: dict[str, Any]) -> Any:

@@ -6,9 +6,10 @@ fields (id, run, depth, deadline, limits state, the trace record ``rec``) that t
 (``chat.py``) its messages. What is here is written once for both:
 
 - ``BranchRunner``: the ``branch`` node. A ``Send`` carries one child spec (or all of a
-  spawn's children with ``parallel=False``); each child runs as a run of the branch graph
-  (durable: its own checkpoints) or inline (the same nodes in this task, no per-branch
-  supersteps). It folds the children's results and traces for the ``merge`` node.
+  spawn's children with ``parallel=False``); each child runs the mode's nodes along the
+  graph's edges in this task, each step a LangGraph task when the run is checkpointed (so
+  a crash resumes it from its last completed step). It folds the children's results and
+  traces for the ``merge`` node.
 - ``call_with_retries``: the one retry policy for a model call (``APRConfig.backend_attempts``
   with jittered backoff), the LLM concurrency slot, and the deadline read after the slot.
   A request the backend refused (``BackendRequestError``, HTTP 4xx other than 408/409/429) or
@@ -29,20 +30,20 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from typing import Any, TypeVar
 
 from langchain_core.runnables import RunnableConfig
-from langgraph.config import get_stream_writer
+from langgraph.config import get_config, get_stream_writer
+from langgraph.func import task
 from langgraph.graph import END
-from langgraph.graph.state import CompiledStateGraph
 
 from ..backends.base import BackendRequestError
 from ..config import APRConfig
 from ..runtime.limits import Limiter
 from ..runtime.sync_loop import run_sync
 from ..runtime.trace import merge_traces
-from .build import _apply
+from .state import apply_update
 
 T = TypeVar("T")
 
@@ -64,34 +65,54 @@ def emit(event: dict[str, Any]) -> None:
 
 _SPAWN_KEYS = frozenset({"cid", "run", "depth", "parent", "deadline", "deadline_kind"})
 
+#: the names of the LangGraph tasks a checkpointed run's branch steps and nested children run as
+#: (LangGraph's ``updates`` stream reports their results under these names)
+BRANCH_TASKS = ("apr_step", "apr_branch")
+
+#: what a branch's step loop asks its driver for: a node's update, or a nested spawn's results
+_Request = tuple[str, Any, Any]
+
+
+def durable(config: RunnableConfig) -> bool:
+    """Whether a run is checkpointed, read from public configuration: LangGraph refuses a
+    checkpointed run without a ``thread_id``, so its presence stands for "durable". A run given
+    a ``thread_id`` without a checkpointer also runs its branch steps as tasks: slower, still right."""
+    return bool((config.get("configurable") or {}).get("thread_id"))
+
 
 class BranchRunner:
     """The ``branch`` node of both modes: run each child as a branch of its parent.
 
     One ``Send`` carries one child (parallel) or all of a spawn's children
-    (``parallel=False``: they run one after another in this task). A child runs
-    either as a run of the branch graph (``subgraph``: its own checkpoints and
-    stream namespace) or ``inline``: the same node functions called in this task
-    along the same edges (``flow``), with the state's reducers applied by hand.
-    Inline skips the per-branch Pregel supersteps, the plugin's main overhead
-    (docs/benchmarks/overhead.md); what it gives up is resuming a branch halfway.
+    (``parallel=False``: they run one after another in this task). A child runs the
+    mode's own nodes along the graph's own edges (``flow``, the table ``compile_agent``
+    builds the graph from), each update folded in with ``APRState``'s reducers; a
+    nested spawn's children run concurrently. One path, two drivers of it:
+
+    - without a checkpointer the nodes are called directly, in this task;
+    - with one (``durable``), each step and each nested spawn is a LangGraph task
+      (``langgraph.func.task``, which LangGraph allows inside a graph node): its result is
+      saved as it completes, so after a crash the ``branch`` node runs again, finished
+      steps return their saved results (no model or tool call) and the branch goes on
+      from its last completed step. A nested child is a task of its own, so the identity
+      of the steps inside it does not depend on how concurrent children interleave.
     """
 
-    branch_graph: CompiledStateGraph | None = None
     config: APRConfig
     #: node name -> next node, or (route function, its possible targets); filled by compile_agent
     flow: dict[str, Any]
+    #: the branch's nodes as the graph runs them (growing fields as deltas); filled by compile_agent
     nodes: dict[str, Callable[[Any, RunnableConfig], Coroutine[Any, Any, dict[str, Any]]]]
 
     def _new_context(self, **spec: Any) -> dict[str, Any]:
         raise NotImplementedError
 
     def _start_branch(self, spawn: dict[str, Any]) -> dict[str, Any]:
-        """``prepare`` for a graph run a parent started as one of its branches.
+        """The setup of a branch a parent started, in the branch's first ``generate`` step.
 
-        Only the internal branch graph reads a spawn spec, and only the ``branch`` node writes
-        one (the root graph's input is ``messages`` only), so no caller can choose a depth,
-        deadline, run id or prompt. The spec is still checked, so a bug names itself.
+        Only the ``branch`` node writes a spawn spec (the root graph's input is ``messages``
+        only), so no caller can choose a depth, deadline, run id or prompt. The spec is still
+        checked, so a bug names itself.
         """
         missing = sorted(_SPAWN_KEYS - spawn.keys())
         if missing or not isinstance(spawn.get("depth"), int) or spawn["depth"] < 1:
@@ -120,44 +141,83 @@ class BranchRunner:
     def _limit(ctx: dict[str, Any], limit: str, detail: str) -> dict[str, Any]:
         return {"ctx": ctx["id"], "limit": limit, "detail": detail}
 
-    def _inline(self, config: RunnableConfig) -> bool:
-        mode = self.config.branch_runs
-        if mode == "auto":
-            # A checkpointed run always carries a thread_id (LangGraph refuses one without), so
-            # its presence, public configuration, stands for "durable": subgraph branches. A run
-            # given a thread_id without a checkpointer also gets subgraphs: slower, still right.
-            return not (config.get("configurable") or {}).get("thread_id")
-        return mode == "inline"
-
-    async def branch(self, payload: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
-        assert self.branch_graph is not None
-        run = self._run_inline if self._inline(config) else self.branch_graph.ainvoke
-        return self._collect([(await run(inp, config), index) for inp, index in _inputs(payload)])
-
-    def branch_sync(self, payload: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
-        assert self.branch_graph is not None
-        if self._inline(config):
-            return run_sync(self.branch(payload, config))
-        return self._collect([(self.branch_graph.invoke(inp, config), index) for inp, index in _inputs(payload)])
-
-    async def _run_inline(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
-        """One branch: the graph's nodes along its edges, in this task; nested spawns run concurrently."""
-        state = {"messages": [], "apr_trace": {}, "apr_branch_results": [], **state}
-        state["apr_spawn_input"] = state.get("apr_spawn_input")
-        node = "generate"  # where the branch graph starts too: a branch sets itself up there
+    # -- the one branch loop ---------------------------------------------------
+    def _steps(self, spec: dict[str, Any]) -> Generator[_Request, Any, dict[str, Any]]:
+        """One branch, as requests to a driver: ``("node", name, state)`` gets that node's update,
+        ``("spawn", payloads, None)`` the ``branch`` updates of a nested spawn's ``Send``s."""
+        state: dict[str, Any] = {"messages": [], "apr_trace": {}, "apr_branch_results": [], "apr_spawn_input": spec}
+        node = "generate"  # a branch sets itself up in its first generate step
         while node != END:
-            _apply(state, await self.nodes[node](state, config))
+            apply_update(state, (yield ("node", node, state)))
             emit({"apr": "step", "ctx": state["apr"]["id"], "node": node})
             nxt = self.flow[node]
             if isinstance(nxt, tuple):
                 nxt = nxt[0](state)
-            if isinstance(nxt, list):  # Sends to the branch node: one task each, like a superstep
-                for update in await gather_or_cancel([self.branch(send.arg, config) for send in nxt]):
-                    _apply(state, update)
+            if isinstance(nxt, list):  # Sends to the branch node: concurrent, like one superstep
+                for update in (yield ("spawn", [send.arg for send in nxt], None)):
+                    apply_update(state, update)
                 emit({"apr": "step", "ctx": state["apr"]["id"], "node": "branch"})
                 nxt = self.flow["branch"]
             node = nxt
         return state
+
+    async def run_branch(self, spec: dict[str, Any], config: RunnableConfig, *, tasks: bool) -> dict[str, Any]:
+        """Drive one branch to its end on the event loop; its final state."""
+        steps, reply = self._steps(spec), None
+        while True:
+            try:
+                kind, what, state = steps.send(reply)
+            except StopIteration as done:
+                return done.value
+            if kind == "node":
+                reply = await (self._step_task(what, state) if tasks else self.nodes[what](state, config))
+            else:
+                reply = await gather_or_cancel(
+                    [self._branch_task(p) if tasks else self.branch(p, config) for p in what])
+
+    def _run_branch_sync(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """The same loop driven from a sync run's worker thread, its steps as sync tasks."""
+        steps, reply = self._steps(spec), None
+        while True:
+            try:
+                kind, what, state = steps.send(reply)
+            except StopIteration as done:
+                return done.value
+            if kind == "node":
+                reply = self._step_task_sync(what, state).result()
+            else:
+                reply = [f.result() for f in [self._branch_task_sync(p) for p in what]]
+
+    # the tasks a durable branch runs its steps and nested children as
+    async def _step(self, node: str, state: dict[str, Any]) -> dict[str, Any]:
+        return await self.nodes[node](state, get_config())
+
+    def _step_sync(self, node: str, state: dict[str, Any]) -> dict[str, Any]:
+        return run_sync(self.nodes[node](state, get_config()))
+
+    def make_tasks(self) -> None:
+        """The LangGraph tasks of the durable driver (named so ``updates`` streams tell them apart)."""
+        step, nested = BRANCH_TASKS
+        self._step_task = task(self._step, name=step)
+        self._branch_task = task(self._nested, name=nested)
+        self._step_task_sync = task(self._step_sync, name=step)
+        self._branch_task_sync = task(self._nested_sync, name=nested)
+
+    async def _nested(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return await self.branch(payload, get_config())
+
+    def _nested_sync(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return self.branch_sync(payload, get_config())
+
+    async def branch(self, payload: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
+        tasks = durable(config)
+        return self._collect([(await self.run_branch(spec, config, tasks=tasks), index)
+                              for spec, index in _children(payload)])
+
+    def branch_sync(self, payload: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
+        if not durable(config):
+            return run_sync(self.branch(payload, config))
+        return self._collect([(self._run_branch_sync(spec), index) for spec, index in _children(payload)])
 
     @staticmethod
     def _collect(outs: list[tuple[dict[str, Any], int]]) -> dict[str, Any]:
@@ -200,19 +260,18 @@ def _fold(traces: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _inputs(payload: dict[str, Any]) -> list[tuple[dict[str, Any], int]]:
-    """Each child of a ``Send`` payload as a branch-graph input, with its outline index."""
+def _children(payload: dict[str, Any]) -> list[tuple[dict[str, Any], int]]:
+    """Each child spec of a ``Send`` payload, with its outline index."""
     out = []
     for child in payload["children"]:
         child = dict(child)
-        index = child.pop("index")
-        out.append(({"apr_spawn_input": child, "messages": []}, index))
+        out.append((child, child.pop("index")))
     return out
 
 
-async def gather_or_cancel(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
+async def gather_or_cancel(aws: Sequence[Awaitable[T]]) -> list[T]:
     """All results, or the first error with the others cancelled (as a failing superstep does)."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
+    tasks = [asyncio.ensure_future(c) for c in aws]
     try:
         return list(await asyncio.gather(*tasks))
     except BaseException:

@@ -3,7 +3,7 @@
 By default (ThreadWeaver's ``spawn_at="outlines"``) a context stops at the spawn point, after
 its last outline, and every branch starts then, each as a ``Send``. With ``spawn_at="outline"``
 the text mode also stops at each ``</Outline>``: the branch of that outline starts at once, as
-an asyncio task running the branch graph's nodes inline, while the parent's model writes the
+an asyncio task running the branch's steps (``BranchRunner.run_branch``), while the parent's model writes the
 next outline. At the spawn point the parent waits for all of them, merges their threads in
 outline order (as the ``merge`` node would) and goes on, all in the same ``generate`` step.
 
@@ -11,8 +11,8 @@ What a branch sees differs from the default: its prompt is the parent's text up 
 including *its own* outline, then ``\\n<Thread>i:`` (the later outlines do not exist yet).
 What the merge writes is the same: the spawn point, then each thread in outline order. The
 limits hold as they do by default (``max_threads`` per spawn, ``max_total_threads`` per run,
-deadlines, ``max_depth``). A branch started eagerly runs inline in the parent's step, so a
-crash re-runs the spawn's branches on resume (they have no checkpoints of their own).
+deadlines, ``max_depth``). A branch started eagerly runs within the parent's step, its steps
+called directly (not as tasks), so a crash re-runs the spawn's branches on resume.
 
 Usage::
 
@@ -69,7 +69,7 @@ class EagerSpawn:
                                     "\n" + agent.dialect.branch_suffix(label))
             spec.pop("index")
             emit({"apr": "spawn", "ctx": ctx["id"], "outlines": [[label, text]], "eager": True})
-            task = asyncio.ensure_future(agent._run_inline({"apr_spawn_input": spec, "messages": []}, self.config))
+            task = asyncio.ensure_future(agent.run_branch(spec, self.config, tasks=False))
             self.started.append((index, task))
 
     async def finish(self) -> tuple[list[str], dict[str, Any]] | None:

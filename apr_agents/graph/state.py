@@ -1,13 +1,10 @@
 """Graph state: LangGraph's ``messages`` plus the APR keys, each with its reducer.
 
-Three schemas, so that what a caller may write is exactly what it should:
+Two schemas, so that what a caller may write is exactly what it should:
 
 - ``APRInput`` (the root graph's public input): ``messages`` only. Any other key a
   caller sends (``apr``, ``apr_spawn_input``, ...) is ignored by LangGraph's input
   mapping, so no limit, deadline, depth or run id can be chosen from outside.
-- ``BranchInput``: the input of the internal branch graph, which only the ``branch``
-  node starts (with the child spec the parent planned). It is not reachable from a
-  public invocation or from a LangGraph server.
 - ``APROutput``: ``messages``, ``apr_trace`` and ``apr`` (the finished context).
 
 Resets use LangGraph's ``Overwrite`` (a node returns ``{"apr_trace": Overwrite({...})}``).
@@ -23,12 +20,13 @@ Usage::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 from langchain_core.messages import AnyMessage
 from langgraph.channels import DeltaChannel
 from langgraph.graph.message import add_messages
+from langgraph.types import Overwrite
 from typing_extensions import TypedDict
 
 from ..runtime.trace import merge_traces
@@ -82,7 +80,7 @@ class APRState(TypedDict, total=False):
     apr_text: TextChannel  # text mode: that context's text (checkpointed as deltas)
     apr_prompt: PromptChannel  # text mode: the prompt the context continues (stored once per context)
     apr_msgs: MessagesChannel  # tool-call mode: that context's messages (checkpointed as deltas)
-    apr_spawn_input: dict[str, Any] | None  # branch graph only: the child spec its parent planned
+    apr_spawn_input: dict[str, Any] | None  # a branch's first step only: the child spec its parent planned
     apr_branch_results: Annotated[list[dict[str, Any]], collect_results]
 
 
@@ -92,16 +90,32 @@ class APRInput(TypedDict, total=False):
     messages: Annotated[list[AnyMessage], add_messages]
 
 
-class BranchInput(TypedDict, total=False):
-    """The internal branch graph's input (written only by the ``branch`` node)."""
-
-    messages: Annotated[list[AnyMessage], add_messages]
-    apr_spawn_input: dict[str, Any] | None
-
-
 class APROutput(TypedDict, total=False):
     messages: Annotated[list[AnyMessage], add_messages]
     apr_trace: TraceChannel
     apr: dict[str, Any]
     apr_text: TextChannel
     apr_msgs: MessagesChannel
+
+
+#: each channel's reducer as one update folds into a plain dict (a branch's state in
+#: ``core.BranchRunner``); a key not here is a last-value channel
+REDUCERS: dict[str, Callable[[Any, Any], Any]] = {
+    "messages": add_messages,
+    "apr_trace": lambda old, new: merge_traces(old or {}, new),
+    "apr_text": lambda old, new: append_text(old or "", [new]),
+    "apr_msgs": lambda old, new: append_items(old or [], [new]),
+    "apr_prompt": lambda old, new: last_value(old, [new]),
+    "apr_branch_results": collect_results,
+}
+
+
+def apply_update(state: dict[str, Any], update: dict[str, Any]) -> None:
+    """A node's update folded into ``state`` the way ``APRState``'s channels fold it."""
+    for key, value in update.items():
+        if isinstance(value, Overwrite):
+            state[key] = value.value
+        elif (reducer := REDUCERS.get(key)) is not None:
+            state[key] = reducer(state.get(key), value)
+        else:
+            state[key] = value

@@ -2,10 +2,11 @@
 
 The runtime writes its own events to LangGraph's ``custom`` stream (through
 ``get_stream_writer``). Every event names its context (``"ctx"``: ``"root"``,
-``"root/1.2"``, ``"root/1.2/1.1"``); when branches run as subgraphs
-(``APRConfig.branch_runs``), with ``subgraphs=True`` each event also arrives
-with the namespace of the branch that wrote it. See docs/streaming.md for
-every shape.
+``"root/1.2"``, ``"root/1.2/1.1"``): a consumer tells the branches apart by it,
+with or without ``subgraphs=True``. In a checkpointed run each branch step is a
+LangGraph task, whose result the ``updates`` stream also reports (as ``apr_step``
+or ``apr_branch``); ``stream_events`` reports those steps once, as ``step`` events.
+See docs/streaming.md for every shape.
 
 ``stream_events`` is what the CLI's live tree consumes.
 """
@@ -15,6 +16,8 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+
+from .core import BRANCH_TASKS
 
 APR_EVENTS = ("branch_start", "token", "tool_start", "tool_end", "spawn", "merge", "branch_end", "step")
 
@@ -64,12 +67,14 @@ async def stream_events(
             if not (isinstance(chunk, dict) and chunk.get("apr") in APR_EVENTS):
                 continue  # another node's custom event (a user graph around the agent)
             if chunk["apr"] == "step" and not steps:
-                continue  # an inline branch's node finished (subgraph branches report it as updates)
+                continue  # a branch's node finished
             if chunk["apr"] == "branch_start":
                 ns_ctx[key] = chunk["ctx"]
             yield {**chunk, "ns": key, "t": now}
         elif mode == "updates":
             for node, update in (chunk or {}).items():
+                if node in BRANCH_TASKS:
+                    continue  # a branch step's task: its own ``step`` event reports it
                 ctx = (update or {}).get("apr", {}).get("id") if isinstance(update, dict) else None
                 yield {"apr": "step", "ctx": ctx or _ctx_of(ns_ctx, key), "node": node, "ns": key, "t": now}
         elif mode == "values" and not ns:

@@ -2,7 +2,7 @@
 
 from .dialects import APR, CANONICAL, DIALECTS, MULTIVERSE, Dialect, get_dialect, neutralize
 from .document import BlockNode, Document, ThreadNode, parse_document
-from .parser import (
+from .events import (
     BranchEnd,
     Event,
     Outline,
@@ -10,15 +10,13 @@ from .parser import (
     ParallelOpen,
     Repair,
     Spawn,
-    StreamParser,
     Text,
     ThreadClose,
     ThreadOpen,
     ToolCall,
     ToolResponse,
-    parse_events,
-    parse_tool_call,
 )
+from .parser import StreamParser, parse_events, parse_tool_call
 
 __all__ = [
     "APR", "CANONICAL", "DIALECTS", "MULTIVERSE", "BlockNode", "BranchEnd", "Dialect", "Document",

@@ -3,7 +3,15 @@
 It never raises on bad text. Malformed, unclosed, duplicated or mis-numbered
 blocks become events plus ``Repair`` records. Text between markers is emitted
 as one ``Text`` event, so the event list does not depend on how the input was
-chunked (a property the fuzz tests check).
+chunked (a property the fuzz tests check). The events are in ``events.py``.
+
+Usage::
+
+    parser = StreamParser("canonical")
+    for piece in model_stream:
+        for ev in parser.feed(piece):
+            ...
+    events = parser.close()
 """
 
 from __future__ import annotations
@@ -13,7 +21,6 @@ import re
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
 
 from .dialects import (
     APR,
@@ -24,83 +31,22 @@ from .dialects import (
     Dialect,
     get_dialect,
 )
+from .events import (
+    BranchEnd,
+    Event,
+    Outline,
+    ParallelClose,
+    ParallelOpen,
+    Repair,
+    Spawn,
+    Text,
+    ThreadClose,
+    ThreadOpen,
+    ToolCall,
+    ToolResponse,
+)
 
 _LABEL_RE = re.compile(r"^\s*([0-9]{1,9}(?:\.[0-9]{1,9})*)\s*[:.)]?\s?", re.DOTALL)
-
-
-@dataclass(frozen=True)
-class Text:
-    text: str
-    depth: int
-
-
-@dataclass(frozen=True)
-class ParallelOpen:
-    depth: int
-
-
-@dataclass(frozen=True)
-class Outline:
-    label: str  # unique within its spawn (repaired if the model duplicated or omitted it)
-    text: str
-    written_label: str | None = None
-
-
-@dataclass(frozen=True)
-class Spawn:
-    outlines: tuple[Outline, ...]
-    depth: int
-
-
-@dataclass(frozen=True)
-class ThreadOpen:
-    depth: int
-
-
-@dataclass(frozen=True)
-class ThreadClose:
-    label: str | None
-    text: str
-    depth: int
-    truncated: bool = False
-
-
-@dataclass(frozen=True)
-class BranchEnd:
-    """A thread-close marker with no thread open here: it ends the enclosing branch."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class ParallelClose:
-    depth: int
-    threads: int
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    name: str
-    arguments: dict[str, Any]
-    raw: str
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class ToolResponse:
-    text: str
-
-
-@dataclass(frozen=True)
-class Repair:
-    kind: str
-    detail: str
-
-
-Event = (
-    Text | ParallelOpen | Outline | Spawn | ThreadOpen | ThreadClose | BranchEnd
-    | ParallelClose | ToolCall | ToolResponse | Repair
-)
 
 
 def split_label(text: str) -> tuple[str | None, str]:

@@ -232,7 +232,7 @@ async def run_in_process(runs: int = 100, *, concurrency: int | None = None, see
                          timeout_s: float = 300.0) -> dict[str, Any]:
     """The same runs on the same graph (``graph_from_env`` with the load-test settings), in this
     process with no server: what the HTTP server, its queue and its store add is the difference.
-    ``checkpointer``: ``none`` (branches run inline) or ``memory`` (``InMemorySaver``: subgraph branches)."""
+    ``checkpointer``: ``none`` or ``memory`` (``InMemorySaver``: each branch step a LangGraph task)."""
     from langchain_core.messages import HumanMessage
     from langgraph.checkpoint.memory import InMemorySaver
 

@@ -23,6 +23,7 @@ from typing import Annotated, Any, TypedDict
 from langchain_core.messages import HumanMessage
 from langchain_core.tools import BaseTool, tool
 from langchain_core.utils.function_calling import convert_to_openai_tool
+from langgraph.func import task
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Send
 
@@ -34,8 +35,7 @@ from apr_agents.testing.scripted import ScriptedBackend
 from .common import Bar, SuiteResult, finite_pos, md_table, median, new_figure, save_figure
 
 QUESTION = "Run the task on every item."
-VARIANTS = [("plugin", "plugin (inline branches)"), ("plugin_subgraph", "plugin (subgraph branches)"),
-            ("langgraph", "plain LangGraph"), ("gather", "asyncio.gather")]  # result key, label
+VARIANTS = [("plugin", "plugin"), ("langgraph", "plain LangGraph"), ("gather", "asyncio.gather")]  # key, label
 _OUTLINE_RE = re.compile(r"<Outline>\s*([0-9.]+)\s*:")
 
 
@@ -72,18 +72,19 @@ class _Work:
         text = c.text + (c.stop or "") + self.d.spawn_suffix()
         return text, _OUTLINE_RE.findall(text)
 
-    async def branch(self, prefix: str, label: str) -> str:
+    async def branch(self, prefix: str, label: str, steps_as_tasks: bool = False) -> str:
+        """One branch: model, tool, model. ``steps_as_tasks``: each call a LangGraph ``@task``
+        (what a plain graph does for per-step durability inside a node)."""
+        model, tool_call = (_model_task, _tool_task) if steps_as_tasks else (_model_call, _tool_call)
         prompt, text = prefix + self.d.branch_suffix(label), ""
         while True:
-            c = await self.backend.complete(prompt + text, stop=self.d.stops(branch=True, can_spawn=False),
-                                            max_tokens=2048)
-            text += c.text
-            if c.stop != TOOL_CALL_CLOSE:
+            text_, stop = await model(self, prompt + text)
+            text += text_
+            if stop != TOOL_CALL_CLOSE:
                 return text
-            text += c.stop
-            body = c.text.split(TOOL_CALL_OPEN, 1)[1]
-            call = json.loads(body)
-            out = await self.tools[call["name"]].ainvoke(call["arguments"])
+            text += stop
+            call = json.loads(text_.split(TOOL_CALL_OPEN, 1)[1])
+            out = await tool_call(self, call["name"], call["arguments"])
             text += f"\n<tool_response>{out}</tool_response>\n"
 
     async def root_last(self, prompt: str, text: str, threads: list[tuple[str, str]]) -> str:
@@ -91,6 +92,19 @@ class _Work:
         c = await self.backend.complete(prompt + text, stop=self.d.stops(branch=False, can_spawn=False),
                                         max_tokens=2048)
         return text + c.text
+
+
+async def _model_call(work: _Work, prompt: str) -> tuple[str, str | None]:
+    c = await work.backend.complete(prompt, stop=work.d.stops(branch=True, can_spawn=False), max_tokens=2048)
+    return c.text, c.stop
+
+
+async def _tool_call(work: _Work, name: str, args: dict[str, Any]) -> Any:
+    return await work.tools[name].ainvoke(args)
+
+
+_model_task = task(_model_call, name="model")
+_tool_task = task(_tool_call, name="tool")
 
 
 class _FanState(TypedDict, total=False):
@@ -101,8 +115,11 @@ class _FanState(TypedDict, total=False):
     transcript: str
 
 
-def plain_langgraph(work: _Work, checkpointer: Any = None) -> Any:
-    """A hand-written LangGraph graph: root node, ``Send`` per outline, reducer, merge node."""
+def plain_langgraph(work: _Work, checkpointer: Any = None, steps_as_tasks: bool = False) -> Any:
+    """A hand-written LangGraph graph: root node, ``Send`` per outline, reducer, merge node.
+
+    ``steps_as_tasks``: each branch's model and tool calls are ``@task``s, so a crash resumes a
+    branch from its last completed call (the durability the plugin gives a checkpointed run)."""
 
     async def root(state: _FanState) -> dict[str, Any]:
         prompt = work.root_prompt()
@@ -114,7 +131,7 @@ def plain_langgraph(work: _Work, checkpointer: Any = None) -> Any:
         return [Send("branch", {"prefix": prefix, "label": lbl, "index": i}) for i, lbl in enumerate(state["labels"])]
 
     async def branch(payload: dict[str, Any]) -> dict[str, Any]:
-        text = await work.branch(payload["prefix"], payload["label"])
+        text = await work.branch(payload["prefix"], payload["label"], steps_as_tasks)
         return {"results": [(payload["index"], payload["label"], text)]}
 
     async def merge(state: _FanState) -> dict[str, Any]:
@@ -141,11 +158,10 @@ async def bare_gather(work: _Work) -> str:
 
 # -- with a checkpointer -----------------------------------------------------------
 async def _measure_checkpointed(k: int, reps: int, bar: Bar | None) -> dict[str, Any] | None:
-    """ms per run with an ``AsyncSqliteSaver`` on a temp file: inline and subgraph branches, and the
-    plain LangGraph ``Send`` graph with the same saver.
-
-    What a durable run pays per step: every superstep writes a checkpoint, and a subgraph
-    branch has its own. None when the ``sqlite`` extra is not installed.
+    """ms per run with an ``AsyncSqliteSaver`` on a temp file: the plugin (each branch step a
+    LangGraph task, saved as it completes), the plain LangGraph ``Send`` graph with the same saver
+    (a branch is one node: a crash reruns it whole), and the plain graph with each branch call a
+    ``@task`` (the plugin's durability, written by hand). None without the ``sqlite`` extra.
     """
     try:
         from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
@@ -155,24 +171,26 @@ async def _measure_checkpointed(k: int, reps: int, bar: Bar | None) -> dict[str,
     inp = {"messages": [HumanMessage(QUESTION)]}
     with tempfile.TemporaryDirectory() as tmp:
         async with AsyncSqliteSaver.from_conn_string(str(Path(tmp) / "bench.sqlite")) as saver:
-            graphs = {mode: create_apr_agent(ScriptedBackend(script(k)), [noop],
-                                             cfg.model_copy(update={"branch_runs": mode}), checkpointer=saver)
-                      for mode in ("inline", "subgraph")}
-            graphs["langgraph"] = plain_langgraph(_Work(ScriptedBackend(script(k)), [noop]), checkpointer=saver)
+            graphs = {
+                "plugin": create_apr_agent(ScriptedBackend(script(k)), [noop], cfg, checkpointer=saver),
+                "langgraph": plain_langgraph(_Work(ScriptedBackend(script(k)), [noop]), checkpointer=saver),
+                "langgraph_tasks": plain_langgraph(_Work(ScriptedBackend(script(k)), [noop]), checkpointer=saver,
+                                                   steps_as_tasks=True),
+            }
             times: dict[str, list[float]] = {mode: [] for mode in graphs}
             for rep in range(reps + 1):  # the first round warms up
                 for mode, graph in graphs.items():
                     t0 = time.perf_counter()
-                    await graph.ainvoke(inp if mode != "langgraph" else {},
+                    await graph.ainvoke(inp if mode == "plugin" else {},
                                         {"configurable": {"thread_id": f"{mode}-{rep}"}})
                     if rep:
                         times[mode].append(time.perf_counter() - t0)
                 if bar and rep:
                     bar.step(f"K={k}, SQLite")
     ms = {mode: median(v) * 1000 for mode, v in times.items()}
-    return {"k": k, "reps": reps, "ms_median": ms, "subgraph_vs_inline": ms["subgraph"] / ms["inline"],
-            "inline_vs_langgraph": ms["inline"] / ms["langgraph"],
-            "subgraph_vs_langgraph": ms["subgraph"] / ms["langgraph"]}
+    return {"k": k, "reps": reps, "ms_median": ms, "plugin_vs_langgraph": ms["plugin"] / ms["langgraph"],
+            "plugin_vs_langgraph_tasks": ms["plugin"] / ms["langgraph_tasks"],
+            "tasks_vs_langgraph": ms["langgraph_tasks"] / ms["langgraph"]}
 
 
 # -- the suite -------------------------------------------------------------------
@@ -186,19 +204,13 @@ async def _measure(k: int, reps: int, bar: Bar | None) -> dict[str, Any]:
                     tool_concurrency=max(16, k))
     sc = script(k)
     b_plugin, b_plain, b_gather = ScriptedBackend(sc), ScriptedBackend(sc), ScriptedBackend(sc)
-    b_sub = ScriptedBackend(sc)
-    plugin = create_apr_agent(b_plugin, [noop], cfg)  # no checkpointer: branches run inline ("auto")
-    plugin_sub = create_apr_agent(b_sub, [noop], cfg.model_copy(update={"branch_runs": "subgraph"}))
+    plugin = create_apr_agent(b_plugin, [noop], cfg)  # no checkpointer: the branch steps are called directly
     plain = plain_langgraph(_Work(b_plain, [noop]))
     gwork = _Work(b_gather, [noop])
     inp = {"messages": [HumanMessage(QUESTION)]}
 
     async def run_plugin() -> str:
         st = await plugin.ainvoke(inp)
-        return st["apr_trace"]["transcript"]
-
-    async def run_plugin_sub() -> str:
-        st = await plugin_sub.ainvoke(inp)
         return st["apr_trace"]["transcript"]
 
     async def run_plain() -> str:
@@ -208,12 +220,11 @@ async def _measure(k: int, reps: int, bar: Bar | None) -> dict[str, Any]:
     async def run_gather() -> str:
         return await bare_gather(gwork)
 
-    runners = {"plugin": run_plugin, "plugin_subgraph": run_plugin_sub, "langgraph": run_plain,
-               "gather": run_gather}
-    # warm-up, and the honesty check: all four write the same transcript
+    runners = {"plugin": run_plugin, "langgraph": run_plain, "gather": run_gather}
+    # warm-up, and the honesty check: all three write the same transcript
     outs = {name: await fn() for name, fn in runners.items()}
     same = len(set(outs.values())) == 1
-    backends = {"plugin": b_plugin, "plugin_subgraph": b_sub, "langgraph": b_plain, "gather": b_gather}
+    backends = {"plugin": b_plugin, "langgraph": b_plain, "gather": b_gather}
     calls0 = {n: b.calls for n, b in backends.items()}
     times: dict[str, list[float]] = {n: [] for n in runners}
     cpu: dict[str, list[float]] = {n: [] for n in runners}
@@ -234,7 +245,6 @@ async def _measure(k: int, reps: int, bar: Bar | None) -> dict[str, Any]:
         "k": k, "reps": reps, "same_transcript": same, "backend_calls_per_run": per_run_calls,
         "ms_median": ms, "ms_min": {n: min(v) * 1000 for n, v in times.items()},
         "plugin_vs_langgraph": ms["plugin"] / ms["langgraph"],
-        "subgraph_vs_langgraph": ms["plugin_subgraph"] / ms["langgraph"],
         "langgraph_vs_gather": ms["langgraph"] / ms["gather"],
         "plugin_vs_gather": ms["plugin"] / ms["gather"],
     }
@@ -252,47 +262,42 @@ def run(quick: bool = False, ks: tuple[int, ...] = (1, 8, 64), out_dir: Path | N
         durable = [asyncio.run(_measure_checkpointed(k, ck_reps, bar)) for k in ck_ks]
     res.data = {"rows": rows, "ks": list(ks), "checkpointed": durable}
     table = md_table(
-        ["K branches", "reps", "plugin ms", "plugin, subgraph branches ms", "plain LangGraph ms",
-         "asyncio.gather ms", "plugin / LangGraph", "subgraph branches / LangGraph", "LangGraph / gather",
-         "plugin / LangGraph (CPU time)", "backend calls per run", "same transcript"],
-        [[r["k"], r["reps"], r["ms_median"]["plugin"], r["ms_median"]["plugin_subgraph"],
-          r["ms_median"]["langgraph"], r["ms_median"]["gather"], r["plugin_vs_langgraph"],
-          r["subgraph_vs_langgraph"], r["langgraph_vs_gather"], r["plugin_vs_langgraph_cpu"],
+        ["K branches", "reps", "plugin ms", "plain LangGraph ms", "asyncio.gather ms", "plugin / LangGraph",
+         "LangGraph / gather", "plugin / LangGraph (CPU time)", "backend calls per run", "same transcript"],
+        [[r["k"], r["reps"], r["ms_median"]["plugin"], r["ms_median"]["langgraph"], r["ms_median"]["gather"],
+          r["plugin_vs_langgraph"], r["langgraph_vs_gather"], r["plugin_vs_langgraph_cpu"],
           r["backend_calls_per_run"]["plugin"], r["same_transcript"]] for r in rows])
     res.markdown = "\n".join([
         "Median wall time of one whole run (root spawn → K branches, each one zero-latency tool call → merge "
-        "→ answer), FAKE `ScriptedBackend` with zero latency. All four variants make the same 2 + 2K backend "
+        "→ answer), FAKE `ScriptedBackend` with zero latency. All variants make the same 2 + 2K backend "
         "calls with the same prompts and the same K tool calls, and write the same transcript (checked). "
-        "Runs are interleaved so machine noise hits all four alike; the CPU-time "
+        "Runs are interleaved so machine noise hits all variants alike; the CPU-time "
         "column (this process's `process_time`, median) is the same ratio without other processes' load.", "",
-        "- **plugin**: `create_apr_agent` with its defaults and no checkpointer, so `branch_runs='auto'` runs "
-        "each branch inline: the branch graph's nodes called along its edges inside the `branch` node's task.",
-        "- **plugin, subgraph branches**: `branch_runs='subgraph'` (what `auto` picks when the run has a "
-        "checkpointer): each branch is a run of the branch graph, with its own checkpoint namespace.",
+        "- **plugin**: `create_apr_agent` with its defaults and no checkpointer: each branch runs the "
+        "agent's nodes along its edges inside the `branch` node's task (`core.BranchRunner`), the nodes "
+        "called directly.",
         "- **plain LangGraph**: a hand-written `StateGraph`: root node, one `Send` per outline, a list reducer, "
-        "merge node (no limits, no trace, no checkpoints per branch).",
+        "merge node (no limits, no trace).",
         "- **asyncio.gather**: the same calls with no graph at all.", "",
         table, "",
         "**Where the extra time goes.** Split of each variant's median into a cost per run and a cost per "
         "branch (a straight line through its smallest and largest K; approximate, since the backend's own "
         "parse of a branch prompt grows with the number of outlines in it):", "",
         _split_table(rows), "",
-        "A subgraph branch is a whole run of the branch graph inside the `branch` node (generate → tools → "
-        "generate: three Pregel supersteps, each with its own task setup, config, channel writes and "
-        "checkpoint bookkeeping), where the plain graph runs a branch as one node call. An inline branch "
-        "calls the same node functions directly; what it adds per branch is the plugin's own work: its "
-        "context record and trace (folded through the reducer after each node), the limits (semaphores, "
-        "deadline, the tool's timeout task), the incremental parse of its text and the stream events. Per "
+        "What the plugin adds per branch is its own work: the context record and trace (folded through "
+        "`APRState`'s reducers after each step), the limits (semaphores, deadline, the tool's timeout task), "
+        "the incremental parse of its text, the delta split of each step's update, and the stream events. Per "
         "run, the root has two supersteps more than the plain graph (`prepare`, and the answer's `generate` "
         "after `merge`, which the plain graph writes inside its merge node), renders the prompt and computes "
-        "the trace summary. The backend's parsing (the same in all "
-        "variants) is what `asyncio.gather` measures.", "",
+        "the trace summary. The backend's parsing (the same in all variants) is what `asyncio.gather` "
+        "measures.", "",
         "**With a checkpointer.** The same runs with an `AsyncSqliteSaver` on a temp file, median ms per run "
-        "(each run a new thread), branches inline vs as subgraphs (`auto` picks subgraphs when a checkpointer "
-        "is present: a branch cut short by a crash then resumes from its last step instead of its start), "
-        "beside the plain LangGraph graph compiled with the same saver. "
-        "Every superstep writes a checkpoint; a subgraph branch takes three (generate, tools, generate) in "
-        "its own namespace:", "",
+        "(each run a new thread). The plugin runs each branch step (model call and its parse, the step's "
+        "tools, the merge) as a LangGraph task whose result is saved as it completes, so a branch cut short "
+        "by a crash resumes from its last completed step. Beside it: the plain `Send` graph with the same "
+        "saver, whose branch is one node (a crash reruns the branch whole), and the same plain graph with "
+        "each of a branch's model and tool calls a `@task`: the same durability as the plugin's, written by "
+        "hand on LangGraph's public API.", "",
         _durable_table(durable)])
     for r in rows:
         ratio = r["plugin_vs_langgraph"]
@@ -301,9 +306,10 @@ def run(quick: bool = False, ks: tuple[int, ...] = (1, 8, 64), out_dir: Path | N
                  f"CPU-time ratio {r['plugin_vs_langgraph_cpu']:.2f}")
     for r in durable:
         if r is not None:
-            ratio = r["subgraph_vs_langgraph"]
+            ratio = r["plugin_vs_langgraph"]
             res.goal(f"durable plugin ≤ 1.3× plain LangGraph, same checkpointer (K={r['k']})", ratio, "≤ 1.30",
-                     ratio <= 1.3 if finite_pos(ratio) else None, f"inline branches {r['inline_vs_langgraph']:.2f}x")
+                     ratio <= 1.3 if finite_pos(ratio) else None,
+                     f"{r['plugin_vs_langgraph_tasks']:.2f}x the plain graph with per-step @tasks")
     if out_dir is not None:
         res.plot = _plot(rows, out_dir / f"overhead{'-quick' if quick else ''}.png")
     res.seconds = time.perf_counter() - t0
@@ -313,11 +319,11 @@ def run(quick: bool = False, ks: tuple[int, ...] = (1, 8, 64), out_dir: Path | N
 def _durable_table(rows: list[dict[str, Any] | None]) -> str:
     if any(r is None for r in rows):
         return "_skipped: the `sqlite` extra (langgraph-checkpoint-sqlite, aiosqlite) is not installed_"
-    return md_table(["K branches", "reps", "plain LangGraph ms", "inline branches ms", "subgraph branches ms",
-                     "inline / LangGraph", "subgraph / LangGraph", "subgraph / inline"],
-                    [[r["k"], r["reps"], r["ms_median"]["langgraph"], r["ms_median"]["inline"],
-                      r["ms_median"]["subgraph"], r["inline_vs_langgraph"], r["subgraph_vs_langgraph"],
-                      r["subgraph_vs_inline"]] for r in rows if r is not None])
+    return md_table(["K branches", "reps", "plain LangGraph ms", "plain, per-step @tasks ms", "plugin ms",
+                     "plugin / LangGraph", "plugin / per-step @tasks", "per-step @tasks / LangGraph"],
+                    [[r["k"], r["reps"], r["ms_median"]["langgraph"], r["ms_median"]["langgraph_tasks"],
+                      r["ms_median"]["plugin"], r["plugin_vs_langgraph"], r["plugin_vs_langgraph_tasks"],
+                      r["tasks_vs_langgraph"]] for r in rows if r is not None])
 
 
 def _split_table(rows: list[dict[str, Any]]) -> str:
@@ -341,7 +347,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> str | None:
     x = range(len(rows))
     w = 0.2
     for j, (key, label) in enumerate(VARIANTS):
-        ax.bar([i + (j - 1.5) * w for i in x], [r["ms_median"][key] for r in rows], w, label=label)
+        ax.bar([i + (j - 1) * w for i in x], [r["ms_median"][key] for r in rows], w, label=label)
     ax.set_xticks(list(x), [f"K={r['k']}" for r in rows])
     ax.set_yscale("log")
     ax.set_ylabel("ms per run (median, log)")

