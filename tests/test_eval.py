@@ -110,6 +110,8 @@ def test_jsonl_round_trip_and_user_files(tmp_path: Path, questions: list[Questio
     ("0.0669 billion", True),
     ("The answer is 66.9.", True),
     ("Together they have 70 million people.", False),
+    ("Together they have 66900000 million people.", False),  # a count with a multiplier claims 66.9 trillion
+    ("66,900 thousand people", True),
     ("I could not find it.", False),
     ("", False),
 ])
@@ -301,3 +303,27 @@ def test_apr_eval_subcommand_dumps_questions(tmp_path: Path) -> None:
     out = tmp_path / "q.jsonl"
     assert apr_main(["eval", "--backend", "scripted", "--limit", "3", "--dump-questions", str(out)]) == 0
     assert len(load_jsonl(out)) == 3
+
+
+def test_regrade_grades_stored_answers_again_and_rewrites_the_tables(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """``apr eval --regrade``: the stored answers are kept, only ``correct`` and the tables change."""
+    spec = {"kind": "number", "value": 35.509, "rel_tol": 0.02, "scale": 1e6}
+    base = {"type": "population_sum", "parts": 3, "wall_s": 10.0, "total_tokens": 10, "critical_path_tokens": 10,
+            "prompt_tokens": 10, "llm_calls": 2, "tool_calls": 1, "branches": 3, "spawned": True, "end": "eos",
+            "timed_out": False, "skipped": False, "error": None, "extra": {}}
+    runs = [{**base, "question_id": "q1", "method": "apr", "correct": True,
+             "answer": "The combined population is 35508984 million."},  # graded right by the old grader
+            {**base, "question_id": "q1", "method": "react", "correct": False, "answer": "About 35.5 million."}]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"meta": {"methods": ["apr", "react"]}, "runs": runs, "report": {},
+                                "question_set": [{"id": "q1", "grading": spec}]}))
+    (tmp_path / "r.md").write_text("`apr eval ...`: the run's header.\n\nold tables\n")
+    assert eval_main(["--regrade", str(path)]) == 0
+    assert "2 of 2 runs graded differently" in capsys.readouterr().out
+    out = json.loads(path.read_text())
+    assert [(r["method"], r["correct"]) for r in out["runs"]] == [("apr", False), ("react", True)]
+    assert [r["answer"] for r in out["runs"]] == [r["answer"] for r in runs]
+    assert out["report"]["methods"]["react"]["correct"] == 1 and "regraded_utc" in out["meta"]
+    md = (tmp_path / "r.md").read_text()
+    assert md.startswith("`apr eval ...`: the run's header.") and "Re-graded" in md and "old tables" not in md

@@ -6,6 +6,7 @@ Examples::
     apr eval --backend embedded --model qwen2.5-coder-1.5b-instruct --out docs/eval --name full
     apr eval --backend scripted --methods apr,react    # the FAKE oracle: checks the harness only
     apr eval --questions mine.jsonl --tools mypkg.tools:TOOLS --methods apr,apr-seq
+    apr eval --regrade docs/eval/quick-embedded.json   # grade stored answers again (no model)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .grading import grade
 from .methods import EVAL_SYSTEM, METHODS, AgentSettings, RunResult
 from .questions import generate, load_jsonl, save_jsonl, stratified
 from .report import markdown, plot, summarize
@@ -76,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="result file name (default: quick or full, with the backend)")
     p.add_argument("--doc", help="also write the tables into this markdown file between eval:NAME markers")
     p.add_argument("--plot", action="store_true", help="also write NAME.png (matplotlib)")
+    p.add_argument("--regrade", metavar="RESULTS",
+                   help="grade the answers stored in NAME.json (or NAME.runs.jsonl, with the questions of "
+                        "--questions/--seed) again with the current grader, rewrite it and its tables; no model")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -123,7 +128,50 @@ def update_doc(path: Path, name: str, text: str) -> None:
     path.write_text(new, encoding="utf-8")
 
 
+def regrade(args: argparse.Namespace) -> int:
+    """Grade stored answers again: the model's outputs are kept, only ``correct`` can change."""
+    path = Path(args.regrade)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        payload: dict[str, Any] = {"runs": [json.loads(line) for line in text.splitlines() if line.strip()]}
+        specs = {q.id: q.grading for q in (load_jsonl(args.questions) if args.questions else generate(args.seed))}
+    else:
+        payload = json.loads(text)
+        specs = {q["id"]: q["grading"] for q in payload["question_set"]}
+    changed = []
+    for r in payload["runs"]:
+        spec = specs.get(r["question_id"])
+        if spec is None:
+            raise LookupError(f"no question {r['question_id']!r} to grade against (pass --questions or --seed)")
+        if r.get("skipped") or r.get("error"):
+            continue
+        ok = grade(r.get("answer"), spec)
+        if ok != r["correct"]:
+            changed.append(r)
+            print(f"{r['method']:<9} {r['question_id']} {r['correct']} -> {ok}: {str(r.get('answer'))[:90]!r}")
+        r["correct"] = ok
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r, default=str) + "\n" for r in payload["runs"]), encoding="utf-8")
+        methods = list(dict.fromkeys(r["method"] for r in payload["runs"]))
+        table = markdown(summarize(payload["runs"], methods))
+    else:
+        payload["report"] = summarize(payload["runs"], payload["meta"]["methods"])
+        payload["meta"]["regraded_utc"] = stamp
+        path.write_text(json.dumps(payload, indent=1, default=str) + "\n", encoding="utf-8")
+        table = markdown(payload["report"])
+        md = path.with_suffix(".md")
+        if md.is_file():
+            head = md.read_text(encoding="utf-8").split("\n\n", 1)[0]
+            md.write_text(f"{head}\n\nRe-graded {stamp} with the current grader ({len(changed)} of "
+                          f"{len(payload['runs'])} runs changed).\n\n{table}", encoding="utf-8")
+    print(f"{len(changed)} of {len(payload['runs'])} runs graded differently; {path} rewritten\n\n{table}")
+    return 0
+
+
 async def amain(args: argparse.Namespace) -> int:
+    if args.regrade:
+        return regrade(args)
     methods = _methods(args)
     questions = _questions(args)
     if args.dump_questions:

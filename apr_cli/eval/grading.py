@@ -4,7 +4,9 @@
   ``value``. ``value`` is in units of ``scale`` (1e6 for "in millions"): a number
   followed by a multiplier word (thousand, million, billion, k, M, bn) is
   converted ("66.9 million" and "66,900,000" both match 66.9 at scale 1e6), and
-  a bare number is read both as written and as a count divided by ``scale``.
+  a bare number is read both as written and as a count divided by ``scale``. A
+  number with a multiplier word is read only as written: "66,900,000 million"
+  claims 66.9 trillion and does not match.
 - ``numbers``: every value must be matched that way.
 - ``name``: the answer or an alias appears as a whole word, case- and accent-insensitively.
 - ``choice``: the option the answer picks is the right one. The pick is read
@@ -66,7 +68,7 @@ def _close(x: float, target: float, rel_tol: float) -> bool:
 
 def number_found(text: str, value: float, *, rel_tol: float = 0.02, scale: float = 1.0) -> bool:
     for n, mult in numbers_in(text):
-        candidates = {n, n * mult / scale, n / scale}
+        candidates = {n * mult / scale} if mult != 1.0 else {n, n / scale}
         if any(_close(c, value, rel_tol) for c in candidates):
             return True
     return False
