@@ -34,6 +34,8 @@ def make_backend(args: argparse.Namespace) -> Any:
         from apr_agents.backends import default_backend
 
         kwargs: dict[str, Any] = {"reuse_prefix": not getattr(args, "fresh_prefill", False)}
+        if getattr(args, "batched", False):
+            kwargs["batched"] = True
         grammar = getattr(args, "grammar", None)
         if grammar is not None:  # else the model's default (grammar-constrained for instruction-tuned models)
             kwargs["grammar"] = None if grammar == "none" else grammar
@@ -175,11 +177,13 @@ class _Quiet:
 
 def summary_table(rows: list[tuple[str, dict[str, Any], float]]) -> Table:
     t = Table(title="runs")
-    for col in ("mode", "wall s", "tokens", "critical-path tokens", "branches", "max alive", "tool calls"):
+    for col in ("mode", "wall s", "tokens", "critical-path tokens", "branches", "max alive", "model s",
+                "model calls at once", "tool calls"):
         t.add_column(col, justify="right")
     for name, s, wall in rows:
         t.add_row(name, f"{wall:.2f}", str(s.get("total_tokens")), str(s.get("critical_path_tokens")),
-                  str(s.get("branches")), str(s.get("max_concurrent_branches")), str(s.get("tool_calls")))
+                  str(s.get("branches")), str(s.get("max_concurrent_branches")), f"{s.get('model_call_s', 0):.1f}",
+                  str(s.get("max_concurrent_model_calls")), str(s.get("tool_calls")))
     return t
 
 
@@ -232,8 +236,8 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 
         name = args.model or models.DEFAULT_MODEL
         title = models.CATALOG[name].title if name in models.CATALOG else name
-        console.print(f"[dim]model: {title} (llama.cpp, CPU), grammar={args.grammar or 'model default'}, "
-                      f"fresh prefill per call={args.fresh_prefill}[/dim]")
+        console.print(f"[dim]model: {title} (llama.cpp, CPU{', batched' if args.batched else ''}), "
+                      f"grammar={args.grammar or 'model default'}, fresh prefill per call={args.fresh_prefill}[/dim]")
     console.print()
     t_load = time.perf_counter()
     backend = make_backend(args)
@@ -313,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--max-tokens", dest="max_tokens", type=int)
         sp.add_argument("--thread-timeout", dest="thread_timeout_s", type=float)
         sp.add_argument("--dialect", choices=["canonical", "multiverse", "apr"])
+        sp.add_argument("--batched", action="store_true",
+                        help="embedded: decode concurrent calls together in one llama.cpp batch, each branch "
+                             "forking its parent's KV cache (docs/engines.md)")
         sp.add_argument("--quiet", action="store_true", help="no live tree")
 
     r = sub.add_parser("run", help="answer one question, showing the thread tree live")

@@ -47,7 +47,8 @@ def thread_tree(trace: dict[str, Any], *, live: dict[str, dict[str, Any]] | None
 
 
 def plot_timeline(trace: dict[str, Any], path: str | Path, *, title: str = "apr-agents run") -> Path:
-    """One bar per context from start to end, tool calls drawn inside: where time went."""
+    """One bar per context from start to end, its model calls and tool calls drawn inside: where
+    time went, and which contexts' model calls ran at the same time."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,12 +72,14 @@ def plot_timeline(trace: dict[str, Any], path: str | Path, *, title: str = "apr-
         end = rec.get("ended") or start
         ax.barh(row, end - start, left=start - t0, color="#4C78A8" if rec.get("depth", 0) else "#F58518",
                 alpha=0.55, height=0.6)
+        for mc in rec.get("model_calls", []):
+            ax.barh(row, mc.get("duration_s", 0), left=mc["started"] - t0, color="#1F3A5F", height=0.3)
         for tc in rec.get("tool_calls", []):
             ax.barh(row, tc.get("duration_s", 0), left=tc["started"] - t0, color="#54A24B", height=0.3)
     ax.set_yticks(range(len(order)))
     ax.set_yticklabels(["root" if c == "root" else c.replace("root/", "") for c in order], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("seconds since start (green: tool calls)")
+    ax.set_xlabel("seconds since start (dark blue: model calls, green: tool calls)")
     ax.set_title(title)
     fig.tight_layout()
     out = Path(path)

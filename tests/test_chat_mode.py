@@ -98,6 +98,7 @@ async def test_three_way_spawn_runs_branches_concurrently() -> None:
     assert s["branches"] == 3 and s["tool_calls"] == 3 and s["max_concurrent_branches"] == 3
     assert s["end"] == "eos" and s["limits_hit"] == [] and s["max_depth"] == 1
     ctxs = trace["contexts"]
+    assert all(len(r["model_calls"]) == r["calls"] >= 2 for r in ctxs.values())  # each model call timed
     assert set(ctxs) == {"root", "root/1.1", "root/1.2", "root/1.3"}
     assert ctxs["root"]["spawns"] == [["root/1.1", "root/1.2", "root/1.3"]]
     for i in (1, 2, 3):

@@ -91,6 +91,26 @@ async def test_sequential_mode_is_slower_and_gives_same_text() -> None:
     assert seq["apr_trace"]["summary"]["max_concurrent_branches"] == 1
 
 
+@pytest.mark.parametrize("parallel", [True, False])
+async def test_the_trace_times_every_model_call(parallel: bool) -> None:
+    """Each context's model calls are in the trace (start, duration, tokens), inside its own span;
+    with a backend that serves calls at once, parallel branches' calls overlap, one after another not."""
+    script = {"": spawn_text(3), **{str(i): f" {call('wait', seconds=0.1, tag=str(i))} r{i}</Thread>"
+                                     for i in range(1, 4)}}
+    graph = create_apr_agent(ScriptedBackend(script, call_latency_s=0.2), [wait], APRConfig(parallel=parallel))
+    trace = (await graph.ainvoke(Q))["apr_trace"]
+    for cid, rec in trace["contexts"].items():
+        calls = rec["model_calls"]
+        assert len(calls) == rec["calls"] >= 2, cid  # a branch: its tool call, then its result; the root: 2
+        assert sum(c["completion_tokens"] for c in calls) == rec["completion_tokens"]
+        for c in calls:
+            assert rec["started"] - 1e-3 <= c["started"] and c["started"] + c["duration_s"] <= rec["ended"] + 1e-3
+            assert c["duration_s"] >= 0.19  # the backend's latency
+    summary = trace["summary"]
+    assert summary["max_concurrent_model_calls"] == (3 if parallel else 1)
+    assert summary["model_call_s"] >= 0.2 * summary["backend_calls"] - 1e-6
+
+
 async def test_merge_keeps_outline_order_when_branches_finish_out_of_order() -> None:
     script = {"": spawn_text(3)}
     delays = {1: 0.4, 2: 0.0, 3: 0.2}

@@ -44,7 +44,7 @@ from ..runtime.limits import Limiter, ThreadBudget
 from ..runtime.tool_exec import run_tool_calls
 from ..runtime.trace import merge_traces, new_record, summarize
 from .build import checked_config_and_tools, compile_agent
-from .core import BranchRunner, call_with_retries, copy_ctx, emit, prompt_of, spawned_in, where
+from .core import BranchRunner, call_with_retries, copy_ctx, emit, model_call, prompt_of, spawned_in, where
 from .eager import EagerSpawn
 from .inputs import neutralized_message
 from .prefixes import SharedPrefixes
@@ -120,6 +120,7 @@ class _Agent(BranchRunner):
         limits: list[dict[str, Any]] = []
         repairs: list[dict[str, Any]] = []
         spawned: list[list[str]] = []
+        timed: list[dict[str, Any]] = []  # this step's model calls, for the trace
         cfg = self.config
         base = await self._base_prompt(ctx)
         eager: EagerSpawn | None = None  # spawn_at="outline": branches started as their outlines close
@@ -146,8 +147,12 @@ class _Agent(BranchRunner):
                 stops = self.dialect.stops(branch=ctx["depth"] > 0, can_spawn=ctx["spawn_ok"])
                 if cfg.spawn_at == "outline" and ctx["spawn_ok"]:
                     stops.append(self.dialect.outline_close)
+                started = time.time()
                 comp, timed_out = await self._complete(ctx, prompt_of(ctx, base), stops, left)
                 self._account(ctx, comp)
+                timed.append(model_call(started, prompt_tokens=comp.prompt_tokens,
+                                        completion_tokens=comp.completion_tokens,
+                                        cached_prompt_tokens=comp.cached_prompt_tokens or 0))
                 ctx["text"] += comp.text
                 events = self._feed(own, ctx, comp.text)  # the whole context text, stop excluded
                 if ctx["depth"] >= cfg.max_depth and any(  # a spawn written past max_depth runs inline
@@ -221,7 +226,7 @@ class _Agent(BranchRunner):
         if ctx["end"] is not None:
             ctx["rec"]["end"] = ctx["end"]
             self.parsers.drop((ctx["run"], ctx["id"]))
-        trace = self._trace(ctx, spawns=spawned, limits=limits, repairs=repairs)
+        trace = self._trace(ctx, spawns=spawned, model_calls=timed, limits=limits, repairs=repairs)
         for branch_trace in folded:
             trace = merge_traces(branch_trace, trace)
         return {"apr": ctx, "apr_trace": trace}

@@ -59,7 +59,7 @@ from .chat_prompt import (
     spawn_ack,
     spawn_tool_schema,
 )
-from .core import BranchRunner, call_with_retries, copy_ctx, emit, spawned_in, where
+from .core import BranchRunner, call_with_retries, copy_ctx, emit, model_call, spawned_in, where
 from .prefixes import SharedPrefixes
 from .state import APRState
 
@@ -162,6 +162,7 @@ class _ChatAgent(BranchRunner):
         ctx["messages"] = list(ctx["messages"])
         cfg = self.config
         limits: list[dict[str, Any]] = []
+        calls: list[dict[str, Any]] = []
         rec = ctx["rec"]
         if rec["calls"] >= cfg.max_steps:
             limits.append(self._limit(ctx, "max_steps", f"{cfg.max_steps} model calls"))
@@ -173,6 +174,7 @@ class _ChatAgent(BranchRunner):
             limits.append(self._limit(ctx, ctx["deadline_kind"], "deadline passed"))
             ctx["end"], rec["truncated"] = "timeout", True
         else:
+            started = time.time()
             ai = await self._invoke(ctx, messages_from_dict(await self._full(ctx)), config)
             if ai is None:
                 limits.append(self._limit(ctx, ctx["deadline_kind"] or "thread_timeout_s",
@@ -180,7 +182,9 @@ class _ChatAgent(BranchRunner):
                 ctx["end"], rec["truncated"] = "timeout", True
             else:
                 ai = self._with_ids(ai)
+                before = {k: rec[k] for k in ("prompt_tokens", "completion_tokens", "cached_prompt_tokens")}
                 self._account(ctx, ai)
+                calls.append(model_call(started, **{k: rec[k] - v for k, v in before.items()}))
                 ctx["messages"].append(message_to_dict(ai))
                 if ai.tool_calls or ai.invalid_tool_calls:
                     ctx["pending_tools"] = True
@@ -191,7 +195,7 @@ class _ChatAgent(BranchRunner):
                     ctx["end"] = "thread_end" if ctx["depth"] > 0 else "eos"
         if ctx["end"] is not None:
             rec["end"] = ctx["end"]
-        return {"apr": ctx, "apr_trace": self._trace(ctx, limits=limits)}
+        return {"apr": ctx, "apr_trace": self._trace(ctx, model_calls=calls, limits=limits)}
 
     async def _invoke(self, ctx: dict[str, Any], messages: list[BaseMessage],
                       config: RunnableConfig) -> AIMessage | None:

@@ -124,13 +124,18 @@ class BranchRunner:
 
     @staticmethod
     def _trace(ctx: dict[str, Any], *, tool_calls: list[dict[str, Any]] | None = None,
-               spawns: list[list[str]] | None = None, **extra: Any) -> dict[str, Any]:
-        """A trace write: the context's record, plus the tool calls and spawns this step added.
+               spawns: list[list[str]] | None = None, model_calls: list[dict[str, Any]] | None = None,
+               **extra: Any) -> dict[str, Any]:
+        """A trace write: the context's record, plus the model calls, tool calls and spawns this
+        step added.
 
-        ``ctx["rec"]`` holds the record's fixed-size fields only; its ``tool_calls`` and ``spawns``
-        grow in the trace (``merge_traces`` appends them), so a step writes only its own.
+        ``ctx["rec"]`` holds the record's fixed-size fields only; its ``model_calls``,
+        ``tool_calls`` and ``spawns`` grow in the trace (``merge_traces`` appends them), so a step
+        writes only its own.
         """
         rec = dict(ctx["rec"])
+        if model_calls:
+            rec["model_calls"] = model_calls
         if tool_calls:
             rec["tool_calls"] = tool_calls
         if spawns:
@@ -229,6 +234,15 @@ class BranchRunner:
                             "end": c["end"], "outline": c["rec"].get("outline")})
         return {"apr_branch_results": results, "apr_trace": _fold([o.get("apr_trace", {}) for o, _ in outs])}
 
+
+
+def model_call(started: float, *, prompt_tokens: int, completion_tokens: int, cached_prompt_tokens: int,
+               ) -> dict[str, Any]:
+    """A trace record of one model call (retries included): when it started, how long it took,
+    its tokens. Timelines draw these, so a serial engine's branches show their calls one after
+    another and a batching engine's side by side."""
+    return {"started": started, "duration_s": round(time.time() - started, 4), "prompt_tokens": prompt_tokens,
+            "cached_prompt_tokens": cached_prompt_tokens, "completion_tokens": completion_tokens}
 
 
 def where(ctx: dict[str, Any]) -> str:

@@ -3,7 +3,8 @@
 ``merge_traces`` folds one trace write into another: parallel branches each
 return their own records and they fold together without clobbering each
 other. A write is a delta: a context's scalar fields replace the old ones, its
-``tool_calls`` and ``spawns`` are appended (a step writes only the ones it
+``model_calls`` (start, duration and tokens of each model call), ``tool_calls`` and
+``spawns`` are appended (a step writes only the ones it
 added), ``limits`` and ``repairs`` are appended without duplicates. So a step's
 write stays the size of what the step did, whatever the run's length, and the
 graph keeps the trace in a ``DeltaChannel`` (``graph/state.py``). A new run
@@ -21,12 +22,12 @@ def new_record(cid: str, *, parent: str | None, depth: int, label: str | None,
     """A context's trace record as it starts (SPEC §5); both agent modes fill in the rest."""
     return {"id": cid, "parent": parent, "depth": depth, "label": label, "outline": outline,
             "started": time.time(), "ended": None, "prompt_tokens": 0, "completion_tokens": 0,
-            "cached_prompt_tokens": 0, "calls": 0, "tool_calls": [], "spawns": [],
+            "cached_prompt_tokens": 0, "calls": 0, "model_calls": [], "tool_calls": [], "spawns": [],
             "end": None, "truncated": False}
 
 
 #: context-record lists that a write appends to (a step writes only its new entries)
-APPENDED = ("tool_calls", "spawns")
+APPENDED = ("model_calls", "tool_calls", "spawns")
 
 
 def merge_traces(left: dict[str, Any] | None, right: dict[str, Any] | None) -> dict[str, Any]:
@@ -85,11 +86,22 @@ def critical_path_tokens(contexts: dict[str, dict[str, Any]], root: str) -> int:
 
 
 def max_concurrent(contexts: dict[str, dict[str, Any]]) -> int:
-    edges: list[tuple[float, int]] = []
-    for rec in contexts.values():
-        if rec.get("depth", 0) >= 1 and rec.get("started") is not None:
-            edges.append((float(rec["started"]), 1))
-            edges.append((float(rec.get("ended") or rec["started"]), -1))
+    """The most branches alive at one time."""
+    spans = [(float(rec["started"]), float(rec.get("ended") or rec["started"])) for rec in contexts.values()
+             if rec.get("depth", 0) >= 1 and rec.get("started") is not None]
+    return _most_at_once(spans)
+
+
+def max_concurrent_model_calls(contexts: dict[str, dict[str, Any]]) -> int:
+    """The most model calls in flight at one time, over every context: above 1 only when the
+    engine served several contexts' calls at once (a batching engine), never on a serial one."""
+    spans = [(float(m["started"]), float(m["started"]) + float(m.get("duration_s") or 0.0))
+             for rec in contexts.values() for m in rec.get("model_calls", [])]
+    return _most_at_once(spans)
+
+
+def _most_at_once(spans: list[tuple[float, float]]) -> int:
+    edges = [edge for start, end in spans for edge in ((start, 1), (end, -1))]
     alive = best = 0
     for _, d in sorted(edges, key=lambda e: (e[0], e[1])):
         alive += d
@@ -115,6 +127,9 @@ def summarize(trace: dict[str, Any], root: str = "root") -> dict[str, Any]:
         "token_latency_ratio": round(total / cp, 4) if cp else None,
         "wall_time_s": round(max(ended) - min(started), 6) if started and ended else None,
         "max_concurrent_branches": max_concurrent(ctxs),
+        "max_concurrent_model_calls": max_concurrent_model_calls(ctxs),
+        "model_call_s": round(sum(float(m.get("duration_s") or 0.0) for r in ctxs.values()
+                                  for m in r.get("model_calls", [])), 4),
         "backend_calls": sum(int(r.get("calls", 0)) for r in ctxs.values()),
         "tool_calls": len(tool_calls),
         "tool_errors": sum(1 for t in tool_calls if t.get("error")),
