@@ -72,14 +72,18 @@ def plot_timeline(trace: dict[str, Any], path: str | Path, *, title: str = "apr-
         end = rec.get("ended") or start
         ax.barh(row, end - start, left=start - t0, color="#4C78A8" if rec.get("depth", 0) else "#F58518",
                 alpha=0.55, height=0.6)
-        for mc in rec.get("model_calls", []):
-            ax.barh(row, mc.get("duration_s", 0), left=mc["started"] - t0, color="#1F3A5F", height=0.3)
+        for mc in rec.get("model_calls", []):  # the call: light; the engine's own span of it: dark
+            ax.barh(row, mc.get("duration_s", 0), left=mc["started"] - t0, color="#B8C4D6", height=0.3)
+            begin, end = mc.get("engine_started", mc["started"]), mc.get("engine_ended")
+            end = end if end is not None else mc["started"] + mc.get("duration_s", 0)
+            ax.barh(row, end - begin, left=begin - t0, color="#1F3A5F", height=0.3)
         for tc in rec.get("tool_calls", []):
             ax.barh(row, tc.get("duration_s", 0), left=tc["started"] - t0, color="#54A24B", height=0.3)
     ax.set_yticks(range(len(order)))
     ax.set_yticklabels(["root" if c == "root" else c.replace("root/", "") for c in order], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("seconds since start (dark blue: model calls, green: tool calls)")
+    ax.set_xlabel("seconds since start (dark blue: the engine on a model call, light: waiting for it; "
+                  "green: tool calls)")
     ax.set_title(title)
     fig.tight_layout()
     out = Path(path)

@@ -32,6 +32,12 @@ class Completion(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_prompt_tokens: int | None = None
+    #: the engine's own span for this call (``time.time()`` read by the engine as it began and as it
+    #: finished), after any wait in its queue (a serial engine's turn, a batched engine's
+    #: admission), and that wait in seconds; ``None`` when the backend does not say
+    engine_started: float | None = None
+    engine_ended: float | None = None
+    queued_s: float | None = None
 
 
 @runtime_checkable

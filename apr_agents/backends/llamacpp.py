@@ -345,7 +345,7 @@ class LlamaCppBackend:
         else:
             assert self._executor is not None
             fut = loop.run_in_executor(self._executor, self._run, prompt, list(stop), max_tokens,
-                                       temperature, seed, emit, cancel)
+                                       temperature, seed, emit, cancel, time.time())
         with self._stats_lock:
             self._queued += 1
             self._stats["max_queue"] = max(self._stats["max_queue"], self._queued)
@@ -378,11 +378,13 @@ class LlamaCppBackend:
         return self._grammar_cache[gbnf]
 
     def _run(self, prompt: str, stops: list[str], max_tokens: int, temperature: float, seed: int,
-             emit: Callable[[str], None] | None, cancel: threading.Event) -> Completion:
-        """The blocking decode; runs on the single worker thread only."""
-        started = time.perf_counter()
+             emit: Callable[[str], None] | None, cancel: threading.Event, submitted: float) -> Completion:
+        """The blocking decode; runs on the single worker thread only (calls wait their turn)."""
+        started, began = time.perf_counter(), time.time()
         try:
-            return self._decode(prompt, stops, max_tokens, temperature, seed, emit, cancel)
+            comp = self._decode(prompt, stops, max_tokens, temperature, seed, emit, cancel)
+            return comp.model_copy(update={"engine_started": began, "engine_ended": time.time(),
+                                           "queued_s": round(max(0.0, began - submitted), 4)})
         finally:
             with self._stats_lock:
                 self._stats["busy_s"] += time.perf_counter() - started

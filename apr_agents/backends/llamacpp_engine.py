@@ -272,6 +272,8 @@ class BatchedEngine:
                     self._fail(req, exc)
                     continue
             target.request, req.slot = req, target
+            if req.admitted is None:
+                req.admitted = time.time()
 
     def _step(self) -> None:
         """One engine step: one llama_decode with the next token of every generating sequence, then
@@ -444,8 +446,10 @@ class BatchedEngine:
         if req.emit is not None and len(req.text) > req.emitted and finish != "abort":
             req.emit(req.text[req.emitted:])
             req.emitted = len(req.text)
+        queued = None if req.admitted is None else round(max(0.0, req.admitted - req.submitted), 4)
         comp = Completion(text=req.text, stop=hit, finish_reason=finish, prompt_tokens=req.n_prompt,
-                          completion_tokens=req.n_out, cached_prompt_tokens=max(0, req.cached or 0))
+                          completion_tokens=req.n_out, cached_prompt_tokens=max(0, req.cached or 0),
+                          engine_started=req.admitted, engine_ended=time.time(), queued_s=queued)
         try:
             req.future.set_result(comp)
         except InvalidStateError:  # the caller cancelled the future meanwhile

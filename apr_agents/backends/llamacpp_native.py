@@ -20,6 +20,7 @@ Usage (inside the engine)::
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ class Request:
     emit: Callable[[str], None] | None
     cancel: threading.Event
     future: Future[Completion] = field(default_factory=Future)
+    submitted: float = field(default_factory=time.time)
+    admitted: float | None = None  # when the engine first gave it a sequence (time.time())
     # state, engine thread only
     tokens: list[int] = field(default_factory=list)  # prompt + sampled tokens (the last may not be in KV yet)
     n_prompt: int = 0

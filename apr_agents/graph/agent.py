@@ -152,7 +152,8 @@ class _Agent(BranchRunner):
                 self._account(ctx, comp)
                 timed.append(model_call(started, prompt_tokens=comp.prompt_tokens,
                                         completion_tokens=comp.completion_tokens,
-                                        cached_prompt_tokens=comp.cached_prompt_tokens or 0))
+                                        cached_prompt_tokens=comp.cached_prompt_tokens or 0,
+                                        engine=(comp.engine_started, comp.engine_ended)))
                 ctx["text"] += comp.text
                 events = self._feed(own, ctx, comp.text)  # the whole context text, stop excluded
                 if ctx["depth"] >= cfg.max_depth and any(  # a spawn written past max_depth runs inline

@@ -237,12 +237,17 @@ class BranchRunner:
 
 
 def model_call(started: float, *, prompt_tokens: int, completion_tokens: int, cached_prompt_tokens: int,
-               ) -> dict[str, Any]:
-    """A trace record of one model call (retries included): when it started, how long it took,
-    its tokens. Timelines draw these, so a serial engine's branches show their calls one after
-    another and a batching engine's side by side."""
-    return {"started": started, "duration_s": round(time.time() - started, 4), "prompt_tokens": prompt_tokens,
-            "cached_prompt_tokens": cached_prompt_tokens, "completion_tokens": completion_tokens}
+               engine: tuple[float | None, float | None] = (None, None)) -> dict[str, Any]:
+    """A trace record of one model call (retries included): when it started, how long it took, its
+    tokens, and, when the backend says, the engine's own span for it (``engine``: when the engine
+    began and finished it, after any wait in its queue). Timelines draw these, so a serial
+    engine's branches show their engine spans one after another and a batching engine's side by side."""
+    rec: dict[str, Any] = {"started": started, "duration_s": round(time.time() - started, 4),
+                           "prompt_tokens": prompt_tokens, "cached_prompt_tokens": cached_prompt_tokens,
+                           "completion_tokens": completion_tokens}
+    if engine[0] is not None and engine[1] is not None:
+        rec["engine_started"], rec["engine_ended"] = engine
+    return rec
 
 
 def where(ctx: dict[str, Any]) -> str:

@@ -3,7 +3,7 @@
 ``merge_traces`` folds one trace write into another: parallel branches each
 return their own records and they fold together without clobbering each
 other. A write is a delta: a context's scalar fields replace the old ones, its
-``model_calls`` (start, duration and tokens of each model call), ``tool_calls`` and
+``model_calls`` (start, duration, the engine's own span and tokens of each model call), ``tool_calls`` and
 ``spawns`` are appended (a step writes only the ones it
 added), ``limits`` and ``repairs`` are appended without duplicates. So a step's
 write stays the size of what the step did, whatever the run's length, and the
@@ -93,9 +93,11 @@ def max_concurrent(contexts: dict[str, dict[str, Any]]) -> int:
 
 
 def max_concurrent_model_calls(contexts: dict[str, dict[str, Any]]) -> int:
-    """The most model calls in flight at one time, over every context: above 1 only when the
-    engine served several contexts' calls at once (a batching engine), never on a serial one."""
-    spans = [(float(m["started"]), float(m["started"]) + float(m.get("duration_s") or 0.0))
+    """The most model calls the engine worked on at one time, over every context: the engine's own
+    span of each call where the backend reports it (so a serial engine reads 1 however many
+    branches wait for it, a batching engine more), else the call's span as the runtime saw it."""
+    spans = [(float(m["engine_started"]), float(m["engine_ended"])) if "engine_started" in m
+             else (float(m["started"]), float(m["started"]) + float(m.get("duration_s") or 0.0))
              for rec in contexts.values() for m in rec.get("model_calls", [])]
     return _most_at_once(spans)
 

@@ -11,6 +11,7 @@ small: ~560 prompt tokens and tens of generated tokens per call.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 
@@ -108,6 +109,11 @@ async def test_concurrent_calls_are_serialised_and_not_mixed_up(backend, spawn_p
     before = backend.stats()["max_queue"]
     together = await asyncio.gather(*[backend.complete(p, stop=ROOT_STOPS, max_tokens=24) for p in prompts])
     assert [c.text for c in together] == [c.text for c in alone]
+    # each waited its turn, and says how long: the third waited for the other two (queued_s)
+    assert alone[0].queued_s is not None and alone[0].queued_s < 0.5
+    assert together[2].queued_s > together[0].queued_s and together[2].queued_s > 0.05
+    spans = sorted((c.engine_started, c.engine_ended) for c in together)  # the engine's own spans never overlap
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
     assert all(c.completion_tokens > 0 for c in together)
     assert max(before, 3) == backend.stats()["max_queue"] >= 3  # all three were queued at once
 

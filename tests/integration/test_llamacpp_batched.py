@@ -137,6 +137,11 @@ async def test_more_calls_than_sequences_queue(tmp_path):
         prompts = [*OTHERS, "The three laws of robotics are"]
         comps = await asyncio.gather(*[b.complete(p, stop=[], max_tokens=6) for p in prompts])
         assert all(c.completion_tokens == 6 for c in comps)
+        # the first two got a sequence at once; the last waited for one to be freed (queued_s)
+        assert all(c.queued_s is not None for c in comps)
+        assert max(c.queued_s for c in comps[:2]) < comps[4].queued_s
+        (a0, a1), (b0, b1) = [(c.engine_started, c.engine_ended) for c in comps[:2]]
+        assert max(a0, b0) < min(a1, b1)  # two sequences: the engine worked on both at once
         st = b.stats()
         assert st["max_queue"] == 5 and st["max_batch_seqs"] <= 2 and st["calls"] == 5
         b.clear_cache()
