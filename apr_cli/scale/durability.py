@@ -52,7 +52,8 @@ def _audit(path: Path) -> list[dict[str, Any]]:
 
 async def run_durability(runs: int = 100, servers: int = 2, *, tool_latency: float = 1.0, spread: float = 2.0,
                          kill_after_ends: int = 20, timeout_s: float = 300.0, heartbeat_s: float = 5.0,
-                         settle_s: float = 2.0, log_dir: Path | None = None) -> dict[str, Any]:
+                         settle_s: float = 2.0, settled_ends: int = 5,
+                         log_dir: Path | None = None) -> dict[str, Any]:
     from langgraph_sdk import get_client
 
     base = Path(tempfile.mkdtemp(prefix="apr-durability-"))
@@ -92,8 +93,16 @@ async def run_durability(runs: int = 100, servers: int = 2, *, tool_latency: flo
                 report["send_s"] = round(time.perf_counter() - t_send, 2)
 
                 deadline = time.monotonic() + timeout_s
-                while sum(1 for e in _audit(audit) if e["event"] == "end" and e["pid"] == victim.proc.pid) \
-                        < kill_after_ends:
+
+                def kill_now() -> bool:
+                    """The victim finished ``kill_after_ends`` tool calls, and ``settled_ends`` calls ended
+                    ``settle_s`` ago (their steps are durable by then): what the report checks is there."""
+                    ends = [e for e in _audit(audit) if e["event"] == "end"]
+                    settled = sum(1 for e in ends if e["t"] < time.time() - settle_s)
+                    return sum(1 for e in ends if e["pid"] == victim.proc.pid) >= kill_after_ends \
+                        and settled >= settled_ends
+
+                while not kill_now():
                     if time.monotonic() > deadline or not victim.alive():
                         raise TimeoutError("the victim server never finished enough tool calls")
                     await asyncio.sleep(0.05)
