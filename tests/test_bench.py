@@ -87,3 +87,14 @@ def test_engine_batching_measurement_runs_on_a_fake_engine() -> None:
         assert min(r["generated_per_branch"]) == 4
         assert math.isfinite(r["speedup"]) and r["speedup"] > 0
         assert r["prefix_cache_hit"] == 0.5
+
+
+async def test_batch_gain_measures_one_by_one_against_together() -> None:
+    """The batching probe on a FAKE backend with fixed latency per call: calls served at once
+    show a gain near K, which is what the probe reports for an engine that batches."""
+    from apr_agents.testing import ScriptedBackend
+    from apr_cli.bench.batch_gain import measure
+
+    rows = await measure(ScriptedBackend(lambda prompt: "a b c", call_latency_s=0.05), tokens=3, max_k=4)
+    assert [r["k"] for r in rows] == [1, 2, 4]
+    assert rows[-1]["gain"] > 2.0 and rows[-1]["tokens_per_request"] == 3

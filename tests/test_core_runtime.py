@@ -126,6 +126,33 @@ async def test_merge_keeps_outline_order_when_branches_finish_out_of_order() -> 
     assert [t.label for t in doc.blocks[0].threads] == ["1", "2", "3"]
 
 
+async def test_thread_conclusions_merge_leaves_tool_records_in_the_branches() -> None:
+    """``merge_strategy=thread_conclusions``: the parent re-reads each thread's prose, not its tool
+    calls and results (a thread with no prose keeps its text whole); the branches still ran them."""
+    from apr_agents.graph.merge import conclusion, thread_conclusions
+
+    seen: list[str] = []
+
+    def root(prompt: str) -> str:
+        seen.append(prompt)
+        return spawn_text(3, tail="Sum is 3.")
+
+    script: dict[str, object] = {"": root}
+    for i in (1, 2):
+        script[str(i)] = f"{call('wait', seconds=0.05, tag=str(i))}\nResult: item {i} is 1.</Thread>"
+    script["3"] = f"{call('wait', seconds=0.05, tag='3')}</Thread>"  # no prose: kept whole
+    state = await create_apr_agent(ScriptedBackend(script), [wait], merge_strategy=thread_conclusions).ainvoke(Q)
+    assert state["messages"][-1].content == "Sum is 3."
+    after_merge = seen[-1]
+    assert "<Thread>1: Result: item 1 is 1.</Thread>" in after_merge
+    assert "<Thread>2: Result: item 2 is 1.</Thread>" in after_merge
+    assert "done 1" not in after_merge and "done 2" not in after_merge
+    assert "<tool_response>done 3</tool_response>" in after_merge
+    branches = [c for c in state["apr_trace"]["contexts"].values() if c["depth"] == 1]
+    assert sorted(t["name"] for c in branches for t in c["tool_calls"]) == ["wait"] * 3
+    assert conclusion(" <tool_call>{}</tool_call>\n<tool_response>x</tool_response>\n Found 2.") == " Found 2."
+
+
 async def test_nested_spawn_to_depth_two() -> None:
     inner = "<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n<Outline>2: b</Outline>\n</Outlines>\ninner done"
     script = {

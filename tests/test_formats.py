@@ -21,6 +21,7 @@ from apr_agents.backends.formats import (
     _repeated_call,
     _thread_tool_calls,
     chatml_gbnf,
+    own_outline,
     tools_in_prompt,
 )
 from apr_agents.backends.grammars import JSON_RULES, _char_class, protocol_gbnf, schema_rule
@@ -89,12 +90,26 @@ def test_grammar_per_step() -> None:
     stops = ["</tool_call>", "</Outlines>"]
     first = fmt.grammar(start, stops)
     assert first is not None
-    assert _options(first) == 'root ::= ( say "\\n" )? calls | ( say "\\n" )? spawn'  # no answer from memory
+    # no answer from memory; the root first says how many items the question has: one item
+    # is a tool call (no thread for it), N items a tool call or exactly N threads
+    assert _options(first).startswith('root ::= "Items: " ( "1\\n" calls | "2\\n" ( calls | spawn2 ) | "3\\n" ( calls | spawn3 )')
+    assert '"6\\n" ( calls | spawn6 ) )' in _options(first) and '"7\\n"' not in first
+    spawn3 = next(line for line in first.splitlines() if line.startswith("spawn3 ::="))
+    assert spawn3.count("<Outline>") == 3 and "?" not in spawn3  # exactly three outlines
+    assert "Items: 2\n<Parallel>" in start and "With one item, call the tool right away" in start
+    plain = ChatMLFormat(QWEN_LIKE, count_items=False)
+    assert _options(plain.grammar(plain.render([HumanMessage("q")], TOOLS), stops) or "") == (
+        'root ::= ( say "\\n" )? calls | ( say "\\n" )? spawn')
     later = fmt.grammar(start + "<tool_call>\n{}\n</tool_call>" + fmt.tool_results(["1"], depth=0), stops)
     assert _options(later or "") == 'root ::= ( say "\\n" )? calls | say'
     branch = start + "<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n<Outline>2: b</Outline>\n</Outlines>\n<Thread>1:"
     bstops = ["</tool_call>", "</Thread>"]
-    assert _options(fmt.grammar(branch, bstops) or "") == "root ::= calls"
+    # a thread first writes its own outline again, then its tool call
+    assert _options(fmt.grammar(branch, bstops) or "") == 'root ::= " " "a" "\\n" calls'
+    assert own_outline(branch.replace("<Thread>1:", "<Thread>2:"), CANONICAL) == "b"
+    assert own_outline(branch + "x", CANONICAL) is None
+    free = ChatMLFormat(QWEN_LIKE, restate_outline=False)
+    assert _options(free.grammar(branch, bstops) or "") == "root ::= calls"
     done = branch + '<tool_call>\n{"name": "lookup"}\n</tool_call>' + fmt.tool_results(["r"], depth=1)
     assert _options(fmt.grammar(done, bstops) or "") == 'root ::= "Result: " say ( "</Thread>" )'
     two = ChatMLFormat(QWEN_LIKE, thread_tool_calls=2)

@@ -23,6 +23,10 @@ Two formats ship:
   with invented numbers), forbids an empty answer after a tool result, and makes a
   branch end with ``</Thread>``; a thread makes at most ``thread_tool_calls`` tool
   calls (default 1: a 1.5B model given more wrote the other threads' work too).
+  With ``count_items`` (default) the root's first reply starts with ``Items: N``:
+  one item must be a tool call (a thread for one item is pure overhead: it made a
+  single-part question 2.7x slower than ReAct), N items a tool call or exactly N
+  threads.
 
 Example::
 
@@ -44,6 +48,8 @@ from ..protocol.dialects import CANONICAL, TOOL_CALL_CLOSE, APRDialect, Dialect
 from .prompting import FEWSHOT_END_STOPS, apply_template, chat_dicts, render_fewshot, tool_signature
 
 IM_START = "<|im_start|>"
+#: the line a root starts its first reply with when ``ChatMLFormat(count_items=True)``
+ITEMS_PREFIX = "Items: "
 IM_END = "<|im_end|>"
 ASSISTANT_START = f"{IM_START}assistant\n"
 
@@ -76,15 +82,20 @@ class FewShotFormat:
         return protocol_gbnf(branch=CANONICAL.thread_close in stops, can_spawn=CANONICAL.spawn_marker in stops)
 
 
-def spawn_instruction(dialect: Dialect, max_outlines: int) -> str:
+def spawn_instruction(dialect: Dialect, max_outlines: int, *, count_items: bool = False) -> str:
     """How the model asks for parallel threads, in the words of ``dialect`` (its spawn block and
-    its thread end), so the prompt teaches the dialect the runtime parses."""
+    its thread end), so the prompt teaches the dialect the runtime parses. ``count_items``: the
+    first reply starts with an ``Items: N`` line (see ``ChatMLFormat``)."""
     example = dialect.example(["look up the first item", "look up the second item"])
+    if count_items:
+        example = f"{ITEMS_PREFIX}2\n{example}"
     return (
         "You answer questions with the tools. Never guess a fact or a number: look it up. "
         "Call a tool by writing <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>; its result comes "
         "back in <tool_response>.\n"
-        "When the question needs the same kind of information about several independent items (for example "
+        + (f"Start your first reply with the line {ITEMS_PREFIX}N, where N is how many separate items (countries, "
+           "cities, ...) the question asks about. With one item, call the tool right away. " if count_items else "")
+        + "When the question needs the same kind of information about several independent items (for example "
         "facts about several countries), first split the work into parallel threads, one per item, like this:\n"
         f"{example}\n"
         f"Write at most {max_outlines} outlines. Each thread then runs by itself and works only on its own "
@@ -105,16 +116,26 @@ class ChatMLFormat:
     def __init__(self, template: str | Callable[..., str], *, bos_token: str = "", eos_token: str = "",
                  dialect: Dialect = CANONICAL, max_outlines: int = 6,
                  instruction: str | None = None, force_first_call: bool = True,
-                 thread_tool_calls: int | None = 1) -> None:
+                 thread_tool_calls: int | None = 1, count_items: bool = True,
+                 restate_outline: bool = True) -> None:
         self.template = template
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.dialect = dialect
         self.max_outlines = max_outlines
-        self.instruction = instruction if instruction is not None else spawn_instruction(dialect, max_outlines)
+        self.count_items = count_items
+        self.restate_outline = restate_outline
+        self.custom_instruction = instruction
         self.force_first_call = force_first_call
         self.thread_tool_calls = thread_tool_calls
-        self._grammars: dict[tuple[str, bool, bool, bool, bool], str] = {}
+        self._grammars: dict[tuple[str, bool, bool, bool, bool, str | None], str] = {}
+
+    @property
+    def instruction(self) -> str:
+        """The system instruction: the one given, else the dialect's (with the ``Items:`` line if counted)."""
+        if self.custom_instruction is not None:
+            return self.custom_instruction
+        return spawn_instruction(self.dialect, self.max_outlines, count_items=self.count_items)
 
     # -- rendering ------------------------------------------------------------------
     def render(self, messages: Sequence[BaseMessage], tools: Sequence[dict[str, Any]], *,
@@ -149,14 +170,56 @@ class ChatMLFormat:
         may_call = not (branch and self.thread_tool_calls is not None
                         and _thread_tool_calls(prompt, self.dialect) >= self.thread_tool_calls)
         may_call = may_call and not _repeated_call(prompt)
-        key = (json.dumps(tools, sort_keys=True), branch, can_spawn, first, may_call)
+        outline = own_outline(prompt, self.dialect) if self.restate_outline and branch and first else None
+        key = (json.dumps(tools, sort_keys=True), branch, can_spawn, first, may_call, outline)
         if key not in self._grammars:
             if len(self._grammars) >= 256:
                 self._grammars.clear()
             self._grammars[key] = chatml_gbnf(tools, branch=branch, can_spawn=can_spawn, first_step=first,
                                               max_outlines=self.max_outlines, may_call=may_call,
-                                              dialect=self.dialect)
+                                              dialect=self.dialect, count_items=self.count_items,
+                                              outline=outline)
         return self._grammars[key]
+
+
+PromptFormat = FewShotFormat | ChatMLFormat
+
+
+def format_for(template: str | Callable[..., str] | None, *, bos_token: str = "", eos_token: str = "",
+               dialect: Dialect = CANONICAL) -> PromptFormat:
+    """The format for a model: ``ChatMLFormat`` over its chat ``template``, else the few-shot one
+    (which teaches the canonical dialect only)."""
+    if template:
+        return ChatMLFormat(template, bos_token=bos_token, eos_token=eos_token, dialect=dialect)
+    if dialect is not CANONICAL:
+        raise ValueError(f"dialect {dialect.name!r} needs a chat template (chat_template=True or a "
+                         "Jinja string): the few-shot prompt for base models teaches the canonical dialect only")
+    return FewShotFormat()
+
+
+class FormattedBackend:
+    """What a text backend hands to its ``prompt_format`` (``LlamaCppBackend``, ``VLLMBackend``):
+    rendering, the spawn dialect its prompts teach, tool-result layout and the final answer."""
+
+    prompt_format: PromptFormat
+
+    def render(self, messages: list[BaseMessage], tools: list[dict[str, Any]], *,
+               instruction: str | None = None) -> str:
+        """``instruction`` replaces the text protocol's (e.g. a plain tool-calling one for a chat adapter)."""
+        return self.prompt_format.render(messages, tools, instruction=instruction)
+
+    @property
+    def prompt_dialect(self) -> Dialect:
+        """The spawn dialect this backend's prompts teach (``create_apr_agent`` checks it)."""
+        return self.prompt_format.dialect
+
+    def tool_results_text(self, results: Sequence[str], *, depth: int = 0) -> str:
+        """What the runtime appends after a ``</tool_call>`` stop in a context at ``depth``."""
+        return self.prompt_format.tool_results(results, depth=depth)
+
+    def answer_text(self, text: str) -> str:
+        """The final answer out of the root context's last text (template markers removed)."""
+        return self.prompt_format.answer(text)
 
 
 _TOOLS_RE = re.compile(r"<tools>\n(.*?)\n</tools>", re.S)
@@ -179,6 +242,21 @@ def tools_in_prompt(prompt: str) -> list[dict[str, Any]]:
         if isinstance(tool, dict):
             tools.append(tool.get("function", tool))
     return tools
+
+
+def own_outline(prompt: str, dialect: Dialect) -> str | None:
+    """The outline of the thread a branch prompt opens (``...<Outline>2: X</Outline>...<Thread>2:``
+    gives ``X``); None for APR's ``spawn([...])`` or when the prompt does not end with a thread opening."""
+    if isinstance(dialect, APRDialect) or not dialect.outline_open:
+        return None
+    opened = re.search(re.escape(dialect.thread_open + dialect.thread_label_sep) + r"([^:\n<]+):$", prompt)
+    block = prompt.rpartition(dialect.outlines_open)[2].partition(dialect.spawn_marker)[0]
+    if opened is None or not block:
+        return None
+    found = re.search(re.escape(f"{dialect.outline_open}{opened.group(1)}:") + r" ?(.*?)"
+                      + re.escape(dialect.outline_close), block, re.S)
+    text = found.group(1).strip() if found else ""
+    return text if text and "\n" not in text else None
 
 
 def _thread_tool_calls(prompt: str, dialect: Dialect) -> int:
@@ -215,7 +293,8 @@ def _first_step(prompt: str) -> bool:
 
 
 def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: bool, first_step: bool,
-                max_outlines: int = 6, may_call: bool = True, dialect: Dialect = CANONICAL) -> str:
+                max_outlines: int = 6, may_call: bool = True, dialect: Dialect = CANONICAL,
+                count_items: bool = False, outline: str | None = None) -> str:
     """GBNF for one step of a ChatML model in ``dialect`` (its spawn block, its thread end).
 
     A step is one of: a tool call whose arguments follow that tool's JSON schema (the
@@ -228,6 +307,13 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
     tools and never closed its thread); the root may answer or call again. ``may_call=False``
     (a branch that used its tool calls) leaves only the sentence and ``</Thread>``. Text never
     holds ``<``, ``{`` or backticks, so no tool call can hide in prose or a code fence.
+
+    ``count_items``: a root's first step that may spawn starts with ``Items: N``, the number of
+    items the question asks about; with 1 it must call a tool (no spawn: a thread for one item
+    is pure overhead), with N >= 2 it calls a tool or spawns exactly N threads (at most
+    ``max_outlines``, and N stops at 9). ``outline``: a thread's first step starts by writing
+    its own outline again, word for word, on one line before its tool call (a 1.5B model that
+    went straight to the call often looked up the previous thread's item).
     """
     from .grammars import JSON_RULES, gbnf_literal, schema_rule, spawn_rules
 
@@ -252,9 +338,17 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
     close = gbnf_literal(dialect.thread_close)
     rules.append(r'say ::= [^<>\n{}` ] [^<>{}`]{0,400}')
     if branch and first_step and calls:
-        options.append("calls")  # a thread starts with its tool call: reasoning text here went astray
-        if can_spawn:
-            options.append("spawn")
+        # a thread starts with its tool call (free reasoning text here went astray), after its own
+        # outline written again when it is known
+        lead = f'" " {gbnf_literal(outline)} "\\n" ' if outline else ""
+        options.append(f"{lead}( calls | spawn )" if can_spawn else f"{lead}calls")
+    elif count_items and can_spawn and first_step and calls:
+        top = min(max_outlines, 9)
+        counts = ['"1\\n" calls']
+        for k in range(2, top + 1):
+            rules += spawn_rules(k, sep=" ", otext="", dialect=dialect, min_outlines=k, name=f"spawn{k}")
+            counts.append(f'"{k}\\n" ( calls | spawn{k} )')
+        options.append(f'"{ITEMS_PREFIX}" ( ' + " | ".join(counts) + " )")
     elif first_step or not branch:
         if calls and (may_call or first_step):
             options.append('( say "\\n" )? calls')
@@ -271,5 +365,6 @@ def _gbnf_escape(text: str) -> str:
     return json.dumps(text)[1:-1].replace("\\", "\\\\").replace('"', '\\"')
 
 
-__all__ = ["ASSISTANT_START", "ChatMLFormat", "FewShotFormat", "chatml_gbnf", "spawn_instruction",
+__all__ = ["ASSISTANT_START", "ITEMS_PREFIX", "ChatMLFormat", "FewShotFormat", "FormattedBackend", "PromptFormat",
+           "chatml_gbnf", "format_for", "own_outline", "spawn_instruction",
            "tool_signature", "tools_in_prompt"]

@@ -116,25 +116,30 @@ def schema_rule(schema: Any, name: str, rules: list[str], depth: int = 0) -> str
     return "value"
 
 
-def spawn_rules(max_outlines: int, *, sep: str, otext: str, dialect: Dialect = CANONICAL) -> list[str]:
-    """``spawn``: the dialect's spawn block up to its spawn point with 2..``max_outlines`` outlines,
-    each outline's text matching ``otext``. Tag dialects number their outlines
-    (``<Outline>1:{sep}...``); APR writes ``spawn(["...", "..."])``, each task a JSON string."""
+def spawn_rules(max_outlines: int, *, sep: str, otext: str, dialect: Dialect = CANONICAL,
+                min_outlines: int = 2, name: str = "spawn") -> list[str]:
+    """``name`` (default ``spawn``): the dialect's spawn block up to its spawn point with
+    ``min_outlines``..``max_outlines`` outlines (2.. by default), each outline's text matching
+    ``otext`` (the ``otext`` rule comes with the default name only). Tag dialects number their
+    outlines (``<Outline>1:{sep}...``); APR writes ``spawn(["...", "..."])``, each task a JSON string."""
+    need = max(1, min(min_outlines, max_outlines))
     if isinstance(dialect, APRDialect):
         items = ['"\\"" otext "\\""'] * max_outlines
+        required = ' ", " '.join(items[:need])
         optional = ""
-        for item in reversed(items[2:]):
+        for item in reversed(items[need:]):
             optional = f'( ", " {item} {optional})? '
-        return [f'spawn ::= {gbnf_literal(dialect.parallel_open)} {items[0]} ", " {items[1]} {optional}'
-                f"{gbnf_literal(dialect.spawn_marker)}", f"otext ::= {otext}"]
-    outlines = [f"{gbnf_literal(f'{dialect.outline_open}{i}:{sep}')} otext {gbnf_literal(dialect.outline_close + chr(10))}"
-                for i in range(1, max_outlines + 1)]
-    optional = ""
-    for o in reversed(outlines[2:]):
-        optional = f"( {o} {optional})? "
-    head = gbnf_literal(f"{dialect.parallel_open}\n{dialect.outlines_open}\n")
-    return [f"spawn ::= {head} {outlines[0]} {outlines[1]} {optional}{gbnf_literal(dialect.spawn_marker)}",
-            f"otext ::= {otext}"]
+        rules = [f'{name} ::= {gbnf_literal(dialect.parallel_open)} {required} {optional}'
+                 f"{gbnf_literal(dialect.spawn_marker)}"]
+    else:
+        outlines = [f"{gbnf_literal(f'{dialect.outline_open}{i}:{sep}')} otext "
+                    f"{gbnf_literal(dialect.outline_close + chr(10))}" for i in range(1, max_outlines + 1)]
+        optional = ""
+        for o in reversed(outlines[need:]):
+            optional = f"( {o} {optional})? "
+        head = gbnf_literal(f"{dialect.parallel_open}\n{dialect.outlines_open}\n")
+        rules = [f"{name} ::= {head} {' '.join(outlines[:need])} {optional}{gbnf_literal(dialect.spawn_marker)}"]
+    return rules + ([f"otext ::= {otext}"] if name == "spawn" else [])
 
 
 def gbnf_literal(text: str) -> str:

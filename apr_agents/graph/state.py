@@ -21,7 +21,7 @@ Usage::
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args, get_origin, get_type_hints
 
 from langchain_core.messages import AnyMessage
 from langgraph.channels import DeltaChannel
@@ -98,16 +98,32 @@ class APROutput(TypedDict, total=False):
     apr_msgs: MessagesChannel
 
 
+def _fold(meta: Any, typ: Any) -> Callable[[Any, Any], Any]:
+    """How one write folds into a plain dict's value, from a channel's annotation metadata:
+    a ``DeltaChannel`` folds a sequence of writes, a binary reducer one write at a time;
+    a missing value starts as the annotated type's empty value (as LangGraph's channels do)."""
+    empty = get_origin(typ) or typ
+    if isinstance(meta, DeltaChannel):
+        fold_many = meta.reducer
+        return lambda old, new: fold_many(empty() if old is None else old, [new])
+    return lambda old, new: meta(empty() if old is None else old, new)
+
+
+def _reducers(schema: type) -> dict[str, Callable[[Any, Any], Any]]:
+    """Each reducer channel of ``schema`` (``Annotated[type, reducer]``) by key."""
+    out = {}
+    for key, hint in get_type_hints(schema, include_extras=True).items():
+        if get_origin(hint) is Annotated:
+            typ, meta = get_args(hint)[:2]
+            if isinstance(meta, DeltaChannel) or callable(meta):
+                out[key] = _fold(meta, typ)
+    return out
+
+
 #: each channel's reducer as one update folds into a plain dict (a branch's state in
-#: ``core.BranchRunner``); a key not here is a last-value channel
-REDUCERS: dict[str, Callable[[Any, Any], Any]] = {
-    "messages": add_messages,
-    "apr_trace": lambda old, new: merge_traces(old or {}, new),
-    "apr_text": lambda old, new: append_text(old or "", [new]),
-    "apr_msgs": lambda old, new: append_items(old or [], [new]),
-    "apr_prompt": lambda old, new: last_value(old, [new]),
-    "apr_branch_results": collect_results,
-}
+#: ``core.BranchRunner``), derived from ``APRState``'s own annotations so a branch folds
+#: every channel exactly as the graph does; a key not here is a last-value channel
+REDUCERS: dict[str, Callable[[Any, Any], Any]] = _reducers(APRState)
 
 
 def apply_update(state: dict[str, Any], update: dict[str, Any]) -> None:

@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-depth", type=int, default=1)
     p.add_argument("--apr-config", default="{}", help="more APRConfig fields for the plugin methods, as JSON "
                                                       "(e.g. '{\"max_steps\": 8}')")
+    p.add_argument("--format-options", default="{}",
+                   help="attributes of the backend's prompt format, as JSON (ChatMLFormat: e.g. "
+                        "'{\"count_items\": false}', '{\"thread_tool_calls\": 2}')")
+    p.add_argument("--merge", choices=["full", "conclusions"], default="full",
+                   help="plugin methods' merge: every thread whole (default, SPEC), or each thread without its "
+                        "tool calls and results (apr_agents.graph.merge.thread_conclusions)")
     p.add_argument("--lenient-tool-calls", action="store_true",
                    help="chat methods: also read tool calls written as bare or fenced JSON (no <tool_call> tags)")
     p.add_argument("--system", default=EVAL_SYSTEM, help="system message for every method ('' for none)")
@@ -186,13 +192,20 @@ async def amain(args: argparse.Namespace) -> int:
         raise ValueError("--apr-config must be a JSON object")
     settings = AgentSettings(max_tokens=args.max_tokens, max_threads=args.max_threads, max_depth=args.max_depth,
                              system=args.system, timeout_s=timeout, config_overrides=overrides,
-                             lenient_tool_calls=args.lenient_tool_calls)
+                             lenient_tool_calls=args.lenient_tool_calls, merge=args.merge)
     settings.apr_config(parallel=True)  # an invalid field fails here, before the model loads
     t0 = time.perf_counter()
     backend = make_backend(args.backend, model=args.model, base_url=args.base_url, grammar=args.grammar,
                            n_ctx=args.n_ctx, n_threads=args.n_threads, questions=questions)
     if hasattr(backend, "start"):
         await backend.start()
+    format_options = json.loads(args.format_options)
+    if format_options:
+        fmt = getattr(backend, "prompt_format", None)
+        for key, value in format_options.items():
+            if fmt is None or not hasattr(fmt, key):
+                raise ValueError(f"--format-options: {type(fmt).__name__} has no option {key!r}")
+            setattr(fmt, key, value)
     load_s = time.perf_counter() - t0
     if not args.quiet:
         print(f"backend {args.backend} ({getattr(backend, 'model_path', args.model) or 'default'}) ready in "
@@ -230,7 +243,7 @@ async def amain(args: argparse.Namespace) -> int:
             "methods": methods, "questions": len(questions), "seed": args.seed, "tool_latency_s": args.tool_latency,
             "timeout_s": timeout, "deadline_s": deadline, "concurrency": args.concurrency,
             "max_tokens": args.max_tokens, "max_threads": args.max_threads, "max_depth": args.max_depth,
-            "apr_config": overrides, "grammar": args.grammar, "n_threads": args.n_threads,
+            "apr_config": overrides, "merge": args.merge, "format_options": format_options, "grammar": args.grammar, "n_threads": args.n_threads,
             "lenient_tool_calls": args.lenient_tool_calls, "system": args.system,
             "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "elapsed_s": round(elapsed, 1),
             "backend_load_s": round(load_s, 1), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}

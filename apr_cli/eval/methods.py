@@ -27,6 +27,7 @@ from langchain_core.tools import BaseTool
 
 from apr_agents import APRConfig, create_apr_agent, create_chat_apr_agent
 from apr_agents.backends.chat_model import BackendChatModel
+from apr_agents.graph.merge import thread_conclusions
 from apr_agents.runtime.trace import summarize as summarize_trace
 
 from .grading import grade
@@ -79,6 +80,7 @@ class AgentSettings:
     recursion_limit: int = 100
     lenient_tool_calls: bool = False  # BackendChatModel: also read untagged JSON tool calls
     config_overrides: dict[str, Any] = field(default_factory=dict)
+    merge: str = "full"  # plugin methods: "full" (SPEC's merge) or "conclusions" (thread_conclusions)
 
     def apr_config(self, *, parallel: bool) -> APRConfig:
         fields: dict[str, Any] = {"max_tokens": self.max_tokens, "max_threads": self.max_threads,
@@ -105,10 +107,11 @@ def react_factory() -> tuple[str, Any]:
 
 def build_agent(method: str, backend: Any, tools: list[BaseTool], settings: AgentSettings) -> Any:
     """The compiled graph of ``method`` over ``backend`` and ``tools``."""
+    merge = thread_conclusions if settings.merge == "conclusions" else None
     if method == "apr":
-        return create_apr_agent(backend, tools, settings.apr_config(parallel=True))
+        return create_apr_agent(backend, tools, settings.apr_config(parallel=True), merge_strategy=merge)
     if method == "apr-seq":
-        return create_apr_agent(backend, tools, settings.apr_config(parallel=False))
+        return create_apr_agent(backend, tools, settings.apr_config(parallel=False), merge_strategy=merge)
 
     def chat(parallel: bool) -> BackendChatModel:
         return BackendChatModel(backend=backend, max_tokens=settings.max_tokens, temperature=settings.temperature,
@@ -141,7 +144,8 @@ def _counts(method: str, state: dict[str, Any], n_input: int) -> dict[str, Any]:
         return {"total_tokens": summary.get("total_tokens"), "critical_path_tokens": summary.get("critical_path_tokens"),
                 "prompt_tokens": summary.get("prompt_tokens"), "llm_calls": summary.get("backend_calls"),
                 "tool_calls": summary.get("tool_calls"), "branches": summary.get("branches", 0),
-                "spawned": bool(summary.get("branches", 0)), "end": summary.get("end")}
+                "spawned": bool(summary.get("branches", 0)), "end": summary.get("end"),
+                "extra": {"transcript": _root_text(state)}}
     new = state.get("messages", [])[n_input:]
     ais = [m for m in new if isinstance(m, AIMessage)]
     out_tokens = sum((m.usage_metadata or {}).get("output_tokens", 0) for m in ais)
@@ -150,7 +154,20 @@ def _counts(method: str, state: dict[str, Any], n_input: int) -> dict[str, Any]:
     return {"total_tokens": out_tokens, "critical_path_tokens": out_tokens, "prompt_tokens": in_tokens,
             "llm_calls": len(ais), "tool_calls": sum(isinstance(m, ToolMessage) for m in new),
             "end": (last.response_metadata.get("engine_finish_reason") if last else None),
-            "extra": {"max_calls_per_turn": max((len(m.tool_calls) for m in ais), default=0)}}
+            "extra": {"max_calls_per_turn": max((len(m.tool_calls) for m in ais), default=0),
+                      "transcript": "\n".join(f"[{m.type}] {_text(m)}{_calls(m)}" for m in new)}}
+
+
+def _calls(m: BaseMessage) -> str:
+    calls = getattr(m, "tool_calls", None) or []
+    return "".join(f" <call {c['name']}({c['args']})>" for c in calls)
+
+
+def _root_text(state: dict[str, Any]) -> str:
+    """The plugin's root context as the model wrote it (threads merged in), prompt left out."""
+    ctx = state.get("apr") or {}
+    text = state.get("apr_text") or ctx.get("text") or ""
+    return text if isinstance(text, str) else ""
 
 
 async def run_one(graph: Any, method: str, q: Question, settings: AgentSettings,

@@ -44,11 +44,14 @@ def make_backend(kind: str, *, model: str | None = None, base_url: str | None = 
             raise ValueError("--backend openai needs --base-url and --model")
         return OpenAICompatibleBackend([u.strip() for u in base_url.split(",")], model)
     if kind == "vllm":
+        from apr_agents.backends.models import DEFAULT_MODEL
         from apr_agents.backends.vllm import VLLMBackend
 
-        if not model:
-            raise ValueError("--backend vllm needs --model (a model name or checkpoint folder)")
-        return VLLMBackend(model)
+        # an instruction-tuned model with the same prompt format and per-step grammar as the
+        # embedded default, so the two engines run the same agent
+        return VLLMBackend(model or DEFAULT_MODEL, chat_template=True,
+                           grammar=None if grammar == "none" else (grammar or "protocol"),
+                           enforce_eager=True, max_model_len=n_ctx)
     raise ValueError(f"unknown backend {kind!r}")
 
 

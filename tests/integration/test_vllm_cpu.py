@@ -49,6 +49,44 @@ def test_missing_model_folder_is_unavailable(monkeypatch, tmp_path):
         vllm_mod.VLLMBackend(tmp_path / "empty")
 
 
+def test_prompts_and_grammars_come_from_the_shared_formats(monkeypatch, tmp_path):
+    """No engine: VLLMBackend renders with the same formats as the embedded backend (few-shot by
+    default; ChatMLFormat over the tokenizer's template with ``chat_template=True``), and
+    ``grammar="protocol"`` sends that format's grammar for each step; a catalog name is resolved
+    to its GGUF and converted."""
+    from apr_agents.backends.formats import ChatMLFormat, FewShotFormat
+    from apr_agents.backends.prompting import FEWSHOT_END_STOPS
+    from tests.test_formats import QWEN_LIKE
+
+    monkeypatch.setattr(vllm_mod, "vllm_available", lambda: True)
+    (tmp_path / "config.json").write_text("{}")
+    base = vllm_mod.VLLMBackend(tmp_path)
+    assert isinstance(base.prompt_format, FewShotFormat) and base.end_stops == FEWSHOT_END_STOPS
+    assert "grammar" not in base._params(ROOT_STOPS, 8, 0.0, None, stream=False, prompt="x")
+
+    class Tokenizer:  # what the format needs from a Hugging Face tokenizer
+        chat_template = QWEN_LIKE
+        eos_token = "<|im_end|>"
+
+    chat = vllm_mod.VLLMBackend(tmp_path, chat_template=True, grammar="protocol")
+    chat._hf_tokenizer = Tokenizer()
+    assert isinstance(chat.prompt_format, ChatMLFormat) and chat.end_stops == ()
+    prompt = chat.render([HumanMessage("Population of France and Canada?")], TOOLS)
+    assert prompt.endswith("<|im_start|>assistant\n") and "Never guess a fact" in prompt
+    gbnf = chat._params(ROOT_STOPS, 8, 0.0, None, stream=False, prompt=prompt)["grammar"]
+    assert gbnf == chat.prompt_format.grammar(prompt, ROOT_STOPS) and gbnf.startswith('root ::= "Items: "')
+    assert chat.tool_results_text(["42"], depth=0).startswith("<|im_end|>\n<|im_start|>user\n<tool_response>")
+    fixed = vllm_mod.VLLMBackend(tmp_path, grammar='root ::= "a"')
+    assert fixed._params([], 8, 0.0, None, stream=False, prompt="x")["grammar"] == 'root ::= "a"'
+
+    import apr_agents.backends.convert as convert
+    import apr_agents.backends.models as models
+
+    monkeypatch.setattr(models, "model_path", lambda name: tmp_path / f"{name}.gguf")
+    monkeypatch.setattr(convert, "convert_gguf_to_hf", lambda path: tmp_path)
+    assert vllm_mod.VLLMBackend("qwen2.5-coder-1.5b-instruct").model == str(tmp_path)
+
+
 # -- the real engine ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def backend():
@@ -107,6 +145,21 @@ class TestEngine:
         assert c.text.startswith(short.text)
         forced = await backend.complete(prompt, stop=[], max_tokens=24, ignore_eos=True)
         assert (forced.finish_reason, forced.completion_tokens) == ("length", 24)
+
+    async def test_a_grammar_constrains_every_call(self, backend, spawn_prompt):
+        """``grammar``: a GBNF string applies as given; ``"protocol"`` sends the format's grammar for
+        the step (vLLM structured outputs), so the text holds no tag the protocol does not allow."""
+        try:
+            backend.grammar = 'root ::= "yes" | "no"'
+            c = await backend.complete(spawn_prompt, stop=[], max_tokens=8)
+            assert c.text in ("yes", "no")
+            backend.grammar = "protocol"
+            c = await backend.complete(spawn_prompt, stop=ROOT_STOPS, max_tokens=96)
+        finally:
+            backend.grammar = None
+        assert "<tool_response>" not in c.text
+        tags = {t.split(">")[0] for t in c.text.split("<")[1:]}
+        assert tags <= {"Parallel", "Outlines", "Outline", "/Outline", "tool_call", "/tool_call", "end"}, tags
 
     async def test_stream_yields_pieces_then_the_same_completion(self, backend, spawn_prompt):
         whole = await backend.complete(spawn_prompt, stop=ROOT_STOPS, max_tokens=96)
