@@ -254,6 +254,11 @@ class VLLMBackend(FormattedBackend):
             self._format = format_for(template, bos_token="", eos_token=tok.eos_token or "", dialect=self.dialect)
         return self._format
 
+    @property
+    def prompt_dialect(self) -> Dialect:
+        """The spawn dialect the prompts teach, known without loading the tokenizer."""
+        return self._format.dialect if self._format is not None else self.dialect
+
     async def complete(self, prompt: str, *, stop: list[str], max_tokens: int, temperature: float = 0.0,
                        ignore_eos: bool | None = None) -> Completion:
         final: Completion | None = None

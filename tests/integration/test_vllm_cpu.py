@@ -68,6 +68,8 @@ def test_prompts_and_grammars_come_from_the_shared_formats(monkeypatch, tmp_path
         chat_template = QWEN_LIKE
         eos_token = "<|im_end|>"
 
+    chat = vllm_mod.VLLMBackend(tmp_path, chat_template=True, grammar="protocol", dialect="multiverse")
+    assert chat.prompt_dialect.name == "multiverse"  # create_apr_agent's check needs no tokenizer
     chat = vllm_mod.VLLMBackend(tmp_path, chat_template=True, grammar="protocol")
     chat._hf_tokenizer = Tokenizer()
     assert isinstance(chat.prompt_format, ChatMLFormat) and chat.end_stops == ()
