@@ -7,6 +7,8 @@ from typing import Any
 
 from rich.tree import Tree
 
+from apr_agents.runtime.trace import engine_span
+
 
 def _children(ctxs: dict[str, dict[str, Any]], cid: str) -> list[str]:
     return [k for group in ctxs.get(cid, {}).get("spawns", []) for k in group if k in ctxs]
@@ -74,9 +76,8 @@ def plot_timeline(trace: dict[str, Any], path: str | Path, *, title: str = "apr-
                 alpha=0.55, height=0.6)
         for mc in rec.get("model_calls", []):  # the call: light; the engine's own span of it: dark
             ax.barh(row, mc.get("duration_s", 0), left=mc["started"] - t0, color="#B8C4D6", height=0.3)
-            begin, end = mc.get("engine_started", mc["started"]), mc.get("engine_ended")
-            end = end if end is not None else mc["started"] + mc.get("duration_s", 0)
-            ax.barh(row, end - begin, left=begin - t0, color="#1F3A5F", height=0.3)
+            busy_from, busy_to = engine_span(mc)
+            ax.barh(row, busy_to - busy_from, left=busy_from - t0, color="#1F3A5F", height=0.3)
         for tc in rec.get("tool_calls", []):
             ax.barh(row, tc.get("duration_s", 0), left=tc["started"] - t0, color="#54A24B", height=0.3)
     ax.set_yticks(range(len(order)))

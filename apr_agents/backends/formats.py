@@ -346,7 +346,7 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
         top = min(max_outlines, 9)
         counts = ['"1\\n" calls']
         for k in range(2, top + 1):
-            rules += spawn_rules(k, sep=" ", otext="", dialect=dialect, min_outlines=k, name=f"spawn{k}")
+            rules += spawn_rules(k, sep=" ", otext=None, dialect=dialect, min_outlines=k, name=f"spawn{k}")
             counts.append(f'"{k}\\n" ( calls | spawn{k} )')
         options.append(f'"{ITEMS_PREFIX}" ( ' + " | ".join(counts) + " )")
     elif first_step or not branch:

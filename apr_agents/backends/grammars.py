@@ -116,11 +116,12 @@ def schema_rule(schema: Any, name: str, rules: list[str], depth: int = 0) -> str
     return "value"
 
 
-def spawn_rules(max_outlines: int, *, sep: str, otext: str, dialect: Dialect = CANONICAL,
+def spawn_rules(max_outlines: int, *, sep: str, otext: str | None, dialect: Dialect = CANONICAL,
                 min_outlines: int = 2, name: str = "spawn") -> list[str]:
     """``name`` (default ``spawn``): the dialect's spawn block up to its spawn point with
-    ``min_outlines``..``max_outlines`` outlines (2.. by default), each outline's text matching
-    ``otext`` (the ``otext`` rule comes with the default name only). Tag dialects number their
+    ``min_outlines``..``max_outlines`` outlines (2.. by default), each outline's text matching the
+    ``otext`` rule, defined here as ``otext`` (``None``: an ``otext`` rule defined by another call
+    is reused). Tag dialects number their
     outlines (``<Outline>1:{sep}...``); APR writes ``spawn(["...", "..."])``, each task a JSON string."""
     need = max(1, min(min_outlines, max_outlines))
     if isinstance(dialect, APRDialect):
@@ -139,7 +140,7 @@ def spawn_rules(max_outlines: int, *, sep: str, otext: str, dialect: Dialect = C
             optional = f"( {o} {optional})? "
         head = gbnf_literal(f"{dialect.parallel_open}\n{dialect.outlines_open}\n")
         rules = [f"{name} ::= {head} {' '.join(outlines[:need])} {optional}{gbnf_literal(dialect.spawn_marker)}"]
-    return rules + ([f"otext ::= {otext}"] if name == "spawn" else [])
+    return rules + ([f"otext ::= {otext}"] if otext is not None else [])
 
 
 def gbnf_literal(text: str) -> str:

@@ -55,23 +55,18 @@ def looks_like_path(model: str) -> bool:
 
 def resolve_model(model: str | os.PathLike[str] | None) -> str:
     """A local folder (checked), a GGUF file or a catalog model name (converted once), or a hub name."""
-    if model is None:
-        from .convert import convert_gguf_to_hf
-
-        return str(convert_gguf_to_hf())
-    text = os.fspath(model)
+    from .convert import convert_gguf_to_hf
     from .models import CATALOG, model_path
 
+    if model is None:
+        return str(convert_gguf_to_hf())
+    text = os.fspath(model)
     if text in CATALOG:  # a catalog model ("qwen2.5-coder-1.5b-instruct"): its GGUF, converted once
-        from .convert import convert_gguf_to_hf
-
         return str(convert_gguf_to_hf(model_path(text)))
     path = Path(text).expanduser()
     if path.exists():
         if path.is_file():
             if path.suffix == ".gguf":
-                from .convert import convert_gguf_to_hf
-
                 return str(convert_gguf_to_hf(path))
             raise BackendUnavailable(f"{path} is a file; VLLMBackend needs a checkpoint folder "
                                      "(config.json and weights), a .gguf file or a model name")

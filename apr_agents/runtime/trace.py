@@ -92,14 +92,18 @@ def max_concurrent(contexts: dict[str, dict[str, Any]]) -> int:
     return _most_at_once(spans)
 
 
+def engine_span(call: dict[str, Any]) -> tuple[float, float]:
+    """The span a ``model_calls`` record had on the engine: the engine's own where the backend
+    reported it, else the call's span as the runtime saw it."""
+    if "engine_started" in call:
+        return float(call["engine_started"]), float(call["engine_ended"])
+    return float(call["started"]), float(call["started"]) + float(call.get("duration_s") or 0.0)
+
+
 def max_concurrent_model_calls(contexts: dict[str, dict[str, Any]]) -> int:
-    """The most model calls the engine worked on at one time, over every context: the engine's own
-    span of each call where the backend reports it (so a serial engine reads 1 however many
-    branches wait for it, a batching engine more), else the call's span as the runtime saw it."""
-    spans = [(float(m["engine_started"]), float(m["engine_ended"])) if "engine_started" in m
-             else (float(m["started"]), float(m["started"]) + float(m.get("duration_s") or 0.0))
-             for rec in contexts.values() for m in rec.get("model_calls", [])]
-    return _most_at_once(spans)
+    """The most model calls the engine worked on at one time, over every context (``engine_span``:
+    a serial engine reads 1 however many branches wait for it, a batching engine more)."""
+    return _most_at_once([engine_span(m) for rec in contexts.values() for m in rec.get("model_calls", [])])
 
 
 def _most_at_once(spans: list[tuple[float, float]]) -> int:

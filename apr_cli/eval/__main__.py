@@ -243,7 +243,8 @@ async def amain(args: argparse.Namespace) -> int:
             "methods": methods, "questions": len(questions), "seed": args.seed, "tool_latency_s": args.tool_latency,
             "timeout_s": timeout, "deadline_s": deadline, "concurrency": args.concurrency,
             "max_tokens": args.max_tokens, "max_threads": args.max_threads, "max_depth": args.max_depth,
-            "apr_config": overrides, "merge": args.merge, "format_options": format_options, "grammar": args.grammar, "n_threads": args.n_threads,
+            "apr_config": overrides, "merge": args.merge, "format_options": format_options,
+            "grammar": args.grammar, "n_threads": args.n_threads,
             "lenient_tool_calls": args.lenient_tool_calls, "system": args.system,
             "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "elapsed_s": round(elapsed, 1),
             "backend_load_s": round(load_s, 1), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
