@@ -21,6 +21,7 @@ from apr_agents.backends.formats import (
     _repeated_call,
     _thread_tool_calls,
     chatml_gbnf,
+    joined_question,
     own_outline,
     tools_in_prompt,
 )
@@ -119,6 +120,36 @@ def test_grammar_per_step() -> None:
     assert "[0-9a-z_+\\-*/%^(). ,]{1,200}" in gbnf  # the calculator's pattern reached the grammar
 
 
+
+def test_the_root_may_restate_the_question_after_the_merge() -> None:
+    fmt = ChatMLFormat(QWEN_LIKE, restate_question=True)
+    start = fmt.render([HumanMessage("Which is larger: Peru or Chile?")], TOOLS)
+    merged = start + "Items: 2\n<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>1: x</Thread>\n</Parallel>\n"
+    assert joined_question(merged, CANONICAL) == "Which is larger: Peru or Chile?"
+    stops = ["</tool_call>", "</Outlines>"]
+    assert _options(fmt.grammar(merged, stops) or "") == (
+        'root ::= "Question: " "Which is larger: Peru or Chile?" "\\n" ( ( say "\\n" )? calls | say )')
+    # only the first step after the merge: after a tool result the root goes on as before
+    later = merged + "Question: x\n<tool_call>\n{}\n</tool_call>" + fmt.tool_results(["1"], depth=0)
+    assert joined_question(later, CANONICAL) is None
+    assert _options(fmt.grammar(later, stops) or "") == 'root ::= ( say "\\n" )? calls | say'
+    # off by default, and never inside a thread
+    assert "Question: " not in (ChatMLFormat(QWEN_LIKE).grammar(merged, stops) or "")
+    assert joined_question(start, CANONICAL) is None
+    assert fmt.answer("Question: Which is larger: Peru or Chile?\nPeru is larger.<|im_end|>") == "Peru is larger."
+
+
+def test_a_thread_may_answer_its_own_outline_by_name() -> None:
+    fmt = ChatMLFormat(QWEN_LIKE, result_names_outline=True)
+    start = fmt.render([HumanMessage("q")], TOOLS)
+    branch = start + "<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n<Outline>2: look up b</Outline>\n</Outlines>\n<Thread>2:"
+    done = branch + ' look up b\n<tool_call>\n{"name": "lookup"}\n</tool_call>' + fmt.tool_results(["r"], depth=1)
+    assert own_outline(done, CANONICAL) is None and own_outline(done, CANONICAL, opening=False) == "look up b"
+    bstops = ["</tool_call>", "</Thread>"]
+    assert _options(fmt.grammar(done, bstops) or "") == 'root ::= "Result: " "look up b" " = " say ( "</Thread>" )'
+    assert _options(fmt.grammar(branch, bstops) or "") == 'root ::= " " "look up b" "\\n" calls'  # unchanged
+    assert _options(ChatMLFormat(QWEN_LIKE).grammar(done, bstops) or "") == 'root ::= "Result: " say ( "</Thread>" )'
+
 def test_schema_rules() -> None:
     rules = list(JSON_RULES)
     name = schema_rule({"type": "object", "properties": {
@@ -141,6 +172,16 @@ def test_grammars_parse_in_llama_cpp() -> None:
         llama_cpp.LlamaGrammar.from_string(fmt.grammar(start, stops), verbose=False)
     for branch in (False, True):
         llama_cpp.LlamaGrammar.from_string(protocol_gbnf(branch=branch, can_spawn=True), verbose=False)
+    # the restated question (quotes, a colon) and the outline-named result
+    fmt = ChatMLFormat(QWEN_LIKE, restate_question=True, result_names_outline=True)
+    start = fmt.render([HumanMessage('Which is larger: "Peru" or Chile?')], TOOLS)
+    spawn = start + "Items: 2\n<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n<Outline>2: look up b</Outline>\n</Outlines>\n"
+    done = spawn + '<Thread>2: look up b\n<tool_call>\n{"name": "lookup"}\n</tool_call>' + fmt.tool_results(["r"], depth=1)
+    merged = spawn + "<Thread>1: x</Thread>\n<Thread>2: y</Thread>\n</Parallel>\n"
+    for prompt, stops in ((done, ["</tool_call>", "</Thread>"]), (merged, ["</tool_call>", "<|im_end|>"])):
+        gbnf = fmt.grammar(prompt, stops) or ""
+        assert "look up b" in gbnf or "Peru" in gbnf
+        llama_cpp.LlamaGrammar.from_string(gbnf, verbose=False)
 
 
 def test_catalog_assembles_parts_and_checks_the_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

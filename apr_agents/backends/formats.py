@@ -26,7 +26,10 @@ Two formats ship:
   With ``count_items`` (default) the root's first reply starts with ``Items: N``:
   one item must be a tool call (a thread for one item is pure overhead: it made a
   single-part question 2.7x slower than ReAct), N items a tool call or exactly N
-  threads.
+  threads. With ``restate_outline`` (default) a thread first writes its own outline
+  again. Two options measured and left off (docs/eval.md): ``restate_question``
+  (the root writes the question again right after the merge) and
+  ``result_names_outline`` (a thread's result starts ``Result: <outline> =``).
 
 Example::
 
@@ -99,11 +102,12 @@ def spawn_instruction(dialect: Dialect, max_outlines: int, *, count_items: bool 
         "facts about several countries), first split the work into parallel threads, one per item, like this:\n"
         f"{example}\n"
         f"Write at most {max_outlines} outlines. Each thread then runs by itself and works only on its own "
-        "outline: it calls the tool it needs, states the result in one short sentence and ends with "
-        f"{dialect.thread_close}. "
-        "The threads come back to you in order. Then finish: compute with the calculator when the question "
-        "needs arithmetic, and give the final answer in one sentence with the number or name it asks for. "
-        "Work from the tool results only."
+        "outline: it calls the tool it needs, writes Result: with the number or name its own outline asks "
+        f"for, and ends with {dialect.thread_close}. "
+        "The threads come back to you in order. Then finish from their results: to add, subtract or divide "
+        "numbers, call the calculator; to say which item is the largest, smallest or farthest, compare the "
+        "threads' numbers and name that item (no calculator). Give the final answer in one sentence, with "
+        "the name or the number in the unit the question asks for. Work from the tool results only."
     )
 
 
@@ -117,7 +121,8 @@ class ChatMLFormat:
                  dialect: Dialect = CANONICAL, max_outlines: int = 6,
                  instruction: str | None = None, force_first_call: bool = True,
                  thread_tool_calls: int | None = 1, count_items: bool = True,
-                 restate_outline: bool = True) -> None:
+                 restate_outline: bool = True, restate_question: bool = False,
+                 result_names_outline: bool = False) -> None:
         self.template = template
         self.bos_token = bos_token
         self.eos_token = eos_token
@@ -125,10 +130,12 @@ class ChatMLFormat:
         self.max_outlines = max_outlines
         self.count_items = count_items
         self.restate_outline = restate_outline
+        self.restate_question = restate_question
+        self.result_names_outline = result_names_outline
         self.custom_instruction = instruction
         self.force_first_call = force_first_call
         self.thread_tool_calls = thread_tool_calls
-        self._grammars: dict[tuple[str, bool, bool, bool, bool, str | None], str] = {}
+        self._grammars: dict[tuple[str, bool, bool, bool, bool, str | None, str | None], str] = {}
 
     @property
     def instruction(self) -> str:
@@ -158,8 +165,10 @@ class ChatMLFormat:
         return f"{IM_END}\n{IM_START}user{body}{IM_END}\n{ASSISTANT_START}"
 
     def answer(self, text: str) -> str:
-        tail = text.rsplit(ASSISTANT_START, 1)[-1]
-        return tail.replace(IM_END, "").strip()
+        tail = text.rsplit(ASSISTANT_START, 1)[-1].replace(IM_END, "")
+        if self.restate_question:  # the restated question is the model's note to itself, not its answer
+            tail = "\n".join(line for line in tail.splitlines() if not line.startswith("Question: "))
+        return tail.strip()
 
     # -- grammar ----------------------------------------------------------------------
     def grammar(self, prompt: str, stops: Sequence[str]) -> str | None:
@@ -171,14 +180,18 @@ class ChatMLFormat:
                         and _thread_tool_calls(prompt, self.dialect) >= self.thread_tool_calls)
         may_call = may_call and not _repeated_call(prompt)
         outline = own_outline(prompt, self.dialect) if self.restate_outline and branch and first else None
-        key = (json.dumps(tools, sort_keys=True), branch, can_spawn, first, may_call, outline)
+        if self.result_names_outline and branch and not first:
+            outline = own_outline(prompt, self.dialect, opening=False)
+        question = (joined_question(prompt, self.dialect)
+                    if self.restate_question and not branch and not first else None)
+        key = (json.dumps(tools, sort_keys=True), branch, can_spawn, first, may_call, outline, question)
         if key not in self._grammars:
             if len(self._grammars) >= 256:
                 self._grammars.clear()
             self._grammars[key] = chatml_gbnf(tools, branch=branch, can_spawn=can_spawn, first_step=first,
                                               max_outlines=self.max_outlines, may_call=may_call,
                                               dialect=self.dialect, count_items=self.count_items,
-                                              outline=outline)
+                                              outline=outline, question=question)
         return self._grammars[key]
 
 
@@ -244,12 +257,16 @@ def tools_in_prompt(prompt: str) -> list[dict[str, Any]]:
     return tools
 
 
-def own_outline(prompt: str, dialect: Dialect) -> str | None:
+def own_outline(prompt: str, dialect: Dialect, *, opening: bool = True) -> str | None:
     """The outline of the thread a branch prompt opens (``...<Outline>2: X</Outline>...<Thread>2:``
-    gives ``X``); None for APR's ``spawn([...])`` or when the prompt does not end with a thread opening."""
+    gives ``X``); None for APR's ``spawn([...])`` or when the prompt does not end with a thread opening.
+    ``opening=False``: the outline of the latest thread opened anywhere in the prompt (a branch
+    further on in its work)."""
     if isinstance(dialect, APRDialect) or not dialect.outline_open:
         return None
-    opened = re.search(re.escape(dialect.thread_open + dialect.thread_label_sep) + r"([^:\n<]+):$", prompt)
+    pattern = re.escape(dialect.thread_open + dialect.thread_label_sep) + r"([^:\n<]+):"
+    opened = (re.search(pattern + "$", prompt) if opening
+              else next(reversed(list(re.finditer(pattern, prompt))), None))
     block = prompt.rpartition(dialect.outlines_open)[2].partition(dialect.spawn_marker)[0]
     if opened is None or not block:
         return None
@@ -257,6 +274,17 @@ def own_outline(prompt: str, dialect: Dialect) -> str | None:
                       + re.escape(dialect.outline_close), block, re.S)
     text = found.group(1).strip() if found else ""
     return text if text and "\n" not in text else None
+
+
+def joined_question(prompt: str, dialect: Dialect) -> str | None:
+    """The user's question, when ``prompt`` (a root context) ends right after its threads were merged
+    (``...</Parallel>`` and a newline); None elsewhere, or when the question is not one short line."""
+    head, sep, segment = prompt.rpartition(ASSISTANT_START)
+    if not sep or not segment.rstrip("\n").endswith(dialect.parallel_close or dialect.thread_close):
+        return None
+    turns = [t for t in head.split(f"{IM_START}user\n")[1:] if not t.lstrip().startswith("<tool_response>")]
+    text = turns[-1].partition(IM_END)[0].strip() if turns else ""
+    return text if text and "\n" not in text and len(text) <= 300 else None
 
 
 def _thread_tool_calls(prompt: str, dialect: Dialect) -> int:
@@ -294,7 +322,7 @@ def _first_step(prompt: str) -> bool:
 
 def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: bool, first_step: bool,
                 max_outlines: int = 6, may_call: bool = True, dialect: Dialect = CANONICAL,
-                count_items: bool = False, outline: str | None = None) -> str:
+                count_items: bool = False, outline: str | None = None, question: str | None = None) -> str:
     """GBNF for one step of a ChatML model in ``dialect`` (its spawn block, its thread end).
 
     A step is one of: a tool call whose arguments follow that tool's JSON schema (the
@@ -313,7 +341,11 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
     is pure overhead), with N >= 2 it calls a tool or spawns exactly N threads (at most
     ``max_outlines``, and N stops at 9). ``outline``: a thread's first step starts by writing
     its own outline again, word for word, on one line before its tool call (a 1.5B model that
-    went straight to the call often looked up the previous thread's item).
+    went straight to the call often looked up the previous thread's item); after a tool result,
+    ``outline`` makes the ``Result:`` sentence start from it (``Result: <outline> = ...``), so the
+    thread answers its outline rather than the whole question. ``question``: the root's
+    first step after its threads are merged starts by writing the question again (``Question: ...``),
+    so the last thing it read before finishing is what was asked, not the threads' results.
     """
     from .grammars import JSON_RULES, gbnf_literal, schema_rule, spawn_rules
 
@@ -357,8 +389,12 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
         if not first_step or not options:
             options.append(f"say {close}" if branch else "say")
     else:  # a branch after a tool result: say what was found, then close (or call again, if it may)
-        options.append(f'"Result: " say ( {close}' + (' | "\\n" calls' if calls and may_call else "") + " )")
-    return "\n".join([f"root ::= {' | '.join(options)}", *rules]) + "\n"
+        cue = f'"Result: " {gbnf_literal(outline)} " = "' if outline else '"Result: "'
+        options.append(f'{cue} say ( {close}' + (' | "\\n" calls' if calls and may_call else "") + " )")
+    top = " | ".join(options)
+    if question:
+        top = f'"Question: " {gbnf_literal(question)} "\\n" ( {top} )'
+    return "\n".join([f"root ::= {top}", *rules]) + "\n"
 
 
 def _gbnf_escape(text: str) -> str:
@@ -366,5 +402,5 @@ def _gbnf_escape(text: str) -> str:
 
 
 __all__ = ["ASSISTANT_START", "ITEMS_PREFIX", "ChatMLFormat", "FewShotFormat", "FormattedBackend", "PromptFormat",
-           "chatml_gbnf", "format_for", "own_outline", "spawn_instruction",
+           "chatml_gbnf", "format_for", "joined_question", "own_outline", "spawn_instruction",
            "tool_signature", "tools_in_prompt"]
