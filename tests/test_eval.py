@@ -132,6 +132,9 @@ def test_numbers_grading_needs_every_value() -> None:
     ("Peru is the largest.", False),
     ("Brazil is big, but Chile is the largest of them.", False),
     ("None of them.", False),
+    # a walk-through cut off before its conclusion: the last option named is a heading, not a pick
+    ("The density of Peru is 25.\n\n2. **Chile**:\n   - Population: 19M\n\n3. **Brazil**:\n   - Area: 8.5M", False),
+    ("Peru: 25 per km2. Brazil: 25.4 per km2.\n**Brazil**: the densest.", True),
 ])
 def test_choice_grading(answer: str, ok: bool) -> None:
     assert grade(answer, {"kind": "choice", "answer": "Brazil", "options": ["Peru", "Chile", "Brazil"]}) is ok

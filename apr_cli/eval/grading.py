@@ -12,7 +12,8 @@
 - ``choice``: the option the answer picks is the right one. The pick is read
   from the last sentence that names any option: the only option named there, or
   the one followed by a superlative ("largest", "most", "farthest", ...), or
-  else the first one named.
+  else the first one named. A sentence that ends with a colon is a heading
+  ("3. **Peru**:" in a walk-through cut off before its conclusion), not a pick.
 
 Example::
 
@@ -88,6 +89,8 @@ def picked_option(text: str, options: list[str]) -> str | None:
     """The option an answer picks (see the module doc), or None when it names none."""
     sentences = [fold(s) for s in _SENTENCE_RE.split(text) if s.strip()]
     for sentence in reversed(sentences):
+        if sentence.rstrip(" *_#").endswith(":"):  # a heading that labels what follows
+            continue
         hits = sorted((pos, opt) for opt in options for pos in _mentions(sentence, opt))
         named = {opt for _, opt in hits}
         if not named:
