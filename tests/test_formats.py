@@ -98,6 +98,9 @@ def test_grammar_per_step() -> None:
     spawn3 = next(line for line in first.splitlines() if line.startswith("spawn3 ::="))
     assert spawn3.count("<Outline>") == 3 and "?" not in spawn3  # exactly three outlines
     assert "Items: 2\n<Parallel>" in start and "With one item, call the tool right away" in start
+    # how to finish: sums with the calculator, "which" questions by comparing (docs/eval.md, instr-C)
+    assert "to add, subtract or divide numbers, call the calculator" in start
+    assert "compare the threads' numbers and name that item" in start
     plain = ChatMLFormat(QWEN_LIKE, count_items=False)
     assert _options(plain.grammar(plain.render([HumanMessage("q")], TOOLS), stops) or "") == (
         'root ::= ( say "\\n" )? calls | ( say "\\n" )? spawn')
