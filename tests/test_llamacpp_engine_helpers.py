@@ -10,7 +10,7 @@ import asyncio
 import pytest
 
 from apr_agents.backends.base import Completion
-from apr_agents.backends.llamacpp_helpers import common_prefix, find_first, grammar_source, holdback
+from apr_agents.backends.llamacpp_helpers import PrefixStates, common_prefix, find_first, grammar_source, holdback
 
 
 def test_holdback_keeps_what_could_still_become_a_stop() -> None:
@@ -25,6 +25,28 @@ def test_find_first_takes_the_earliest_then_the_longest() -> None:
     assert find_first("ab</tool_call>", ["</tool", "</tool_call>"], 0) == (2, "</tool_call>")
     assert find_first("abc", ["x"], 0) is None
     assert find_first("<end>abc<end>", ["<end>"], 1) == (8, "<end>")
+
+
+def test_prefix_states_find_the_longest_shared_prefix_and_evict_the_oldest() -> None:
+    states = PrefixStates(capacity_bytes=100)
+    assert states.best([1, 2, 3]) is None
+    states.put([1, 2, 3, 4], b"a" * 40)
+    states.put([7, 8, 9], b"b" * 40)
+    assert states.best([1, 2, 3, 9]) == ((1, 2, 3, 4), b"a" * 40, 3)
+    assert states.best([7, 8]) == ((7, 8, 9), b"b" * 40, 2)
+    assert states.best([5]) is None  # nothing shared is no match
+    assert states.covers([1, 2]) and not states.covers([1, 2, 5])
+    # a newer state that extends an older one replaces it
+    states.put([1, 2, 3, 4, 5], b"c" * 40)
+    assert len(states) == 2 and states.size_bytes == 80
+    # past the budget the least recently used goes: [7, 8, 9] was used after [1..5] was put
+    states.best([7])
+    states.put([4, 4], b"d" * 40)
+    assert len(states) == 2 and states.best([1, 2]) is None and states.best([7])[0] == (7, 8, 9)
+    states.put([6], b"e" * 101)  # larger than the whole budget: not kept
+    assert states.best([6]) is None and states.size_bytes <= 100
+    states.clear()
+    assert len(states) == 0 and states.size_bytes == 0
 
 
 def test_common_prefix() -> None:

@@ -39,7 +39,7 @@ _LAZY = {
 
 
 def default_backend(**kwargs: Any) -> Any:
-    """The embedded CPU default: Gemma 3 270M (GGUF from PyPI) run by llama.cpp."""
+    """The embedded CPU default: the catalog default model (GGUF from PyPI) run by llama.cpp."""
     from .embedded import default_backend as _default
 
     return _default(**kwargs)

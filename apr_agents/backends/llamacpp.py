@@ -20,7 +20,14 @@ or an OpenAI-compatible server with continuous batching.
 What it does do for parallel reasoning: consecutive calls reuse the longest
 common token prefix still in the KV cache, so a branch whose prompt extends the
 previous call's prompt (the shared spawn prefix) only evaluates its new tokens;
-``Completion.cached_prompt_tokens`` reports how many were reused.
+``Completion.cached_prompt_tokens`` reports how many were reused. Before a call
+drops tokens from the cache (a sibling branch's turn, another agent's prompt),
+the sequence's KV state is saved in host memory (``prefix_cache_bytes``, least
+recently used out), and a later call whose prompt shares more with a saved state
+than with the live cache restores it instead of reading those tokens again: a
+branch resumes after its tool call from its own tokens, and an agent whose runs
+alternate with another's keeps its instruction prefix (llama.cpp server's
+``--cache-ram`` and vLLM's prefix caching do the same).
 
 The generation loop is our own (over ``Llama.generate``) rather than
 ``create_completion``, so that the result says *which* stop string ended the
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import ctypes
 import os
 import random
 import threading
@@ -48,11 +56,15 @@ from .base import BackendError, BackendRequestError, BackendUnavailable, Complet
 from .formats import ChatMLFormat, FewShotFormat, FormattedBackend, format_for
 from .grammars import protocol_gbnf
 from .llamacpp_engine import BatchedEngine
+from .llamacpp_helpers import PrefixStates, grammar_source
 from .llamacpp_helpers import find_first as _find_first
-from .llamacpp_helpers import grammar_source
 from .llamacpp_helpers import holdback as _holdback
 from .llamacpp_native import Request
 from .prompting import TURN_USER
+
+# A sequence is saved before a call drops at least this many of its tokens, and a
+# saved state restored when it gives at least this many more than the live cache.
+_MIN_STATE_TOKENS = 16
 
 INSTALL_HINT = (
     "pip install 'apr-agents[embedded]' (llama-cpp-python==0.3.36; the first install compiles "
@@ -100,6 +112,10 @@ class LlamaCppBackend(FormattedBackend):
     the output then depends on the prompt alone, not on which call ran before
     (cached and fresh prefills differ in the last bits, and greedy decoding of a
     small model can flip on that), so parallel and sequential runs write the same text.
+    ``prefix_cache_bytes``: host memory for saved KV states of sequences the serial
+    mode had to drop (module doc); 0 keeps only the live cache. A state costs the
+    model's KV bytes per token (28 KiB a token for Qwen2.5 1.5B, about 40 MiB for a
+    1,500-token prompt).
     ``batched``: decode concurrent calls together (``BatchedEngine``, see the
     module doc); ``n_seq_max`` sequences at once (more calls queue);
     ``kv_unified``: ``False`` gives each sequence its own KV stream of ``n_ctx``
@@ -125,6 +141,7 @@ class LlamaCppBackend(FormattedBackend):
         end_stops: Sequence[str] | None = None,
         verbose: bool = False,
         reuse_prefix: bool = True,
+        prefix_cache_bytes: int = 1 << 30,
         batched: bool = False,
         n_seq_max: int = 8,
         kv_unified: bool = False,
@@ -188,11 +205,14 @@ class LlamaCppBackend(FormattedBackend):
                 self._end_token_ids.add(ids[0])
 
         self.reuse_prefix = reuse_prefix
+        self._states = (PrefixStates(prefix_cache_bytes)  # serial mode only: the batched engine keeps sequences
+                        if reuse_prefix and prefix_cache_bytes > 0 and not batched else None)
         self.grammar = grammar
         self._grammar_cache: dict[str, Any] = {}
         self._stats_lock = threading.Lock()
         self._stats = {"calls": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0, "completion_tokens": 0,
-                       "busy_s": 0.0, "max_queue": 0, "aborted": 0}
+                       "busy_s": 0.0, "max_queue": 0, "aborted": 0,
+                       "saved_states": 0, "restored_states": 0}
         self._queued = 0
         self._active: set[threading.Event] = set()
         self.batched = batched
@@ -268,7 +288,7 @@ class LlamaCppBackend(FormattedBackend):
         if self._engine is not None:
             self._engine.clear_cache()
         elif self._executor is not None:  # on the worker thread, after the calls queued before it
-            self._executor.submit(self.llama.reset).result()
+            self._executor.submit(self._reset).result()
 
     def sequences(self) -> list[dict[str, Any]]:
         """Batched mode: each llama.cpp sequence, its KV positions and whether a call is using it."""
@@ -364,6 +384,48 @@ class LlamaCppBackend(FormattedBackend):
             with self._stats_lock:
                 self._stats["busy_s"] += time.perf_counter() - started
 
+    def _reset(self) -> None:
+        self.llama.reset()
+        if self._states is not None:
+            self._states.clear()
+
+    def _swap_state(self, tokens: list[int], cached: int) -> int:
+        """Save the live sequence if this call drops part of it; restore a saved one that shares more.
+
+        Returns how many prompt tokens are now in the cache (the prefix ``generate`` keeps).
+        """
+        assert self._states is not None
+        llm, lib = self.llama, self._llama_cpp
+        held = llm._input_ids.tolist()
+        if len(held) - cached >= _MIN_STATE_TOKENS and not self._states.covers(held):
+            size = lib.llama_state_seq_get_size(llm.ctx, 0)
+            buf = (ctypes.c_uint8 * size)()
+            n = lib.llama_state_seq_get_data(llm.ctx, buf, size, 0)
+            if 0 < n <= size:
+                self._states.put(held, ctypes.string_at(buf, n))
+                with self._stats_lock:
+                    self._stats["saved_states"] += 1
+        found = self._states.best(tokens)
+        if found is None:
+            return cached
+        key, blob, shared = found
+        keep = min(shared, len(tokens) - 1)
+        if keep < cached + _MIN_STATE_TOKENS:
+            return cached
+        lib.llama_memory_seq_rm(lib.llama_get_memory(llm.ctx), 0, -1, -1)
+        src = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+        if lib.llama_state_seq_set_data(llm.ctx, src, len(blob), 0) != len(blob):
+            llm.reset()  # the cache is empty now: this call reads its prompt from the start
+            return 0
+        # ``generate`` keeps the first ``n_tokens`` ids that match the prompt and drops the
+        # rest of the cells; at most len(tokens) - 1, so it evaluates a token and the
+        # logits it samples from are this prompt's, not the ones left by the last call.
+        llm.input_ids[: len(key)] = key
+        llm.n_tokens = keep
+        with self._stats_lock:
+            self._stats["restored_states"] += 1
+        return keep
+
     def _decode(self, prompt: str, stops: list[str], max_tokens: int, temperature: float, seed: int,
                 emit: Callable[[str], None] | None, cancel: threading.Event) -> Completion:
         llm = self.llama
@@ -379,6 +441,8 @@ class LlamaCppBackend(FormattedBackend):
         if not self.reuse_prefix:
             llm.reset()
         cached = min(llm.longest_token_prefix(llm._input_ids.tolist(), tokens), n_prompt - 1)
+        if self._states is not None and budget > 0 and not cancel.is_set():
+            cached = self._swap_state(tokens, cached)
         if cancel.is_set():
             return self._finish("", None, "abort", n_prompt, 0, cached)
         if budget == 0:

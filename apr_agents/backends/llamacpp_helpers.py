@@ -3,8 +3,9 @@
 No ``llama_cpp`` import: both modes of ``LlamaCppBackend`` (``llamacpp.py``) and
 ``BatchedEngine`` (``llamacpp_engine.py``) use these to cut generated text at
 the earliest stop string, to stream only text that cannot still become one, to
-measure the token prefix a request shares with a cached sequence, and to turn a
-grammar argument into the ``(GBNF text, root rule)`` pair llama.cpp takes.
+measure the token prefix a request shares with a cached sequence, to keep the
+serial mode's saved KV states (``PrefixStates``), and to turn a grammar argument
+into the ``(GBNF text, root rule)`` pair llama.cpp takes.
 
 Usage::
 
@@ -15,6 +16,7 @@ Usage::
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,6 +50,63 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
+class PrefixStates:
+    """Saved KV states keyed by the tokens they hold; least recently used out past ``capacity_bytes``.
+
+    The serial ``LlamaCppBackend`` holds one sequence in its KV cache. Before a call
+    drops tokens of it (another agent's prompt, a sibling branch), the backend saves
+    the sequence here; a later call restores the saved state that shares the most
+    tokens with its prompt instead of reading them again (what vLLM's prefix caching
+    and llama.cpp server's slot save/restore do). A state whose tokens are a prefix of
+    a newer one's is dropped: the newer one serves every prompt the older one could.
+
+        states = PrefixStates(capacity_bytes=1 << 30)
+        states.put(tokens, blob)
+        found = states.best(prompt_tokens)   # (tokens, blob, shared) or None
+    """
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity_bytes = capacity_bytes
+        self._states: OrderedDict[tuple[int, ...], bytes] = OrderedDict()
+        self.size_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def best(self, tokens: Sequence[int]) -> tuple[tuple[int, ...], bytes, int] | None:
+        """The saved state sharing the longest token prefix with ``tokens`` (and that length)."""
+        found: tuple[tuple[int, ...], bytes, int] | None = None
+        for key, blob in self._states.items():
+            shared = common_prefix(key, tokens)
+            if shared > 0 and (found is None or shared > found[2]):
+                found = (key, blob, shared)
+        if found is not None:
+            self._states.move_to_end(found[0])
+        return found
+
+    def put(self, tokens: Sequence[int], blob: bytes) -> None:
+        """Keep ``blob`` (the KV state of ``tokens``); evict older states past the budget."""
+        key = tuple(tokens)
+        if len(blob) > self.capacity_bytes:
+            return
+        for old in [k for k in self._states if len(k) <= len(key) and key[: len(k)] == k]:
+            self.size_bytes -= len(self._states.pop(old))
+        self._states[key] = blob
+        self.size_bytes += len(blob)
+        while self.size_bytes > self.capacity_bytes:
+            _, dropped = self._states.popitem(last=False)
+            self.size_bytes -= len(dropped)
+
+    def covers(self, tokens: Sequence[int]) -> bool:
+        """Whether a saved state already holds all of ``tokens`` (saving them again adds nothing)."""
+        n = len(tokens)
+        return any(len(k) >= n and common_prefix(k, tokens) == n for k in self._states)
+
+    def clear(self) -> None:
+        self._states.clear()
+        self.size_bytes = 0
+
+
 def grammar_source(grammar: Any) -> tuple[str, str] | None:
     """``(GBNF text, root rule)`` from a GBNF string or a ``llama_cpp.LlamaGrammar``."""
     if grammar is None:
@@ -60,4 +119,4 @@ def grammar_source(grammar: Any) -> tuple[str, str] | None:
     raise TypeError(f"grammar must be a GBNF string or a llama_cpp.LlamaGrammar, not {type(grammar).__name__}")
 
 
-__all__ = ["common_prefix", "find_first", "grammar_source", "holdback"]
+__all__ = ["PrefixStates", "common_prefix", "find_first", "grammar_source", "holdback"]

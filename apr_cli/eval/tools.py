@@ -39,6 +39,11 @@ def _world() -> World:
     return World.load()
 
 
+def _number(x: float) -> str:
+    """A figure as a real API prints it: 3287590, 0.44; never 3.28759e+06 (which a small model misreads)."""
+    return str(int(x)) if float(x).is_integer() else f"{x:.2f}".rstrip("0")
+
+
 @tool
 def country_facts(country: str) -> str:
     """Facts about a country: population, area in km2, capital, continent, currency and neighbouring countries."""
@@ -48,7 +53,7 @@ def country_facts(country: str) -> str:
     except UnknownName as exc:
         raise ToolException(str(exc)) from None
     neighbours = ", ".join(w.countries[n].name for n in c.neighbours if n in w.countries) or "none"
-    return (f"{c.name}: population {c.population}; area {c.area_km2:g} km2; capital {c.capital}; "
+    return (f"{c.name}: population {c.population}; area {_number(c.area_km2)} km2; capital {c.capital}; "
             f"continent {c.continent}; currency {c.currency}; neighbours {neighbours}")
 
 

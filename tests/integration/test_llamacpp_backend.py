@@ -118,6 +118,32 @@ async def test_concurrent_calls_are_serialised_and_not_mixed_up(backend, spawn_p
     assert max(before, 3) == backend.stats()["max_queue"] >= 3  # all three were queued at once
 
 
+async def test_a_dropped_prefix_is_saved_and_restored_exactly():
+    """A, B, A: the third call restores A's saved KV state instead of reading A again.
+
+    Its text equals A read twice in a row with no saved states (the live cache holds A),
+    so the restored state is exactly the one computed (same cells, same positions).
+    """
+    a = "Instructions: " + " ".join(f"rule {i} says the sky is blue." for i in range(60)) + " Q:"
+    b = "Other agent: " + " ".join(f"fact {i} is green." for i in range(60)) + " Q:"
+    live = LlamaCppBackend(model_path(), n_ctx=2048, prefix_cache_bytes=0)
+    try:
+        reference = [await live.complete(p, stop=["\n"], max_tokens=12) for p in (a, b, a, a)]
+    finally:
+        live.close()
+    saved = LlamaCppBackend(model_path(), n_ctx=2048)
+    try:
+        first, _other, again = [await saved.complete(p, stop=["\n"], max_tokens=12) for p in (a, b, a)]
+        stats = saved.stats()
+    finally:
+        saved.close()
+    n = first.prompt_tokens
+    assert reference[2].cached_prompt_tokens <= 1  # without saved states B pushed A out
+    assert again.cached_prompt_tokens == n - 1 == reference[3].cached_prompt_tokens
+    assert again.text == reference[3].text and first.text == reference[0].text
+    assert stats["saved_states"] >= 1 and stats["restored_states"] == 1
+
+
 async def test_stream_yields_the_same_text_without_partial_stops(spawn_prompt):
     # fresh prefill for both calls: the text then depends on the prompt alone, not on the cache
     fresh = LlamaCppBackend(model_path(), n_ctx=2048, grammar=SPAWN_GBNF, reuse_prefix=False)
