@@ -196,6 +196,11 @@ async def test_every_method_runs_end_to_end_on_the_oracle(questions: list[Questi
     backend = OracleBackend(qs)
     results = await run_eval(backend, qs, METHODS, eval_tools(0.0), AgentSettings(timeout_s=30))
     assert len(results) == len(qs) * len(METHODS)
+    n = len(METHODS)  # question by question, the methods' order turned by one each question
+    for i in range(len(qs)):
+        runs = results[i * n:(i + 1) * n]
+        assert {r.question_id for r in runs} == {qs[i].id}
+        assert [r.method for r in runs] == [METHODS[(i + k) % n] for k in range(n)]
     wrong = [(r.method, r.question_id, r.error or r.answer) for r in results if not r.correct]
     assert wrong == []
     for r in results:

@@ -66,9 +66,16 @@ async def run_eval(
     deadline_s: float | None = None,
     progress: Callable[[RunResult, int, int], None] | None = None,
 ) -> list[RunResult]:
-    """Every method on every question; results in (question, method) order."""
+    """Every method on every question; results in run order.
+
+    Runs go question by question, and the methods' order turns by one each question:
+    a method run right after another on the same question can find that run's prompt
+    in the engine's cache (the plugin with ``parallel=False`` after the plugin reads
+    the same spawn block), so no method may always be the one that comes second.
+    """
     graphs = {m: build_agent(m, backend, tools, settings) for m in methods}
-    jobs = [(q, m) for q in questions for m in methods]
+    n = len(methods)
+    jobs = [(q, methods[(i + k) % n]) for i, q in enumerate(questions) for k in range(n)]
     results: list[RunResult | None] = [None] * len(jobs)
     sem = asyncio.Semaphore(max(1, concurrency))
     start = time.monotonic()
