@@ -41,7 +41,7 @@ def _world() -> World:
 
 def _number(x: float) -> str:
     """A figure as a real API prints it: 3287590, 0.44; never 3.28759e+06 (which a small model misreads)."""
-    return str(int(x)) if float(x).is_integer() else f"{x:.2f}".rstrip("0")
+    return str(int(x)) if float(x).is_integer() else f"{x:.2f}".rstrip("0").rstrip(".")
 
 
 @tool
