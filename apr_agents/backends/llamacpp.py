@@ -389,14 +389,14 @@ class LlamaCppBackend(FormattedBackend):
         if self._states is not None:
             self._states.clear()
 
-    def _swap_state(self, tokens: list[int], cached: int) -> int:
+    def _swap_state(self, tokens: list[int], held: list[int], cached: int) -> int:
         """Save the live sequence if this call drops part of it; restore a saved one that shares more.
 
-        Returns how many prompt tokens are now in the cache (the prefix ``generate`` keeps).
+        ``held``: the tokens in the live cache. Returns how many prompt tokens are now
+        in the cache (the prefix ``generate`` keeps).
         """
         assert self._states is not None
         llm, lib = self.llama, self._llama_cpp
-        held = llm._input_ids.tolist()
         if len(held) - cached >= _MIN_STATE_TOKENS and not self._states.covers(held):
             size = lib.llama_state_seq_get_size(llm.ctx, 0)
             buf = (ctypes.c_uint8 * size)()
@@ -440,9 +440,10 @@ class LlamaCppBackend(FormattedBackend):
         budget = max(0, min(max_tokens, self.n_ctx - n_prompt))
         if not self.reuse_prefix:
             llm.reset()
-        cached = min(llm.longest_token_prefix(llm._input_ids.tolist(), tokens), n_prompt - 1)
+        held = llm._input_ids.tolist()
+        cached = min(llm.longest_token_prefix(held, tokens), n_prompt - 1)
         if self._states is not None and budget > 0 and not cancel.is_set():
-            cached = self._swap_state(tokens, cached)
+            cached = self._swap_state(tokens, held, cached)
         if cancel.is_set():
             return self._finish("", None, "abort", n_prompt, 0, cached)
         if budget == 0:
