@@ -17,7 +17,7 @@ from apr_cli.eval.data import World, haversine_km
 from apr_cli.eval.grading import check_spec, grade, picked_option
 from apr_cli.eval.methods import METHODS, AgentSettings, build_agent, run_one
 from apr_cli.eval.oracle import OracleBackend
-from apr_cli.eval.questions import Question, generate, load_jsonl, save_jsonl, stratified
+from apr_cli.eval.questions import Question, generate, interleaved, load_jsonl, save_jsonl, stratified
 from apr_cli.eval.report import percentile, summarize, vs_baseline, wilson
 from apr_cli.eval.runner import run_eval
 from apr_cli.eval.tools import BASE_TOOLS, calculator, city_facts, country_facts, distance_km, eval_tools, load_tools
@@ -82,6 +82,15 @@ def test_stratified_subset_covers_every_type(questions: list[Question]) -> None:
     assert len(sub) == 13
     assert {q.type for q in sub} == {q.type for q in questions}
     assert stratified(questions, 13) == sub
+
+
+def test_the_whole_set_runs_interleaved_by_type(questions: list[Question]) -> None:
+    order = interleaved(questions)
+    assert sorted(q.id for q in order) == sorted(q.id for q in questions)
+    n_types = len({q.type for q in questions})
+    assert len({q.type for q in order[:n_types]}) == n_types  # the first round holds one of each type
+    for t in {q.type for q in questions}:  # each type keeps its own order
+        assert [q.id for q in order if q.type == t] == [q.id for q in questions if q.type == t]
 
 
 def test_quick_set_is_one_question_of_each_quick_kind(questions: list[Question]) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 from .grading import grade
 from .methods import EVAL_SYSTEM, METHODS, AgentSettings, RunResult
-from .questions import generate, load_jsonl, save_jsonl, stratified
+from .questions import generate, interleaved, load_jsonl, save_jsonl, stratified
 from .report import markdown, plot, summarize
 from .runner import make_backend, run_eval
 from .tools import eval_tools, load_tools
@@ -107,8 +107,8 @@ def _questions(args: argparse.Namespace) -> list[Any]:
         return quick_set(qs)
     limit = args.limit if args.limit is not None else (QUICK_QUESTIONS if args.quick else None)
     if limit is not None and limit < len(qs):
-        qs = stratified(qs, limit, seed=args.seed)
-    return qs
+        return stratified(qs, limit, seed=args.seed)
+    return qs if args.questions else interleaved(qs)
 
 
 def quick_set(questions: list[Any]) -> list[Any]:

@@ -295,6 +295,24 @@ def stratified(questions: Sequence[Question], n: int, seed: int = 0) -> list[Que
     return sorted(out, key=lambda q: order[q.id])
 
 
+def interleaved(questions: Sequence[Question]) -> list[Question]:
+    """The same questions, round-robin over types (each type keeps its order).
+
+    The order a whole-set run takes: a run cut short by ``--deadline`` still covers
+    every type and every number of parts in about equal shares.
+    """
+    by_type: dict[str, list[Question]] = {}
+    for q in questions:
+        by_type.setdefault(q.type, []).append(q)
+    queues = [list(reversed(qs)) for qs in by_type.values()]
+    out: list[Question] = []
+    while any(queues):
+        for queue in queues:
+            if queue:
+                out.append(queue.pop())
+    return out
+
+
 def load_jsonl(path: str | Path) -> list[Question]:
     """Questions from a JSON-lines file; each line needs ``question`` and ``grading`` at least."""
     out = []
@@ -319,4 +337,4 @@ def save_jsonl(questions: Iterable[Question], path: str | Path) -> None:
     Path(path).write_text("".join(q.model_dump_json() + "\n" for q in questions), encoding="utf-8")
 
 
-__all__ = ["Question", "ascii_fold", "country_pool", "generate", "load_jsonl", "save_jsonl", "stratified"]
+__all__ = ["Question", "ascii_fold", "country_pool", "generate", "interleaved", "load_jsonl", "save_jsonl", "stratified"]
