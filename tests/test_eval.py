@@ -18,7 +18,7 @@ from apr_cli.eval.grading import check_spec, grade, picked_option
 from apr_cli.eval.methods import METHODS, AgentSettings, build_agent, run_one
 from apr_cli.eval.oracle import OracleBackend
 from apr_cli.eval.questions import Question, generate, interleaved, load_jsonl, save_jsonl, stratified
-from apr_cli.eval.report import percentile, summarize, vs_baseline, wilson
+from apr_cli.eval.report import markdown, percentile, summarize, vs_baseline, wilson
 from apr_cli.eval.runner import run_eval
 from apr_cli.eval.tools import BASE_TOOLS, calculator, city_facts, country_facts, distance_km, eval_tools, load_tools
 
@@ -294,7 +294,10 @@ def test_summary_and_ratios_against_react() -> None:
     assert math.isclose(vs["total_tokens_ratio"], 700 / 500)
     assert math.isclose(vs["critical_path_tokens_ratio"], 250 / 500)
     assert (vs["accuracy"], vs["baseline_accuracy"]) == (0.5, 1.0)
+    assert vs["both_right"] == 1 and math.isclose(vs["speedup_p50_both_right"], 3.0)  # only question a
+    assert vs["tool_calls_ratio"] is None  # these runs carry no tool counts
     assert rep["by_parts"]["1"]["apr"]["correct"] == 1
+    assert "| 1 | 3.00× |" in markdown(rep)
 
 
 def test_cli_writes_json_markdown_and_doc_block(tmp_path: Path) -> None:

@@ -45,6 +45,10 @@ def test_prefix_states_find_the_longest_shared_prefix_and_evict_the_oldest() -> 
     assert len(states) == 2 and states.best([1, 2]) is None and states.best([7])[0] == (7, 8, 9)
     states.put([6], b"e" * 101)  # larger than the whole budget: not kept
     assert states.best([6]) is None and states.size_bytes <= 100
+    states.discard([7, 8, 9])  # a state the engine refused to load
+    assert states.best([7]) is None and len(states) == 1 and states.size_bytes == 40
+    states.discard([7, 8, 9])  # forgetting twice is harmless
+    states.put([1], b"f")
     states.clear()
     assert len(states) == 0 and states.size_bytes == 0
 

@@ -212,7 +212,7 @@ class LlamaCppBackend(FormattedBackend):
         self._stats_lock = threading.Lock()
         self._stats = {"calls": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0, "completion_tokens": 0,
                        "busy_s": 0.0, "max_queue": 0, "aborted": 0,
-                       "saved_states": 0, "restored_states": 0}
+                       "saved_states": 0, "restored_states": 0, "failed_restores": 0}
         self._queued = 0
         self._active: set[threading.Event] = set()
         self.batched = batched
@@ -415,7 +415,12 @@ class LlamaCppBackend(FormattedBackend):
         lib.llama_memory_seq_rm(lib.llama_get_memory(llm.ctx), 0, -1, -1)
         src = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
         if lib.llama_state_seq_set_data(llm.ctx, src, len(blob), 0) != len(blob):
-            llm.reset()  # the cache is empty now: this call reads its prompt from the start
+            # The engine refused the state (no room for its cells): forget it so no later
+            # call tries it again, and read this prompt from the start (the cache is empty).
+            self._states.discard(key)
+            llm.reset()
+            with self._stats_lock:
+                self._stats["failed_restores"] += 1
             return 0
         # ``generate`` keeps the first ``n_tokens`` ids that match the prompt and drops the
         # rest of the cells; at most len(tokens) - 1, so it evaluates a token and the

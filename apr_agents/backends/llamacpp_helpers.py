@@ -102,6 +102,12 @@ class PrefixStates:
         n = len(tokens)
         return any(len(k) >= n and common_prefix(k, tokens) == n for k in self._states)
 
+    def discard(self, tokens: Sequence[int]) -> None:
+        """Forget the state saved for exactly ``tokens`` (one the engine refused to load)."""
+        blob = self._states.pop(tuple(tokens), None)
+        if blob is not None:
+            self.size_bytes -= len(blob)
+
     def clear(self) -> None:
         self._states.clear()
         self.size_bytes = 0

@@ -8,7 +8,9 @@
 - ``by_type`` and ``by_parts``: accuracy and p50 wall time per method;
 - ``vs_react``: on questions with at least ``min_parts`` parts that both the
   method and ``react`` ran, the median and pooled wall-time speed-up over
-  ``react`` (above 1 is faster), token ratios and the accuracy difference.
+  ``react`` (above 1 is faster), token and tool-call ratios, both accuracies, and
+  the speed-up on the questions both answered right (a baseline that skipped
+  lookups and guessed is fast for the wrong reason).
 
 ``markdown(report)`` renders it as tables for ``docs/eval.md``.
 
@@ -106,6 +108,7 @@ def vs_baseline(runs: list[dict[str, Any]], baseline: str = "react", min_parts: 
             continue
         speedups = [b["wall_s"] / a["wall_s"] for a, b in pairs if a["wall_s"] > 0]
         tot_a, tot_b = sum(a["wall_s"] for a, _ in pairs), sum(b["wall_s"] for _, b in pairs)
+        right = [(a, b) for a, b in pairs if a["correct"] and b["correct"]]
 
         def ratio(key: str, pairs: list[tuple[dict[str, Any], dict[str, Any]]] = pairs) -> float | None:
             xs = [(a.get(key), b.get(key)) for a, b in pairs]
@@ -116,8 +119,14 @@ def vs_baseline(runs: list[dict[str, Any]], baseline: str = "react", min_parts: 
                   "speedup_pooled": (tot_b / tot_a) if tot_a else None,
                   "total_tokens_ratio": ratio("total_tokens"),
                   "critical_path_tokens_ratio": ratio("critical_path_tokens"),
+                  "tool_calls_ratio": ratio("tool_calls"),
                   "accuracy": sum(a["correct"] for a, _ in pairs) / len(pairs),
-                  "baseline_accuracy": sum(b["correct"] for _, b in pairs) / len(pairs)}
+                  "baseline_accuracy": sum(b["correct"] for _, b in pairs) / len(pairs),
+                  # a baseline that is fast because it skipped lookups and guessed is no
+                  # yardstick: the same speed-up where both answered right
+                  "both_right": len(right),
+                  "speedup_p50_both_right": percentile([b["wall_s"] / a["wall_s"] for a, b in right
+                                                        if a["wall_s"] > 0], 50)}
     return {"baseline": baseline, "min_parts": min_parts, "methods": out}
 
 
@@ -166,12 +175,14 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Against `{vs['baseline']}` on questions with ≥ {vs['min_parts']} parts (paired; speed-up "
                   "above 1 is faster than ReAct):", "",
                   "| method | questions | speed-up p50 | speed-up pooled | tokens ratio | critical-path ratio | "
-                  "accuracy | ReAct accuracy |", "|---|---|---|---|---|---|---|---|"]
+                  "tool-calls ratio | accuracy | ReAct accuracy | both right | speed-up p50, both right |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for m, v in vs["methods"].items():
             lines.append(f"| {m} | {v['questions']} | {_f(v['speedup_p50'], 2, '×')} | "
                          f"{_f(v['speedup_pooled'], 2, '×')} | {_f(v['total_tokens_ratio'], 2)} | "
-                         f"{_f(v['critical_path_tokens_ratio'], 2)} | {v['accuracy']:.2f} | "
-                         f"{v['baseline_accuracy']:.2f} |")
+                         f"{_f(v['critical_path_tokens_ratio'], 2)} | {_f(v.get('tool_calls_ratio'), 2)} | "
+                         f"{v['accuracy']:.2f} | {v['baseline_accuracy']:.2f} | {v.get('both_right', '–')} | "
+                         f"{_f(v.get('speedup_p50_both_right'), 2, '×')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -144,6 +144,28 @@ async def test_a_dropped_prefix_is_saved_and_restored_exactly():
     assert stats["saved_states"] >= 1 and stats["restored_states"] == 1
 
 
+async def test_a_state_the_engine_refuses_is_dropped_and_the_prompt_read_again():
+    """A saved state that llama.cpp will not load (here: cut in half) costs one fresh read, once."""
+    a = "Instructions: " + " ".join(f"rule {i} says the sky is blue." for i in range(60)) + " Q:"
+    b = "Other agent: " + " ".join(f"fact {i} is green." for i in range(60)) + " Q:"
+    backend = LlamaCppBackend(model_path(), n_ctx=2048)
+    try:
+        first, _other = [await backend.complete(p, stop=["\n"], max_tokens=12) for p in (a, b)]
+        states = backend._states
+        assert states is not None
+        found = states.best(backend.llama.tokenize(a.encode("utf-8"), add_bos=True, special=True))
+        assert found is not None  # B's call saved A's state
+        key, blob, _ = found
+        states.put(key, blob[: len(blob) // 2])
+        again = await backend.complete(a, stop=["\n"], max_tokens=12)
+        stats = backend.stats()
+        assert states.best(key) is None or states.best(key)[0] != key  # the refused state is gone
+    finally:
+        backend.close()
+    assert stats["failed_restores"] == 1 and stats["restored_states"] == 0
+    assert again.cached_prompt_tokens == 0 and again.text == first.text
+
+
 async def test_stream_yields_the_same_text_without_partial_stops(spawn_prompt):
     # fresh prefill for both calls: the text then depends on the prompt alone, not on the cache
     fresh = LlamaCppBackend(model_path(), n_ctx=2048, grammar=SPAWN_GBNF, reuse_prefix=False)
