@@ -41,7 +41,9 @@ fi
 "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 
 "${PIP[@]}" install -q "${EXTRA[@]}" "$TORCH_SPEC"
-"${PIP[@]}" install -q -e ".[dev]"  # the package, and pytest & co. for tests/integration/test_vllm_cpu.py
+# the package, pytest & co. for tests/integration/test_vllm_cpu.py, and the eval harness for
+# `apr eval --backend vllm` (the model comes from the cache `make setup` fills)
+"${PIP[@]}" install -q -e ".[dev,eval]"
 "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 
 # Optional: llama-cpp-python for `python -m apr_agents.backends.convert --compare` (the logits
