@@ -278,19 +278,30 @@ def generate(seed: int = 0, world: World | None = None) -> list[Question]:
     return out
 
 
-def stratified(questions: Sequence[Question], n: int, seed: int = 0) -> list[Question]:
-    """About ``n`` questions covering every type (round-robin over types, shuffled within a type)."""
-    rng = random.Random(seed)
+def _by_type(questions: Sequence[Question]) -> dict[str, list[Question]]:
     by_type: dict[str, list[Question]] = {}
     for q in questions:
         by_type.setdefault(q.type, []).append(q)
+    return by_type
+
+
+def _round_robin(queues: list[list[Question]], n: int) -> list[Question]:
+    """Up to ``n`` questions, taken from the end of each non-empty queue in turn."""
+    out: list[Question] = []
+    while len(out) < n and any(queues):
+        for queue in queues:
+            if queue and len(out) < n:
+                out.append(queue.pop())
+    return out
+
+
+def stratified(questions: Sequence[Question], n: int, seed: int = 0) -> list[Question]:
+    """About ``n`` questions covering every type (round-robin over types, shuffled within a type)."""
+    rng = random.Random(seed)
+    by_type = _by_type(questions)
     for qs in by_type.values():
         rng.shuffle(qs)
-    out: list[Question] = []
-    while len(out) < min(n, len(questions)):
-        for t in sorted(by_type):
-            if by_type[t] and len(out) < n:
-                out.append(by_type[t].pop())
+    out = _round_robin([by_type[t] for t in sorted(by_type)], n)
     order = {q.id: i for i, q in enumerate(questions)}
     return sorted(out, key=lambda q: order[q.id])
 
@@ -301,16 +312,7 @@ def interleaved(questions: Sequence[Question]) -> list[Question]:
     The order a whole-set run takes: a run cut short by ``--deadline`` still covers
     every type and every number of parts in about equal shares.
     """
-    by_type: dict[str, list[Question]] = {}
-    for q in questions:
-        by_type.setdefault(q.type, []).append(q)
-    queues = [list(reversed(qs)) for qs in by_type.values()]
-    out: list[Question] = []
-    while any(queues):
-        for queue in queues:
-            if queue:
-                out.append(queue.pop())
-    return out
+    return _round_robin([qs[::-1] for qs in _by_type(questions).values()], len(questions))
 
 
 def load_jsonl(path: str | Path) -> list[Question]:

@@ -95,6 +95,11 @@ def _group(runs: list[dict[str, Any]], key: str) -> dict[str, dict[str, dict[str
     return out
 
 
+def _speedup_p50(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> float | None:
+    """Median of baseline time / method time over (method run, baseline run) pairs."""
+    return percentile([b["wall_s"] / a["wall_s"] for a, b in pairs if a["wall_s"] > 0], 50)
+
+
 def vs_baseline(runs: list[dict[str, Any]], baseline: str = "react", min_parts: int = 3) -> dict[str, Any]:
     """Paired comparison with ``baseline`` on questions with at least ``min_parts`` parts."""
     by = {(r["question_id"], r["method"]): r for r in runs if not r.get("skipped") and r["parts"] >= min_parts}
@@ -106,7 +111,6 @@ def vs_baseline(runs: list[dict[str, Any]], baseline: str = "react", min_parts: 
         pairs = [(by[(q, m)], by[(q, baseline)]) for q, mm in by if mm == m and (q, baseline) in by]
         if not pairs:
             continue
-        speedups = [b["wall_s"] / a["wall_s"] for a, b in pairs if a["wall_s"] > 0]
         tot_a, tot_b = sum(a["wall_s"] for a, _ in pairs), sum(b["wall_s"] for _, b in pairs)
         right = [(a, b) for a, b in pairs if a["correct"] and b["correct"]]
 
@@ -115,7 +119,7 @@ def vs_baseline(runs: list[dict[str, Any]], baseline: str = "react", min_parts: 
             xs = [(x, y) for x, y in xs if x is not None and y]
             return sum(x for x, _ in xs) / sum(y for _, y in xs) if xs else None
 
-        out[m] = {"questions": len(pairs), "speedup_p50": percentile(speedups, 50),
+        out[m] = {"questions": len(pairs), "speedup_p50": _speedup_p50(pairs),
                   "speedup_pooled": (tot_b / tot_a) if tot_a else None,
                   "total_tokens_ratio": ratio("total_tokens"),
                   "critical_path_tokens_ratio": ratio("critical_path_tokens"),
@@ -125,8 +129,7 @@ def vs_baseline(runs: list[dict[str, Any]], baseline: str = "react", min_parts: 
                   # a baseline that is fast because it skipped lookups and guessed is no
                   # yardstick: the same speed-up where both answered right
                   "both_right": len(right),
-                  "speedup_p50_both_right": percentile([b["wall_s"] / a["wall_s"] for a, b in right
-                                                        if a["wall_s"] > 0], 50)}
+                  "speedup_p50_both_right": _speedup_p50(right)}
     return {"baseline": baseline, "min_parts": min_parts, "methods": out}
 
 
