@@ -94,3 +94,46 @@ def test_engines_bench_reports_plugin_over_raw_and_reevaluated_prefix() -> None:
         assert r["shared_prefix_tokens"] is None and r["reevaluated_per_fork_warm"] is None  # no tokenizer
     comps = [Completion(text="", prompt_tokens=600, cached_prompt_tokens=c) for c in (599, 550, 0)]
     assert reevaluated_per_branch(560, comps) == [0, 10, 560]
+
+
+def _decoded(stops=(), end_stops=(), budget=100, emit=None):
+    from apr_agents.backends.llamacpp_helpers import DecodedText
+
+    pieces = {1: b"Hel", 2: b"lo <", 3: b"/T", 4: b"hread> x", 5: b"\xc3", 6: b"\xa9", 0: b""}
+    return DecodedText(list(stops), list(end_stops), budget, emit, is_end=lambda t: t == 0,
+                       piece=lambda t: pieces[t])
+
+
+def test_decoded_text_cuts_at_a_stop_and_streams_only_safe_text() -> None:
+    seen: list[str] = []
+    out = _decoded(stops=["</Thread>"], emit=seen.append)
+    assert out.take(1) and out.take(2) and out.take(3)
+    assert "".join(seen) == "Hello "  # "<" and "</T" could still start the stop
+    assert not out.take(4)
+    assert (out.finish, out.hit, out.n_out) == ("stop", "</Thread>", 4)
+    assert out.close() == "Hello " and "".join(seen) == "Hello "
+
+
+def test_decoded_text_end_token_budget_and_utf8() -> None:
+    out = _decoded(end_stops=["</T"])
+    assert out.take(1) and out.take(2) and not out.take(3)
+    assert (out.finish, out.hit, out.close()) == ("eos", None, "Hello ")  # an end stop is no hit
+    out = _decoded(budget=2)
+    assert out.take(5) and not out.take(6)  # a character split over two tokens
+    assert (out.finish, out.close(), out.n_out) == ("length", "é", 2)
+    out = _decoded()
+    assert not out.take(0) and out.finish == "eos" and out.n_out == 0
+    seen: list[str] = []
+    out = _decoded(emit=seen.append)
+    out.take(1)
+    assert out.close(emit=False) == "Hel" and seen == ["Hel"]  # a cancelled call streams no more
+
+
+def test_decoded_text_takes_forced_text_with_its_token_count() -> None:
+    out = _decoded(stops=["</Thread>"], budget=10)
+    assert out.take(1) and out.take_text("lo world", 3)
+    assert (out.text, out.n_out) == ("Hello world", 4)
+    assert not out.take_text("!</Thread>", 4)  # a stop inside forced text ends the call there
+    assert (out.finish, out.hit, out.close(), out.n_out) == ("stop", "</Thread>", "Hello world!", 8)
+    out = _decoded(budget=3)
+    assert out.take(1) and not out.take_text("lo", 2) and out.finish == "length"

@@ -29,18 +29,19 @@ branch resumes after its tool call from its own tokens, and an agent whose runs
 alternate with another's keeps its instruction prefix (llama.cpp server's
 ``--cache-ram`` and vLLM's prefix caching do the same).
 
-The generation loop is our own (over ``Llama.generate``) rather than
-``create_completion``, so that the result says *which* stop string ended the
-text, tells end of sequence from a stop string, counts tokens exactly with the
-model's tokenizer, streams text that never contains a partial stop string, and
-stops within one token when the caller is cancelled (a branch timeout), which
-frees the engine for the queued calls.
+The generation loop is our own (``Llama.eval`` and a llama.cpp sampler chain,
+the batched engine's) rather than ``create_completion``, so that the result says
+*which* stop string ended the text, tells end of sequence from a stop string,
+counts tokens exactly with the model's tokenizer, streams text that never
+contains a partial stop string, stops within one token when the caller is
+cancelled (a branch timeout), which frees the engine for the queued calls, and
+reads text the grammar forces in one forward pass instead of decoding it
+(``jump_forward``, on by default; ``JumpForward`` in ``llamacpp_native``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import ctypes
 import os
 import random
@@ -56,10 +57,8 @@ from .base import BackendError, BackendRequestError, BackendUnavailable, Complet
 from .formats import ChatMLFormat, FewShotFormat, FormattedBackend, format_for
 from .grammars import protocol_gbnf
 from .llamacpp_engine import BatchedEngine
-from .llamacpp_helpers import PrefixStates, grammar_source
-from .llamacpp_helpers import find_first as _find_first
-from .llamacpp_helpers import holdback as _holdback
-from .llamacpp_native import Request
+from .llamacpp_helpers import DecodedText, PrefixStates, grammar_source
+from .llamacpp_native import JumpForward, Request, sampler_chain
 from .prompting import TURN_USER
 
 # A sequence is saved before a call drops at least this many of its tokens, and a
@@ -116,6 +115,11 @@ class LlamaCppBackend(FormattedBackend):
     mode had to drop (module doc); 0 keeps only the live cache. A state costs the
     model's KV bytes per token (28 KiB a token for Qwen2.5 1.5B, about 40 MiB for a
     1,500-token prompt).
+    ``jump_forward``: with a grammar, text the grammar forces (a tool call's
+    ``{"name": "``, a restated outline, ``</Thread>``) is not decoded token by token:
+    it is tokenized and evaluated with the next sampled token in one forward pass
+    (``JumpForward``; SGLang's jump-forward decoding), in both modes.
+    ``stats()["forced_tokens"]`` counts those tokens. ``False`` decodes every token.
     ``batched``: decode concurrent calls together (``BatchedEngine``, see the
     module doc); ``n_seq_max`` sequences at once (more calls queue);
     ``kv_unified``: ``False`` gives each sequence its own KV stream of ``n_ctx``
@@ -147,6 +151,7 @@ class LlamaCppBackend(FormattedBackend):
         kv_unified: bool = False,
         kv_cells: int | None = None,
         repack: bool = False,
+        jump_forward: bool = True,
         **llama_kwargs: Any,
     ) -> None:
         llama_cpp = _import_llama_cpp()
@@ -209,10 +214,12 @@ class LlamaCppBackend(FormattedBackend):
                         if reuse_prefix and prefix_cache_bytes > 0 and not batched else None)
         self.grammar = grammar
         self._grammar_cache: dict[str, Any] = {}
+        self.jump_forward = jump_forward
+        self._jump: JumpForward | None = None
         self._stats_lock = threading.Lock()
         self._stats = {"calls": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0, "completion_tokens": 0,
                        "busy_s": 0.0, "max_queue": 0, "aborted": 0,
-                       "saved_states": 0, "restored_states": 0, "failed_restores": 0}
+                       "saved_states": 0, "restored_states": 0, "failed_restores": 0, "forced_tokens": 0}
         self._queued = 0
         self._active: set[threading.Event] = set()
         self.batched = batched
@@ -223,7 +230,8 @@ class LlamaCppBackend(FormattedBackend):
                 self._engine = BatchedEngine(
                     self.llama, str(path), n_ctx=n_ctx, n_seq_max=n_seq_max, kv_unified=kv_unified,
                     kv_cells=kv_cells, n_threads=int(cp.n_threads), n_threads_batch=int(cp.n_threads_batch),
-                    repack=repack, reuse_prefix=reuse_prefix, end_token_ids=sorted(self._end_token_ids))
+                    repack=repack, reuse_prefix=reuse_prefix, end_token_ids=sorted(self._end_token_ids),
+                    jump_forward=jump_forward)
             except BackendUnavailable:
                 self.llama.close()
                 raise
@@ -436,7 +444,6 @@ class LlamaCppBackend(FormattedBackend):
         llm = self.llama
         stops = [s for s in stops if s]
         end_stops = [s for s in self.end_stops if s and s not in stops]
-        all_stops = stops + end_stops
         tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
         n_prompt = len(tokens)
         if n_prompt >= self.n_ctx:
@@ -454,50 +461,57 @@ class LlamaCppBackend(FormattedBackend):
         if budget == 0:
             return self._finish("", None, "length", n_prompt, 0, cached)
 
-        llm.set_seed(seed)
-        eog = self._llama_cpp.llama_vocab_is_eog
-        vocab = llm._model.vocab
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        longest = max((len(s) for s in all_stops), default=0)
-        text, emitted, n_out = "", 0, 0
-        hit: str | None = None
-        found: tuple[int, str] | None = None
-        finish = "length"
-        gen = llm.generate(tokens, temp=max(0.0, temperature), top_k=40, top_p=0.95, min_p=0.05,
-                           repeat_penalty=1.0, grammar=self._grammar_for(prompt, stops))
+        lc = self._llama_cpp
+        if cached > 0 and not llm._ctx.kv_cache_seq_rm(-1, cached, -1):
+            cached = 0  # this cache cannot drop a suffix: read the prompt again
+        llm.n_tokens = cached
+        grammar = grammar_source(self._grammar_for(prompt, stops))
+        chain = sampler_chain(lc, llm._model.vocab, grammar=grammar, temperature=temperature, seed=seed)
+        jump = self._jump_forward() if grammar is not None else None
+        g = lc.llama_sampler_chain_get(chain, 0) if jump is not None else None
+        vocab, end_ids = llm._model.vocab, self._end_token_ids
+        out = DecodedText(stops, end_stops, budget, emit, piece=lambda t: llm.detokenize([t]),
+                          is_end=lambda t: bool(lc.llama_vocab_is_eog(vocab, t)) or t in end_ids)
+        feed = tokens[cached:]
+        n_forced = 0
+
+        def tokenize(data: bytes) -> list[int]:
+            return llm.tokenize(data, add_bos=False, special=True)
+
         try:
-            for token in gen:
+            while out.finish is None:
                 if cancel.is_set():
-                    finish = "abort"
+                    out.finish = "abort"
                     break
-                if eog(vocab, token) or token in self._end_token_ids:
-                    finish = "eos"
+                llm.eval(feed)
+                token = lc.llama_sampler_sample(chain, llm.ctx, -1)
+                if not out.take(token):
                     break
-                n_out += 1
-                before = len(text)
-                text += decoder.decode(llm.detokenize([token]))
-                found = _find_first(text, all_stops, max(0, before - longest + 1)) if all_stops else None
-                if found is not None:
-                    text = text[: found[0]]
-                    if found[1] in stops:
-                        hit, finish = found[1], "stop"
-                    else:
-                        finish = "eos"
-                    break
-                if n_out >= budget:
-                    break
-                if emit is not None:
-                    safe = len(text) - _holdback(text, all_stops)
-                    if safe > emitted:
-                        emit(text[emitted:safe])
-                        emitted = safe
+                feed = [token]
+                if g is not None and jump is not None:
+                    step = jump.extend(g, token, limit=budget - out.n_out, tokenize=tokenize,
+                                       detokenize=llm.detokenize)
+                    if step.end:
+                        out.finish = "eos"
+                        break
+                    if step.text:
+                        n_forced += step.n_new
+                        feed = step.tokens
+                        if not out.take_text(step.text, step.n_new):
+                            break
         finally:
-            gen.close()
-        if found is None:
-            text += decoder.decode(b"", final=True)
-        if emit is not None and len(text) > emitted:
-            emit(text[emitted:])
-        return self._finish(text, hit, finish, n_prompt, n_out, cached)
+            lc.llama_sampler_free(chain)
+        if n_forced:
+            with self._stats_lock:
+                self._stats["forced_tokens"] += n_forced
+        return self._finish(out.close(), out.hit, out.finish or "length", n_prompt, out.n_out, cached)
+
+    def _jump_forward(self) -> JumpForward | None:
+        if not self.jump_forward:
+            return None
+        if self._jump is None:
+            self._jump = JumpForward(self._llama_cpp, self.llama._model.vocab)
+        return self._jump if self._jump.enabled else None
 
     def _finish(self, text: str, hit: str | None, finish: str, n_prompt: int, n_out: int,
                 cached: int) -> Completion:

@@ -37,7 +37,6 @@ Usage (normally through the backend)::
 
 from __future__ import annotations
 
-import codecs
 import threading
 import time
 from collections import deque
@@ -46,8 +45,8 @@ from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 from .base import BackendError, BackendRequestError, BackendUnavailable, Completion
-from .llamacpp_helpers import common_prefix, find_first, grammar_source, holdback
-from .llamacpp_native import Request, Slot, fork_source, open_context, sampler_chain, waits_for_sibling
+from .llamacpp_helpers import DecodedText, common_prefix, find_first, grammar_source, holdback
+from .llamacpp_native import JumpForward, Request, Slot, fork_source, open_context, sampler_chain, waits_for_sibling
 
 # A request defers its start while a live sibling is still evaluating at least
 # this many more tokens of their common prefix: it then forks instead of re-reading
@@ -70,7 +69,8 @@ class BatchedEngine:
     def __init__(self, llama: Any, model_path: str, *, n_ctx: int, n_seq_max: int = 8,
                  kv_unified: bool = False, kv_cells: int | None = None, n_batch: int = 512,
                  n_threads: int | None = None, n_threads_batch: int | None = None,
-                 repack: bool = False, reuse_prefix: bool = True, end_token_ids: Sequence[int] = ()) -> None:
+                 repack: bool = False, reuse_prefix: bool = True, end_token_ids: Sequence[int] = (),
+                 jump_forward: bool = True) -> None:
         import llama_cpp
 
         if n_seq_max < 1:
@@ -90,6 +90,7 @@ class BatchedEngine:
             llama_cpp, model_path, n_cells=self.kv_cells, n_batch=self.n_batch, n_seq_max=n_seq_max,
             kv_unified=kv_unified, repack=repack, n_threads=n_threads, n_threads_batch=n_threads_batch)
         self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._jump = JumpForward(llama_cpp, self._vocab) if jump_forward else None
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.n_threads = int(params.n_threads)
         self.n_threads_batch = int(params.n_threads_batch)
@@ -104,7 +105,7 @@ class BatchedEngine:
         self.stats_lock = threading.Lock()
         self.counters: dict[str, float] = {
             "steps": 0, "batch_tokens": 0, "max_batch_seqs": 0, "prefill_tokens": 0, "forks": 0,
-            "forked_tokens": 0, "preempted": 0, "evicted": 0, "aborted": 0, "decode_s": 0.0}
+            "forked_tokens": 0, "preempted": 0, "evicted": 0, "aborted": 0, "forced_tokens": 0, "decode_s": 0.0}
         self._thread = threading.Thread(target=self._loop, name="apr-llamacpp-engine", daemon=True)
         self._thread.start()
 
@@ -205,7 +206,8 @@ class BatchedEngine:
             return
         req.tokens, req.n_prompt = list(toks), n
         req.budget = max(0, min(req.max_tokens, self.n_ctx - n))
-        req.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        req.out = DecodedText(req.stops, req.end_stops, req.budget, req.emit, is_end=self._is_end,
+                              piece=lambda t: self.llama.detokenize([t]))
         self._order += 1
         req.order = self._order
         if req.cancel.is_set():
@@ -396,33 +398,37 @@ class BatchedEngine:
         with self.stats_lock:
             self.counters["preempted"] += 1
 
+    def _is_end(self, token: int) -> bool:
+        return bool(self._lc.llama_vocab_is_eog(self._vocab, token)) or token in self.end_token_ids
+
     def _on_token(self, req: Request, token: int) -> None:
-        lc = self._lc
-        if lc.llama_vocab_is_eog(self._vocab, token) or token in self.end_token_ids:
-            self._finish(req, "eos")
-            return
-        all_stops = req.stops + req.end_stops
-        req.n_out += 1
-        before = len(req.text)
-        req.text += req.decoder.decode(self.llama.detokenize([token]))
-        longest = max((len(s) for s in all_stops), default=0)
-        found = find_first(req.text, all_stops, max(0, before - longest + 1)) if all_stops else None
-        if found is not None:
-            req.text = req.text[: found[0]]
-            if found[1] in req.stops:
-                self._finish(req, "stop", found[1], flush=False)
-            else:
-                self._finish(req, "eos", flush=False)
-            return
-        if req.n_out >= req.budget:
-            self._finish(req, "length")
+        out = req.out
+        assert out is not None
+        if not out.take(token):
+            self._finish(req, out.finish or "length", out.hit)
             return
         req.tokens.append(token)
-        if req.emit is not None:
-            safe = len(req.text) - holdback(req.text, all_stops)
-            if safe > req.emitted:
-                req.emit(req.text[req.emitted:safe])
-                req.emitted = safe
+        if req.grammar is None or self._jump is None:
+            return
+        jump = self._jump
+        if not jump.enabled:
+            return
+        # jump-forward: text the grammar forces joins the request's pending tokens, so the next
+        # step reads it (one llama_decode for the whole span) instead of decoding it token by token
+        g = self._lc.llama_sampler_chain_get(req.sampler, 0)
+        step = jump.extend(g, token, limit=req.budget - out.n_out, detokenize=self.llama.detokenize,
+                           tokenize=lambda data: self.llama.tokenize(data, add_bos=False, special=True))
+        if step.end:
+            self._finish(req, "eos")
+            return
+        if not step.text:
+            return
+        with self.stats_lock:
+            self.counters["forced_tokens"] += step.n_new
+        if not out.take_text(step.text, step.n_new):
+            self._finish(req, out.finish or "length", out.hit)
+            return
+        req.tokens[-1:] = step.tokens  # the sampled token is not evaluated yet: it is replaced
 
     def _release(self, req: Request, *, free: bool) -> None:
         s = req.slot
@@ -436,19 +442,16 @@ class BatchedEngine:
             self._lc.llama_sampler_free(req.sampler)
             req.sampler = None
 
-    def _finish(self, req: Request, finish: str, hit: str | None = None, *, flush: bool = True) -> None:
+    def _finish(self, req: Request, finish: str, hit: str | None = None) -> None:
         self._release(req, free=finish == "abort")
         if finish == "abort":
             with self.stats_lock:
                 self.counters["aborted"] += 1
-        if req.decoder is not None and flush:
-            req.text += req.decoder.decode(b"", final=True)
-        if req.emit is not None and len(req.text) > req.emitted and finish != "abort":
-            req.emit(req.text[req.emitted:])
-            req.emitted = len(req.text)
+        text = req.out.close(emit=finish != "abort") if req.out is not None else ""
+        n_out = req.out.n_out if req.out is not None else 0
         queued = None if req.admitted is None else round(max(0.0, req.admitted - req.submitted), 4)
-        comp = Completion(text=req.text, stop=hit, finish_reason=finish, prompt_tokens=req.n_prompt,
-                          completion_tokens=req.n_out, cached_prompt_tokens=max(0, req.cached or 0),
+        comp = Completion(text=text, stop=hit, finish_reason=finish, prompt_tokens=req.n_prompt,
+                          completion_tokens=n_out, cached_prompt_tokens=max(0, req.cached or 0),
                           engine_started=req.admitted, engine_ended=time.time(), queued_s=queued)
         try:
             req.future.set_result(comp)

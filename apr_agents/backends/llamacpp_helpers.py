@@ -16,8 +16,9 @@ Usage::
 
 from __future__ import annotations
 
+import codecs
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -125,4 +126,75 @@ def grammar_source(grammar: Any) -> tuple[str, str] | None:
     raise TypeError(f"grammar must be a GBNF string or a llama_cpp.LlamaGrammar, not {type(grammar).__name__}")
 
 
-__all__ = ["PrefixStates", "common_prefix", "find_first", "grammar_source", "holdback"]
+class DecodedText:
+    """The text of one call, built token by token: end tokens, stop strings, the token budget and
+    streaming (``emit`` gets only text that cannot still turn into a stop string).
+
+    ``take(token)`` returns False once the call is over; ``finish`` then says why (``"eos"``,
+    ``"stop"`` with ``hit``, ``"length"``); ``close()`` returns the text.
+    """
+
+    def __init__(self, stops: Sequence[str], end_stops: Sequence[str], budget: int,
+                 emit: Callable[[str], None] | None, is_end: Callable[[int], bool],
+                 piece: Callable[[int], bytes]) -> None:
+        self.stops = list(stops)
+        self.all_stops = self.stops + list(end_stops)
+        self.budget = budget
+        self.emit = emit
+        self._is_end = is_end
+        self._piece = piece
+        self._longest = max((len(s) for s in self.all_stops), default=0)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""
+        self.emitted = 0
+        self.n_out = 0
+        self.hit: str | None = None
+        self.finish: str | None = None
+        self._cut = False
+
+    def take(self, token: int) -> bool:
+        if self._is_end(token):
+            self.finish = "eos"
+            return False
+        return self._append(self._decoder.decode(self._piece(token)), 1)
+
+    def take_text(self, text: str, n_tokens: int) -> bool:
+        """Text that ``n_tokens`` more tokens hold (jump-forward's forced text), as ``take``."""
+        return self._append(text, n_tokens)
+
+    def _append(self, text: str, n_tokens: int) -> bool:
+        self.n_out += n_tokens
+        before = len(self.text)
+        self.text += text
+        found = (find_first(self.text, self.all_stops, max(0, before - self._longest + 1))
+                 if self.all_stops else None)
+        if found is not None:
+            self.text, self._cut = self.text[: found[0]], True
+            if found[1] in self.stops:
+                self.hit, self.finish = found[1], "stop"
+            else:
+                self.finish = "eos"
+            return False
+        if self.n_out >= self.budget:
+            self.finish = "length"
+            return False
+        if self.emit is not None:
+            safe = len(self.text) - holdback(self.text, self.all_stops)
+            if safe > self.emitted:
+                self.emit(self.text[self.emitted:safe])
+                self.emitted = safe
+        return True
+
+    def close(self, *, emit: bool = True) -> str:
+        """The whole text (the decoder flushed unless a stop string cut it); streams what is left
+        unless ``emit`` is False (a cancelled call)."""
+        if not self._cut:
+            self.text += self._decoder.decode(b"", final=True)
+            self._cut = True
+        if emit and self.emit is not None and len(self.text) > self.emitted:
+            self.emit(self.text[self.emitted:])
+            self.emitted = len(self.text)
+        return self.text
+
+
+__all__ = ["DecodedText", "PrefixStates", "common_prefix", "find_first", "grammar_source", "holdback"]

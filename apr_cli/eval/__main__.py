@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grammar", choices=["none", "protocol"],
                    help="embedded: constrained decoding (default: the model's own; protocol for instruct models)")
     p.add_argument("--n-ctx", type=int, default=8192, help="embedded: context window")
+    p.add_argument("--jump-forward", choices=["on", "off"], default="on",
+                   help="embedded: read grammar-forced text instead of decoding it (default on)")
     p.add_argument("--n-threads", type=int, help="embedded: decode threads (default: llama.cpp's, half the cores)")
     p.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)} (default: all; --quick: "
                                      f"{','.join(QUICK_METHODS)})")
@@ -89,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "--questions/--seed) again with the current grader, rewrite it and its tables; no model")
     p.add_argument("--quiet", action="store_true")
     return p
+
+
+def _model_name(backend: Any, args: argparse.Namespace) -> Any:
+    """The model the backend runs: its file (llama.cpp), its name or folder (vLLM), else --model."""
+    return getattr(backend, "model_path", None) or getattr(backend, "model", None) or args.model
 
 
 def _methods(args: argparse.Namespace) -> list[str]:
@@ -196,7 +203,8 @@ async def amain(args: argparse.Namespace) -> int:
     settings.apr_config(parallel=True)  # an invalid field fails here, before the model loads
     t0 = time.perf_counter()
     backend = make_backend(args.backend, model=args.model, base_url=args.base_url, grammar=args.grammar,
-                           n_ctx=args.n_ctx, n_threads=args.n_threads, questions=questions)
+                           n_ctx=args.n_ctx, n_threads=args.n_threads, questions=questions,
+                           jump_forward=args.jump_forward == "on")
     if hasattr(backend, "start"):
         await backend.start()
     format_options = json.loads(args.format_options)
@@ -208,7 +216,7 @@ async def amain(args: argparse.Namespace) -> int:
             setattr(fmt, key, value)
     load_s = time.perf_counter() - t0
     if not args.quiet:
-        print(f"backend {args.backend} ({getattr(backend, 'model_path', args.model) or 'default'}) ready in "
+        print(f"backend {args.backend} ({_model_name(backend, args) or 'default'}) ready in "
               f"{load_s:.1f} s; {len(questions)} questions x {len(methods)} methods", flush=True)
 
     name = args.name or f"{'quick' if args.quick else 'full'}-{args.backend}"
@@ -230,6 +238,8 @@ async def amain(args: argparse.Namespace) -> int:
     results = await run_eval(backend, questions, methods, tools, settings, concurrency=args.concurrency,
                              deadline_s=deadline, progress=progress)
     elapsed = time.time() - started
+    stats = getattr(backend, "stats", None)
+    engine_stats = stats() if callable(stats) else {}
     close = getattr(backend, "close", None)
     if callable(close):
         res = close()
@@ -239,12 +249,13 @@ async def amain(args: argparse.Namespace) -> int:
     runs = [r.to_dict() for r in results]
     report = summarize(runs, methods)
     command = " ".join(["apr eval", *(shlex.quote(a) for a in args.argv)])
-    meta = {"command": command, "backend": args.backend, "model": str(getattr(backend, "model_path", args.model)),
+    meta = {"command": command, "backend": args.backend, "model": str(_model_name(backend, args)),
             "methods": methods, "questions": len(questions), "seed": args.seed, "tool_latency_s": args.tool_latency,
             "timeout_s": timeout, "deadline_s": deadline, "concurrency": args.concurrency,
             "max_tokens": args.max_tokens, "max_threads": args.max_threads, "max_depth": args.max_depth,
             "apr_config": overrides, "merge": args.merge, "format_options": format_options,
-            "grammar": args.grammar, "n_threads": args.n_threads,
+            "grammar": args.grammar, "n_threads": args.n_threads, "jump_forward": args.jump_forward,
+            "engine_stats": engine_stats,
             "lenient_tool_calls": args.lenient_tool_calls, "system": args.system,
             "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "elapsed_s": round(elapsed, 1),
             "backend_load_s": round(load_s, 1), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}

