@@ -90,7 +90,8 @@ class BatchedEngine:
             llama_cpp, model_path, n_cells=self.kv_cells, n_batch=self.n_batch, n_seq_max=n_seq_max,
             kv_unified=kv_unified, repack=repack, n_threads=n_threads, n_threads_batch=n_threads_batch)
         self._mem = llama_cpp.llama_get_memory(self._ctx)
-        self._jump = JumpForward(llama_cpp, self._vocab) if jump_forward else None
+        self.jump_forward = jump_forward
+        self._jump: JumpForward | None = None  # built at the first grammar request (a vocabulary scan)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.n_threads = int(params.n_threads)
         self.n_threads_batch = int(params.n_threads_batch)
@@ -408,8 +409,10 @@ class BatchedEngine:
             self._finish(req, out.finish or "length", out.hit)
             return
         req.tokens.append(token)
-        if req.grammar is None or self._jump is None:
+        if req.grammar is None or not self.jump_forward:
             return
+        if self._jump is None:
+            self._jump = JumpForward(self._lc, self._vocab)
         jump = self._jump
         if not jump.enabled:
             return

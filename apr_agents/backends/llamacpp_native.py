@@ -165,13 +165,17 @@ class Jump:
     """What ``JumpForward.extend`` decided after a sampled token.
 
     ``tokens``: what to evaluate next: the sampled token, then the forced text's tokens;
-    ``text``: the forced text (``""``: none); ``n_new``: its tokens; ``end``: the grammar
-    allows nothing but the end of the sequence."""
+    ``text``: the forced text (``""``: none); ``end``: the grammar allows nothing but the
+    end of the sequence."""
 
     tokens: list[int]
     text: str = ""
-    n_new: int = 0
     end: bool = False
+
+    @property
+    def n_new(self) -> int:
+        """The forced text's tokens (those after the sampled one)."""
+        return len(self.tokens) - 1
 
 
 class JumpForward:
@@ -300,7 +304,7 @@ class JumpForward:
             return Jump([token])  # the tokenizer does not give these bytes back: decode them instead
         if self.advance(grammar, taken) != len(taken):  # cannot happen: forced() walked these characters
             raise BackendRequestError("jump-forward: the grammar refused the text it had forced")
-        return Jump([token, *rest], taken, len(rest))
+        return Jump([token, *rest], taken)
 
 
 __all__ = ["Jump", "JumpForward", "Request", "Slot", "fork_source", "open_context", "sampler_chain", "waits_for_sibling"]
