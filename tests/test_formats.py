@@ -15,6 +15,7 @@ from apr_agents.backends import models
 from apr_agents.backends.base import BackendUnavailable
 from apr_agents.backends.formats import (
     ASSISTANT_START,
+    SANE_COUNT_SAY_RULES,
     ChatMLFormat,
     FewShotFormat,
     _first_step,
@@ -98,9 +99,12 @@ def test_grammar_per_step() -> None:
     spawn3 = next(line for line in first.splitlines() if line.startswith("spawn3 ::="))
     assert spawn3.count("<Outline>") == 3 and "?" not in spawn3  # exactly three outlines
     assert "Items: 2\n<Parallel>" in start and "With one item, call the tool right away" in start
-    # how to finish: sums with the calculator, "which" questions by comparing (docs/eval.md, instr-C)
-    assert "to add, subtract or divide numbers, call the calculator" in start
-    assert "compare the threads' numbers and name that item" in start
+    # how to finish: one calculator call, max()/min() for "which" questions (docs/eval.md)
+    assert "finish from their results with one calculator call" in start
+    assert "write max(...) or min(...) of the threads' numbers" in start
+    # free text never writes a long count with a scale word after it ("35508984 million")
+    assert SANE_COUNT_SAY_RULES[0] in first and SANE_COUNT_SAY_RULES[0] not in (
+        ChatMLFormat(QWEN_LIKE, sane_counts=False).grammar(start, stops) or "")
     plain = ChatMLFormat(QWEN_LIKE, count_items=False)
     assert _options(plain.grammar(plain.render([HumanMessage("q")], TOOLS), stops) or "") == (
         'root ::= ( say "\\n" )? calls | ( say "\\n" )? spawn')

