@@ -30,6 +30,8 @@ Two formats ship:
   again. Two options measured and left off (docs/eval.md): ``restate_question``
   (the root writes the question again right after the merge) and
   ``result_names_outline`` (a thread's result starts ``Result: <outline> =``).
+  With ``sane_counts`` (default) free text cannot put a scale word after a count of seven
+  or more digits (``35508984 million``: the 1.5B model's most common wrong answer).
 
 Example::
 
