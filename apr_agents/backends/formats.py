@@ -334,8 +334,10 @@ def _first_step(prompt: str) -> bool:
 #: ``tho`` or ``tri`` (or those letters right after the digits).
 SANE_COUNT_SAY_RULES: list[str] = [
     r'say ::= sstart sseg{0,250} snum? | snum',
-    r'sstart ::= sch0 | sshort sch | slong safter',
-    r'sseg ::= sch | sshort sch | slong safter',
+    r'sstart ::= sch0 | snumseg',
+    r'sseg ::= sch | snumseg',
+    # a number and what may follow it: anything but a digit, and no scale word after a long count
+    r'snumseg ::= sshort sch | slong safter',
     r'snum ::= sshort | slong',
     r'sshort ::= [0-9]{1,6} | [0-9]{1,3} "," [0-9]{3}',
     r'slong ::= [0-9]{7,16} | [0-9]{1,3} ( "," [0-9]{3} ){2,5}',
