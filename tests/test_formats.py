@@ -23,6 +23,7 @@ from apr_agents.backends.formats import (
     _thread_tool_calls,
     chatml_gbnf,
     joined_question,
+    numbers_in_last_tool_response,
     own_outline,
     tools_in_prompt,
 )
@@ -156,6 +157,25 @@ def test_a_thread_may_answer_its_own_outline_by_name() -> None:
     assert _options(fmt.grammar(done, bstops) or "") == 'root ::= "Result: " "look up b" " = " say ( "</Thread>" )'
     assert _options(fmt.grammar(branch, bstops) or "") == 'root ::= " " "look up b" "\\n" calls'  # unchanged
     assert _options(ChatMLFormat(QWEN_LIKE).grammar(done, bstops) or "") == 'root ::= "Result: " say ( "</Thread>" )'
+
+def test_a_thread_may_be_held_to_a_figure_its_tool_gave() -> None:
+    fmt = ChatMLFormat(QWEN_LIKE, numeric_results=True)
+    start = fmt.render([HumanMessage("q")], TOOLS)
+    branch = start + "<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n<Outline>2: b</Outline>\n</Outlines>\n<Thread>2:"
+    response = "Nepal: population 28087871; area 147181 km2; latitude -27.5; code 977 (again 977)"
+    done = branch + ' b\n<tool_call>\n{"name": "lookup"}\n</tool_call>' + fmt.tool_results([response], depth=1)
+    assert numbers_in_last_tool_response(done) == ["28087871", "147181", "-27.5", "977"]  # not km2's 2
+    bstops = ["</tool_call>", "</Thread>"]
+    assert _options(fmt.grammar(done, bstops) or "") == (
+        'root ::= "Result: " ( "28087871" | "147181" | "-27.5" | "977" ) ( "\\n" | [ .;] say )? ( "</Thread>" )')
+    # a response without numbers, the thread's first step and the root are as before
+    words = branch + ' b\n<tool_call>\n{"name": "lookup"}\n</tool_call>' + fmt.tool_results(["Kathmandu"], depth=1)
+    assert _options(fmt.grammar(words, bstops) or "") == 'root ::= "Result: " say ( "</Thread>" )'
+    assert _options(fmt.grammar(branch, bstops) or "") == _options(ChatMLFormat(QWEN_LIKE).grammar(branch, bstops) or "")
+    assert _options(ChatMLFormat(QWEN_LIKE).grammar(done, bstops) or "") == 'root ::= "Result: " say ( "</Thread>" )'
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp.LlamaGrammar.from_string(fmt.grammar(done, bstops) or "", verbose=False)
+
 
 def test_schema_rules() -> None:
     rules = list(JSON_RULES)

@@ -32,6 +32,8 @@ Two formats ship:
   ``result_names_outline`` (a thread's result starts ``Result: <outline> =``).
   With ``sane_counts`` (default) free text cannot put a scale word after a count of seven
   or more digits (``35508984 million``: the 1.5B model's most common wrong answer).
+  ``numeric_results`` (off; measured in docs/eval.md) makes a thread's ``Result:`` start
+  with a number copied from its tool's response.
 
 Example::
 
@@ -126,7 +128,8 @@ class ChatMLFormat:
                  instruction: str | None = None, force_first_call: bool = True,
                  thread_tool_calls: int | None = 1, count_items: bool = True,
                  restate_outline: bool = True, restate_question: bool = False,
-                 result_names_outline: bool = False, sane_counts: bool = True) -> None:
+                 result_names_outline: bool = False, sane_counts: bool = True,
+                 numeric_results: bool = False) -> None:
         self.template = template
         self.bos_token = bos_token
         self.eos_token = eos_token
@@ -137,10 +140,11 @@ class ChatMLFormat:
         self.restate_question = restate_question
         self.result_names_outline = result_names_outline
         self.sane_counts = sane_counts
+        self.numeric_results = numeric_results
         self.custom_instruction = instruction
         self.force_first_call = force_first_call
         self.thread_tool_calls = thread_tool_calls
-        self._grammars: dict[tuple[str, bool, bool, bool, bool, str | None, str | None], str] = {}
+        self._grammars: dict[tuple[Any, ...], str] = {}
 
     @property
     def instruction(self) -> str:
@@ -189,7 +193,10 @@ class ChatMLFormat:
             outline = own_outline(prompt, self.dialect, opening=False)
         question = (joined_question(prompt, self.dialect)
                     if self.restate_question and not branch and not first else None)
-        key = (json.dumps(tools, sort_keys=True), branch, can_spawn, first, may_call, outline, question)
+        values = (tuple(numbers_in_last_tool_response(prompt))
+                  if self.numeric_results and branch and not first else ())
+        key = (json.dumps(tools, sort_keys=True), branch, can_spawn, first, may_call, outline, question,
+               values)
         if key not in self._grammars:
             if len(self._grammars) >= 256:
                 self._grammars.clear()
@@ -197,7 +204,7 @@ class ChatMLFormat:
                                               max_outlines=self.max_outlines, may_call=may_call,
                                               dialect=self.dialect, count_items=self.count_items,
                                               outline=outline, question=question,
-                                              sane_counts=self.sane_counts)
+                                              sane_counts=self.sane_counts, result_values=values)
         return self._grammars[key]
 
 
@@ -293,6 +300,22 @@ def joined_question(prompt: str, dialect: Dialect) -> str | None:
     return text if text and "\n" not in text and len(text) <= 300 else None
 
 
+_NUMBER_RE = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.])")
+
+
+def numbers_in_last_tool_response(prompt: str, *, limit: int = 12) -> list[str]:
+    """The numbers the latest ``<tool_response>`` of ``prompt`` holds, in order, each once.
+
+    Digits inside a word (``km2``, ``H2O``) are not numbers; at most ``limit`` are returned.
+    """
+    body = prompt.rpartition("<tool_response>")[2].partition("</tool_response>")[0]
+    found: list[str] = []
+    for number in _NUMBER_RE.findall(body):
+        if number not in found:
+            found.append(number)
+    return found[:limit]
+
+
 def _thread_tool_calls(prompt: str, dialect: Dialect) -> int:
     """Tool calls the thread being continued has made (those after its ``<Thread>`` opening)."""
     return prompt.rpartition(dialect.thread_open)[2].count(TOOL_CALL_CLOSE)
@@ -353,7 +376,7 @@ SANE_COUNT_SAY_RULES: list[str] = [
 def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: bool, first_step: bool,
                 max_outlines: int = 6, may_call: bool = True, dialect: Dialect = CANONICAL,
                 count_items: bool = False, outline: str | None = None, question: str | None = None,
-                sane_counts: bool = False) -> str:
+                sane_counts: bool = False, result_values: Sequence[str] = ()) -> str:
     """GBNF for one step of a ChatML model in ``dialect`` (its spawn block, its thread end).
 
     A step is one of: a tool call whose arguments follow that tool's JSON schema (the
@@ -377,6 +400,9 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
     thread answers its outline rather than the whole question. ``question``: the root's
     first step after its threads are merged starts by writing the question again (``Question: ...``),
     so the last thing it read before finishing is what was asked, not the threads' results.
+    ``result_values`` (numbers from the thread's tool response): a branch's ``Result:`` after a
+    tool result starts with one of them, copied, so the thread reports a figure its tool gave
+    rather than its item's name or a number of its own (``ChatMLFormat(numeric_results=True)``).
     """
     from .grammars import JSON_RULES, gbnf_literal, schema_rule, spawn_rules
 
@@ -421,7 +447,12 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
             options.append(f"say {close}" if branch else "say")
     else:  # a branch after a tool result: say what was found, then close (or call again, if it may)
         cue = f'"Result: " {gbnf_literal(outline)} " = "' if outline else '"Result: "'
-        options.append(f'{cue} say ( {close}' + (' | "\\n" calls' if calls and may_call else "") + " )")
+        more = ' | "\\n" calls' if calls and may_call else ""
+        if result_values:  # a copied figure, then optionally a few words (a unit), then the end
+            copied = " | ".join(gbnf_literal(v) for v in result_values)
+            options.append(f'{cue} ( {copied} ) ( "\\n" | [ .;] say )? ( {close}{more} )')
+        else:
+            options.append(f'{cue} say ( {close}{more} )')
     top = " | ".join(options)
     if question:
         top = f'"Question: " {gbnf_literal(question)} "\\n" ( {top} )'
@@ -433,5 +464,6 @@ def _gbnf_escape(text: str) -> str:
 
 
 __all__ = ["ASSISTANT_START", "ITEMS_PREFIX", "SANE_COUNT_SAY_RULES", "ChatMLFormat", "FewShotFormat", "FormattedBackend", "PromptFormat",
-           "chatml_gbnf", "format_for", "joined_question", "own_outline", "spawn_instruction",
+           "chatml_gbnf", "format_for", "joined_question", "numbers_in_last_tool_response", "own_outline",
+           "spawn_instruction",
            "tool_signature", "tools_in_prompt"]
