@@ -51,7 +51,14 @@ from typing import Any
 
 from langchain_core.messages import BaseMessage
 
-from ..protocol.dialects import CANONICAL, TOOL_CALL_CLOSE, APRDialect, Dialect
+from ..protocol.dialects import (
+    CANONICAL,
+    TOOL_CALL_CLOSE,
+    TOOL_RESPONSE_CLOSE,
+    TOOL_RESPONSE_OPEN,
+    APRDialect,
+    Dialect,
+)
 from .prompting import FEWSHOT_END_STOPS, apply_template, chat_dicts, render_fewshot, tool_signature
 
 IM_START = "<|im_start|>"
@@ -295,7 +302,7 @@ def joined_question(prompt: str, dialect: Dialect) -> str | None:
     head, sep, segment = prompt.rpartition(ASSISTANT_START)
     if not sep or not segment.rstrip("\n").endswith(dialect.parallel_close or dialect.thread_close):
         return None
-    turns = [t for t in head.split(f"{IM_START}user\n")[1:] if not t.lstrip().startswith("<tool_response>")]
+    turns = [t for t in head.split(f"{IM_START}user\n")[1:] if not t.lstrip().startswith(TOOL_RESPONSE_OPEN)]
     text = turns[-1].partition(IM_END)[0].strip() if turns else ""
     return text if text and "\n" not in text and len(text) <= 300 else None
 
@@ -308,7 +315,7 @@ def numbers_in_last_tool_response(prompt: str, *, limit: int = 12) -> list[str]:
 
     Digits inside a word (``km2``, ``H2O``) are not numbers; at most ``limit`` are returned.
     """
-    body = prompt.rpartition("<tool_response>")[2].partition("</tool_response>")[0]
+    body = prompt.rpartition(TOOL_RESPONSE_OPEN)[2].partition(TOOL_RESPONSE_CLOSE)[0]
     found: list[str] = []
     for number in _NUMBER_RE.findall(body):
         if number not in found:
@@ -343,10 +350,10 @@ def _first_step(prompt: str) -> bool:
     head, sep, segment = prompt.rpartition(ASSISTANT_START)
     if not sep:
         return True
-    if "</Parallel>" in segment or "<tool_response>" in segment:
+    if "</Parallel>" in segment or TOOL_RESPONSE_OPEN in segment:
         return False
     last_user = head.rpartition(f"{IM_START}user")[2]
-    return not last_user.lstrip().startswith("<tool_response>")
+    return not last_user.lstrip().startswith(TOOL_RESPONSE_OPEN)
 
 
 #: Free text (an answer, a thread's ``Result:`` sentence) in which a count of seven or more digits
