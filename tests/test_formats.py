@@ -22,9 +22,13 @@ from apr_agents.backends.formats import (
     _repeated_call,
     _thread_tool_calls,
     chatml_gbnf,
+    chosen_item,
+    grounded_result_options,
     joined_question,
+    numbers_in_context,
     numbers_in_last_tool_response,
     own_outline,
+    tool_response_fields,
     tools_in_prompt,
 )
 from apr_agents.backends.grammars import JSON_RULES, _char_class, protocol_gbnf, schema_rule
@@ -159,22 +163,103 @@ def test_a_thread_may_answer_its_own_outline_by_name() -> None:
     assert _options(ChatMLFormat(QWEN_LIKE).grammar(done, bstops) or "") == 'root ::= "Result: " say ( "</Thread>" )'
 
 def test_a_thread_may_be_held_to_a_figure_its_tool_gave() -> None:
-    fmt = ChatMLFormat(QWEN_LIKE, numeric_results=True)
+    fmt = ChatMLFormat(QWEN_LIKE, grounded_results=True)
     start = fmt.render([HumanMessage("q")], TOOLS)
     branch = start + "<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n<Outline>2: b</Outline>\n</Outlines>\n<Thread>2:"
     response = "Nepal: population 28087871; area 147181 km2; latitude -27.5; code 977 (again 977)"
     done = branch + ' b\n<tool_call>\n{"name": "lookup"}\n</tool_call>' + fmt.tool_results([response], depth=1)
     assert numbers_in_last_tool_response(done) == ["28087871", "147181", "-27.5", "977"]  # not km2's 2
     bstops = ["</tool_call>", "</Thread>"]
+    # the outline "b" names no field of the response: any of its numbers
     assert _options(fmt.grammar(done, bstops) or "") == (
         'root ::= "Result: " ( "28087871" | "147181" | "-27.5" | "977" ) ( "\\n" | [ .;] say )? ( "</Thread>" )')
     # a response without numbers, the thread's first step and the root are as before
     words = branch + ' b\n<tool_call>\n{"name": "lookup"}\n</tool_call>' + fmt.tool_results(["Kathmandu"], depth=1)
     assert _options(fmt.grammar(words, bstops) or "") == 'root ::= "Result: " say ( "</Thread>" )'
-    assert _options(fmt.grammar(branch, bstops) or "") == _options(ChatMLFormat(QWEN_LIKE).grammar(branch, bstops) or "")
-    assert _options(ChatMLFormat(QWEN_LIKE).grammar(done, bstops) or "") == 'root ::= "Result: " say ( "</Thread>" )'
+    off = ChatMLFormat(QWEN_LIKE, grounded_results=False)
+    assert _options(fmt.grammar(branch, bstops) or "") == _options(off.grammar(branch, bstops) or "")
+    assert _options(off.grammar(done, bstops) or "") == 'root ::= "Result: " say ( "</Thread>" )'
+    assert ChatMLFormat(QWEN_LIKE).grammar(done, bstops) == fmt.grammar(done, bstops)  # on by default
     llama_cpp = pytest.importorskip("llama_cpp")
     llama_cpp.LlamaGrammar.from_string(fmt.grammar(done, bstops) or "", verbose=False)
+
+
+def test_a_thread_copies_the_fields_its_outline_names() -> None:
+    facts = ("Belgium: population 11422068; area 30510 km2; capital Brussels; continent Europe; "
+             "neighbours Germany, France")
+    assert tool_response_fields(facts)[:3] == [("population", "11422068"), ("area", "30510 km2"),
+                                               ("capital", "Brussels")]
+    assert tool_response_fields("distance from Brussels to Dodoma: 7016.4 km") == [("distance", "7016.4 km")]
+    assert tool_response_fields('{"population": 5, "capital": "Oslo", "tags": [1]}') == [
+        ("population", "5"), ("capital", "Oslo")]
+    assert tool_response_fields("unknown country 'Manama'. Did you mean: Panama, Myanmar?") == []
+    assert tool_response_fields("Kuwait: population: 4.1 million; capital: Kuwait City; land area: 17820") == [
+        ("population", "4.1 million"), ("capital", "Kuwait City"), ("land area", "17820")]
+    kb = "France: capital: Paris; population_millions: 68.4; area_km2: 551695"  # apr_tools.lookup's layout
+    assert grounded_result_options(f"<tool_response>{kb}</tool_response>", "population of France") == ("68.4",)
+    done = f"<tool_response>{facts}</tool_response>\n"
+    assert grounded_result_options(done, "look up the capital city of Belgium") == ("Brussels",)
+    assert grounded_result_options(done, "look up the land area of Belgium") == ("30510 km2",)
+    assert grounded_result_options(done, "look up Belgium's population and area") == (
+        "population 11422068; area 30510 km2",)
+    assert grounded_result_options(done, "look up Belgium") == ("11422068", "30510")  # no field named
+    # in a real branch prompt: the outline of the thread being continued decides
+    fmt = ChatMLFormat(QWEN_LIKE, grounded_results=True)
+    branch = fmt.render([HumanMessage("q")], TOOLS) + (
+        "<Parallel>\n<Outlines>\n<Outline>1: look up the capital of Peru</Outline>\n"
+        "<Outline>2: look up the capital of Belgium</Outline>\n</Outlines>\n<Thread>2: look up the capital of Belgium")
+    done = branch + '\n<tool_call>\n{"name": "lookup"}\n</tool_call>' + fmt.tool_results([facts], depth=1)
+    gbnf = fmt.grammar(done, ["</tool_call>", "</Thread>"]) or ""
+    assert _options(gbnf) == 'root ::= "Result: " ( "Brussels" ) ( "\\n" | [ .;] say )? ( "</Thread>" )'
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp.LlamaGrammar.from_string(gbnf, verbose=False)
+
+
+def test_arithmetic_may_be_held_to_the_conversations_numbers() -> None:
+    fmt = ChatMLFormat(QWEN_LIKE, grounded_arguments={"calculator": "expression"})
+    start = fmt.render([HumanMessage("France plus Canada, in millions?")], TOOLS)
+    assert "at most 6 outlines" in start  # the instruction and tools come first: not the conversation's
+    merged = start + ("Items: 2\n<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n<Outline>2: b</Outline>\n"
+                      "</Outlines>\n<Thread>1: a\nResult: 68.4</Thread>\n<Thread>2: b\nResult: 40.1</Thread>\n"
+                      "</Parallel>\n")
+    assert numbers_in_context(merged) == ["68.4", "40.1", "1000000", "1000", "100", "10", "2", "1", "0"]
+    gbnf = fmt.grammar(merged, ["</tool_call>", "<|im_end|>"]) or ""
+    assert 'gnum ::= "68.4" | "40.1" | "1000000" | ' in gbnf and '": " gexpr' in gbnf
+    assert ChatMLFormat(QWEN_LIKE).grammar(merged, ["</tool_call>", "<|im_end|>"]) == gbnf  # on by default
+    off = ChatMLFormat(QWEN_LIKE, grounded_arguments={}).grammar(merged, ["</tool_call>", "<|im_end|>"]) or ""
+    assert "gexpr" not in off and "calculator" in off
+    # a thread that has looked nothing up has no figure to compute with: it cannot call the calculator
+    opened = start + "Items: 2\n<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>1:"
+    assert numbers_in_context(opened) == []
+    first = fmt.grammar(opened, ["</tool_call>", "</Thread>"]) or ""
+    assert '\\"name\\": \\"lookup\\"' in first and "calculator" not in first
+    llama_cpp = pytest.importorskip("llama_cpp")
+    grammar = llama_cpp.LlamaGrammar.from_string(gbnf, verbose=False)
+    assert grammar is not None
+
+
+def test_the_answer_names_the_item_a_calculation_picked() -> None:
+    fmt = ChatMLFormat(QWEN_LIKE, grounded_choice=True)
+    start = fmt.render([HumanMessage("Which is farther from Oslo: Lima or Rome?")], TOOLS)
+
+    def thread(n: int, city: str, result: str) -> str:
+        call = json.dumps({"name": "lookup", "arguments": {"city_a": "Oslo", "city_b": city}})
+        return (f"<Thread>{n}: distance to {city}\n<tool_call>\n{call}\n</tool_call>\n"
+                f"<tool_response>x</tool_response>\nResult: {result}\n</Thread>\n")
+
+    merged = (start + "Items: 2\n<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n<Outline>2: b</Outline>\n"
+              "</Outlines>\n" + thread(1, "Lima", "10980.1 km") + thread(2, "Rome", "2007.5 km") + "</Parallel>\n"
+              '<tool_call>\n{"name": "calculator", "arguments": {"expression": "max(10980.1, 2007.5)"}}\n</tool_call>')
+    stops = ["</tool_call>", "<|im_end|>"]
+    picked = merged + fmt.tool_results(["10980.1"])
+    assert chosen_item(picked, CANONICAL) == "Lima"  # city_b differs between the threads; city_a does not
+    assert _options(fmt.grammar(picked, stops) or "").startswith('root ::= "Lima" ( [ .,;] say )?')
+    # a sum picks no thread; neither does a figure two threads share; nor a default format
+    assert chosen_item(merged + fmt.tool_results(["12987.6"]), CANONICAL) is None
+    assert chosen_item(picked.replace("2007.5 km", "10980.1 km"), CANONICAL) is None
+    assert "Lima" not in (ChatMLFormat(QWEN_LIKE, grounded_choice=False).grammar(picked, stops) or "").splitlines()[0]
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp.LlamaGrammar.from_string(fmt.grammar(picked, stops) or "", verbose=False)
 
 
 def test_schema_rules() -> None:

@@ -32,8 +32,16 @@ Two formats ship:
   ``result_names_outline`` (a thread's result starts ``Result: <outline> =``).
   With ``sane_counts`` (default) free text cannot put a scale word after a count of seven
   or more digits (``35508984 million``: the 1.5B model's most common wrong answer).
-  ``numeric_results`` (off; measured in docs/eval.md) makes a thread's ``Result:`` start
-  with a number copied from its tool's response.
+  Three "grounding" options (default on, measured together in docs/eval.md) tie what the
+  model writes to what its tools said: ``grounded_results`` makes a thread's ``Result:`` a
+  copy from its tool's response: the fields its outline names (``capital`` gives
+  ``Brussels``), else one of the response's numbers. ``grounded_arguments`` (default
+  ``{"calculator": "expression"}``; ``{}`` turns it off) holds that argument to arithmetic over
+  numbers already in the conversation (and ``ARITHMETIC_CONSTANTS``), and keeps the tool out of
+  reach until the conversation holds a number, so a thread cannot "look up" a figure by
+  computing one it made up. ``grounded_choice``: after a calculation that returned exactly one
+  thread's figure (``max(...)``), the root's answer starts with that thread's item
+  (``chosen_item``).
 
 Example::
 
@@ -46,7 +54,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 from langchain_core.messages import BaseMessage
@@ -62,6 +71,8 @@ from ..protocol.dialects import (
 from .prompting import FEWSHOT_END_STOPS, apply_template, chat_dicts, render_fewshot, tool_signature
 
 IM_START = "<|im_start|>"
+#: ``ChatMLFormat``'s default ``grounded_arguments``: a ``calculator`` tool's ``expression``.
+GROUNDED_ARGUMENTS: Mapping[str, str] = MappingProxyType({"calculator": "expression"})
 #: the line a root starts its first reply with when ``ChatMLFormat(count_items=True)``
 ITEMS_PREFIX = "Items: "
 IM_END = "<|im_end|>"
@@ -136,7 +147,9 @@ class ChatMLFormat:
                  thread_tool_calls: int | None = 1, count_items: bool = True,
                  restate_outline: bool = True, restate_question: bool = False,
                  result_names_outline: bool = False, sane_counts: bool = True,
-                 numeric_results: bool = False) -> None:
+                 grounded_results: bool = True,
+                 grounded_arguments: Mapping[str, str] = GROUNDED_ARGUMENTS,
+                 grounded_choice: bool = True) -> None:
         self.template = template
         self.bos_token = bos_token
         self.eos_token = eos_token
@@ -147,7 +160,9 @@ class ChatMLFormat:
         self.restate_question = restate_question
         self.result_names_outline = result_names_outline
         self.sane_counts = sane_counts
-        self.numeric_results = numeric_results
+        self.grounded_results = grounded_results
+        self.grounded_arguments = dict(grounded_arguments)
+        self.grounded_choice = grounded_choice
         self.custom_instruction = instruction
         self.force_first_call = force_first_call
         self.thread_tool_calls = thread_tool_calls
@@ -200,10 +215,13 @@ class ChatMLFormat:
             outline = own_outline(prompt, self.dialect, opening=False)
         question = (joined_question(prompt, self.dialect)
                     if self.restate_question and not branch and not first else None)
-        values = (tuple(numbers_in_last_tool_response(prompt))
-                  if self.numeric_results and branch and not first else ())
+        values = (grounded_result_options(prompt, own_outline(prompt, self.dialect, opening=False))
+                  if self.grounded_results and branch and not first else ())
+        numbers = (tuple(numbers_in_context(prompt)) if self.grounded_arguments and may_call else ())
+        grounded = self.grounded_arguments if may_call else {}
+        chosen = chosen_item(prompt, self.dialect) if self.grounded_choice and not branch and not first else None
         key = (json.dumps(tools, sort_keys=True), branch, can_spawn, first, may_call, outline, question,
-               values)
+               values, numbers, chosen)
         if key not in self._grammars:
             if len(self._grammars) >= 256:
                 self._grammars.clear()
@@ -211,7 +229,9 @@ class ChatMLFormat:
                                               max_outlines=self.max_outlines, may_call=may_call,
                                               dialect=self.dialect, count_items=self.count_items,
                                               outline=outline, question=question,
-                                              sane_counts=self.sane_counts, result_values=values)
+                                              sane_counts=self.sane_counts, result_values=values,
+                                              grounded=grounded, context_numbers=numbers,
+                                              answer_lead=chosen)
         return self._grammars[key]
 
 
@@ -310,17 +330,130 @@ def joined_question(prompt: str, dialect: Dialect) -> str | None:
 _NUMBER_RE = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.])")
 
 
+def _numbers(text: str) -> list[str]:
+    found: list[str] = []
+    for number in _NUMBER_RE.findall(text):
+        if number not in found:
+            found.append(number)
+    return found
+
+
+def _last_tool_response(prompt: str) -> str:
+    return prompt.rpartition(TOOL_RESPONSE_OPEN)[2].partition(TOOL_RESPONSE_CLOSE)[0].strip()
+
+
 def numbers_in_last_tool_response(prompt: str, *, limit: int = 12) -> list[str]:
     """The numbers the latest ``<tool_response>`` of ``prompt`` holds, in order, each once.
 
     Digits inside a word (``km2``, ``H2O``) are not numbers; at most ``limit`` are returned.
     """
-    body = prompt.rpartition(TOOL_RESPONSE_OPEN)[2].partition(TOOL_RESPONSE_CLOSE)[0]
-    found: list[str] = []
-    for number in _NUMBER_RE.findall(body):
-        if number not in found:
-            found.append(number)
-    return found[:limit]
+    return _numbers(_last_tool_response(prompt))[:limit]
+
+
+#: Numbers an arithmetic argument may always use besides the conversation's: unit scales and
+#: small counts (``/ 1000000`` for "in millions", ``round(x, 2)``).
+ARITHMETIC_CONSTANTS: tuple[str, ...] = ("1000000", "1000", "100", "10", "2", "1", "0")
+
+
+#: The protocol's own numbering (``Items: 2``, ``<Outline>1:``, ``<Thread>2:``): not facts.
+_SCAFFOLD_RE = re.compile(r"(?:Items: |<Outline>|<Thread>)\d+")
+
+
+def numbers_in_context(prompt: str, *, limit: int = 200) -> list[str]:
+    """The numbers of the conversation a ChatML ``prompt`` holds after its ``<tools>`` section
+    (question, tool responses, results), each once, then ``ARITHMETIC_CONSTANTS``; empty when the
+    conversation has none (a thread that has looked nothing up yet). The tool descriptions'
+    examples and the protocol's numbering do not count. At most ``limit``, the latest kept."""
+    found = _numbers(_SCAFFOLD_RE.sub("", prompt.rpartition("</tools>")[2]))[-limit:]
+    return found + [c for c in ARITHMETIC_CONSTANTS if c not in found] if found else []
+
+
+_FIELD_KEY_RE = re.compile(r"([A-Za-z][A-Za-z_]*)\s+(\S.*)")
+_KEY_RE = re.compile(r"[A-Za-z][A-Za-z0-9_ ]{0,30}")
+
+
+def tool_response_fields(body: str) -> list[tuple[str, str]]:
+    """``(key, value)`` fields of a tool response: a JSON object's scalar members, or text of
+    ``key value`` or ``key: value`` parts separated by ``;`` or new lines, after an optional
+    ``Label:`` (``France: population 68400000; capital Paris`` and ``France: population: 68400000;
+    capital: Paris`` give ``population``/``68400000`` and ``capital``/``Paris``; ``distance from A
+    to B: 841.1 km`` gives ``distance``/``841.1 km``)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        return [(str(k).lower(), str(v)) for k, v in data.items()
+                if isinstance(v, str | int | float) and not isinstance(v, bool)]
+    fields: list[tuple[str, str]] = []
+    parts = [p.strip().rstrip(".") for p in re.split(r";|\n", body) if p.strip()]
+    # "key: value" parts (after the first, which may carry a label: "France: population: 68.4")
+    colon_style = (sum(": " in p for p in parts[1:]) * 2 > len(parts) - 1 if len(parts) > 1
+                   else bool(parts) and parts[0].count(": ") >= 2)
+    for i, part in enumerate(parts):
+        head, sep, rest = part.partition(": ")
+        if colon_style:
+            if i == 0 and rest.count(": "):
+                head, sep, rest = rest.partition(": ")
+            if sep and _KEY_RE.fullmatch(head):
+                fields.append((head.strip().lower(), rest.strip()))
+        elif sep and _NUMBER_RE.match(rest.strip()):  # "distance from A to B: 841.1 km"
+            key = re.match(r"[A-Za-z]+", head)
+            if key:
+                fields.append((key.group(0).lower(), rest.strip()))
+        else:
+            found = _FIELD_KEY_RE.fullmatch(rest.strip() if sep else part)
+            if found:
+                fields.append((found.group(1).lower(), found.group(2).strip()))
+    return fields
+
+
+def grounded_result_options(prompt: str, outline: str | None) -> tuple[str, ...]:
+    """What a thread's ``Result:`` may start with after its tool response (``grounded_results``).
+
+    The fields the thread's ``outline`` names (a word of the key, ``area`` for ``area_km2``, is in
+    the outline), copied (one: its value; several: ``key value``
+    parts joined by ``; ``), as the only option; when the outline names none, any number of the
+    response; nothing (free text) when the response has no number either (an error message).
+    """
+    body = _last_tool_response(prompt)
+    words = set(re.findall(r"[a-z]+", (outline or "").lower()))
+    named = [(k, v) for k, v in tool_response_fields(body)
+             if any(w in words or f"{w}s" in words for w in re.findall(r"[a-z]+", k))]
+    if len(named) == 1:
+        return (named[0][1],)
+    if named:
+        return ("; ".join(f"{k} {v}" for k, v in named),)
+    return tuple(numbers_in_last_tool_response(prompt))
+
+
+def chosen_item(prompt: str, dialect: Dialect) -> str | None:
+    """The item a root's calculation picked: when the latest tool response of ``prompt`` is one
+    number equal to the ``Result:`` figure of exactly one thread of the latest merged threads
+    (``max(...)`` of their figures), that thread's item: the string argument of its tool call
+    that differs between the threads (``{"country": "Peru"}`` gives ``Peru``). None otherwise."""
+    if not dialect.parallel_close:
+        return None
+    picked = _NUMBER_RE.fullmatch(_last_tool_response(prompt))
+    block = prompt.rpartition(dialect.parallel_open)[2].partition(dialect.parallel_close)[0]
+    if picked is None or not block:
+        return None
+    threads = []
+    for body in block.split(dialect.thread_open)[1:]:
+        result = re.search(r"Result: (?:[a-z]+ )?(-?\d+(?:\.\d+)?)", body)
+        call = _CALL_BODY_RE.search(body)
+        try:
+            args = json.loads(call.group(1)).get("arguments", {}) if call else {}
+        except (ValueError, AttributeError):
+            args = {}
+        threads.append((float(result.group(1)) if result else None,
+                        {k: v for k, v in args.items() if isinstance(v, str)} if isinstance(args, dict) else {}))
+    hits = [i for i, (value, _) in enumerate(threads) if value is not None and value == float(picked.group(0))]
+    if len(hits) != 1:
+        return None
+    args = threads[hits[0]][1]
+    differing = [k for k in args if len({t[1].get(k) for t in threads}) == len(threads)]
+    return args[differing[0]] if differing else None
 
 
 def _thread_tool_calls(prompt: str, dialect: Dialect) -> int:
@@ -383,7 +516,9 @@ SANE_COUNT_SAY_RULES: list[str] = [
 def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: bool, first_step: bool,
                 max_outlines: int = 6, may_call: bool = True, dialect: Dialect = CANONICAL,
                 count_items: bool = False, outline: str | None = None, question: str | None = None,
-                sane_counts: bool = False, result_values: Sequence[str] = ()) -> str:
+                sane_counts: bool = False, result_values: Sequence[str] = (),
+                grounded: Mapping[str, str] | None = None, context_numbers: Sequence[str] = (),
+                answer_lead: str | None = None) -> str:
     """GBNF for one step of a ChatML model in ``dialect`` (its spawn block, its thread end).
 
     A step is one of: a tool call whose arguments follow that tool's JSON schema (the
@@ -409,7 +544,12 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
     so the last thing it read before finishing is what was asked, not the threads' results.
     ``result_values`` (numbers from the thread's tool response): a branch's ``Result:`` after a
     tool result starts with one of them, copied, so the thread reports a figure its tool gave
-    rather than its item's name or a number of its own (``ChatMLFormat(numeric_results=True)``).
+    rather than its item's name or a number of its own (``grounded_result_options``); one
+    option is the whole copied text. ``grounded`` (tool name -> argument) with ``context_numbers``:
+    that string argument is arithmetic (numbers, ``+ - * /``, parentheses, ``max min round abs
+    sqrt``) whose every number is one of ``context_numbers``, copied; with no numbers, that tool
+    cannot be called (a thread that has looked nothing up cannot compute a figure it made up).
+    ``answer_lead``: the root answers (no more calls) with text that starts with it.
     """
     from .grammars import JSON_RULES, gbnf_literal, schema_rule, spawn_rules
 
@@ -420,6 +560,13 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
         if not name:
             continue
         params = tool.get("parameters") or {"type": "object"}
+        held = (grounded or {}).get(name)
+        if held and not context_numbers:
+            continue  # no figure to compute with yet: look one up first
+        if held and held in (params.get("properties") or {}):
+            params = {**params, "properties": {**params["properties"], held: {"$gbnf": "gexpr"}}}
+            if "gexpr ::=" not in "\n".join(rules):
+                rules += grounded_arithmetic_rules(context_numbers)
         args = schema_rule(params, f"t{i}", rules)
         calls.append(f'"{{\\"name\\": \\"{_gbnf_escape(name)}\\", \\"arguments\\": " {args} "}}"')
     options = []
@@ -461,16 +608,52 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
         else:
             options.append(f'{cue} say ( {close}{more} )')
     top = " | ".join(options)
+    if answer_lead and not branch:
+        top = f'{gbnf_literal(answer_lead)} ( [ .,;] say )?'
     if question:
         top = f'"Question: " {gbnf_literal(question)} "\\n" ( {top} )'
     return "\n".join([f"root ::= {top}", *rules]) + "\n"
+
+
+def grounded_arithmetic_rules(numbers: Sequence[str]) -> list[str]:
+    """GBNF for a JSON string holding arithmetic over ``numbers`` only (rule ``gexpr``)."""
+    from .grammars import gbnf_literal
+
+    nums = " | ".join(gbnf_literal(n) for n in dict.fromkeys(numbers))
+    return [
+        r'gexpr ::= "\"" gsum "\""',
+        r'gsum ::= gterm ( " "? [-+*/] " "? gterm ){0,12}',
+        r'gterm ::= gnum | "-" gnum | "(" gsum ")" | gfn "(" gsum ( "," " "? gsum ){0,8} ")"',
+        r'gfn ::= "max" | "min" | "round" | "abs" | "sqrt"',
+        f"gnum ::= {nums}",
+    ]
 
 
 def _gbnf_escape(text: str) -> str:
     return json.dumps(text)[1:-1].replace("\\", "\\\\").replace('"', '\\"')
 
 
-__all__ = ["ASSISTANT_START", "ITEMS_PREFIX", "SANE_COUNT_SAY_RULES", "ChatMLFormat", "FewShotFormat", "FormattedBackend", "PromptFormat",
-           "chatml_gbnf", "format_for", "joined_question", "numbers_in_last_tool_response", "own_outline",
-           "spawn_instruction",
-           "tool_signature", "tools_in_prompt"]
+__all__ = [
+    "ARITHMETIC_CONSTANTS",
+    "ASSISTANT_START",
+    "GROUNDED_ARGUMENTS",
+    "ITEMS_PREFIX",
+    "SANE_COUNT_SAY_RULES",
+    "ChatMLFormat",
+    "FewShotFormat",
+    "FormattedBackend",
+    "PromptFormat",
+    "chatml_gbnf",
+    "chosen_item",
+    "format_for",
+    "grounded_arithmetic_rules",
+    "grounded_result_options",
+    "joined_question",
+    "numbers_in_context",
+    "numbers_in_last_tool_response",
+    "own_outline",
+    "spawn_instruction",
+    "tool_response_fields",
+    "tool_signature",
+    "tools_in_prompt",
+]

@@ -67,6 +67,8 @@ def schema_rule(schema: Any, name: str, rules: list[str], depth: int = 0) -> str
     """
     if not isinstance(schema, dict) or depth > 6:
         return "value"
+    if isinstance(schema.get("$gbnf"), str):  # a rule the caller wrote (e.g. grounded arithmetic)
+        return schema["$gbnf"]
     if "const" in schema:
         rules.append(f"{name} ::= {_literal(schema['const'])}")
         return name
