@@ -233,6 +233,10 @@ def test_arithmetic_may_be_held_to_the_conversations_numbers() -> None:
     assert numbers_in_context(opened) == []
     first = fmt.grammar(opened, ["</tool_call>", "</Thread>"]) or ""
     assert '\\"name\\": \\"lookup\\"' in first and "calculator" not in first
+    # a "calculator" without that argument is neither held nor kept out of reach
+    other = [{"name": "calculator", "parameters": {"type": "object", "properties": {"a": {"type": "number"}}}}]
+    assert "calculator" in chatml_gbnf(other, branch=True, can_spawn=False, first_step=True,
+                                       grounded={"calculator": "expression"}, context_numbers=())
     llama_cpp = pytest.importorskip("llama_cpp")
     grammar = llama_cpp.LlamaGrammar.from_string(gbnf, verbose=False)
     assert grammar is not None

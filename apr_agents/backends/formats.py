@@ -561,9 +561,9 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
             continue
         params = tool.get("parameters") or {"type": "object"}
         held = (grounded or {}).get(name)
-        if held and not context_numbers:
-            continue  # no figure to compute with yet: look one up first
         if held and held in (params.get("properties") or {}):
+            if not context_numbers:
+                continue  # no figure to compute with yet: look one up first
             params = {**params, "properties": {**params["properties"], held: {"$gbnf": "gexpr"}}}
             if "gexpr ::=" not in "\n".join(rules):
                 rules += grounded_arithmetic_rules(context_numbers)
