@@ -261,19 +261,28 @@ def test_jump_forward_finds_the_forced_text_and_takes_only_what_the_grammar_allo
         llama_cpp.llama_sampler_free(chain)
 
 
-def test_sane_count_grammar_refuses_a_count_followed_by_a_scale_word(backend):
+@pytest.fixture(scope="module")
+def jump(backend):  # type: ignore[no-untyped-def]
+    return JumpForward(llama_cpp, backend.llama._model.vocab)
+
+
+def _taken_by_grammar(backend, jump, rule: str, rules: list[str], text: str) -> int:  # type: ignore[no-untyped-def]
+    """How many characters of ``text`` llama.cpp's grammar sampler lets ``rule`` write after
+    ``Result: `` (all of it and ``</Thread>`` when the grammar takes the whole text)."""
+    gbnf = f'root ::= "Result: " {rule} "</Thread>"\n' + "\n".join(rules) + "\n"
+    chain = sampler_chain(llama_cpp, backend.llama._model.vocab, grammar=(gbnf, "root"))
+    try:
+        return jump.advance(llama_cpp.llama_sampler_chain_get(chain, 0), f"Result: {text}</Thread>") - 8
+    finally:
+        llama_cpp.llama_sampler_free(chain)
+
+
+def test_sane_count_grammar_refuses_a_count_followed_by_a_scale_word(backend, jump):
     """``ChatMLFormat``'s free text (``SANE_COUNT_SAY_RULES``), checked by llama.cpp's own grammar
     sampler: "35508984 million" (a count with a scale word: 35.5 trillion) cannot be written,
     in any spelling, and a long count cannot be split into short ones to get round it."""
-    jump = JumpForward(llama_cpp, backend.llama._model.vocab)
-    gbnf = 'root ::= "Result: " say "</Thread>"\n' + "\n".join(SANE_COUNT_SAY_RULES) + "\n"
-
     def taken(text: str) -> int:
-        chain = sampler_chain(llama_cpp, backend.llama._model.vocab, grammar=(gbnf, "root"))
-        try:
-            return jump.advance(llama_cpp.llama_sampler_chain_get(chain, 0), f"Result: {text}</Thread>") - 8
-        finally:
-            llama_cpp.llama_sampler_free(chain)
+        return _taken_by_grammar(backend, jump, "say", SANE_COUNT_SAY_RULES, text)
 
     refused = {"35508984 million": 10, "The total is 35,508,984 million.": 25, "35508984million": 8,
                "1234567 Billion": 9, "35508984 thousand": 11, "1234567 trillion": 10}
@@ -285,27 +294,20 @@ def test_sane_count_grammar_refuses_a_count_followed_by_a_scale_word(backend):
         assert taken(text) == len(text) + len("</Thread>"), text
 
 
-def test_grounded_arithmetic_writes_only_the_conversations_numbers(backend):
+def test_grounded_arithmetic_writes_only_the_conversations_numbers(backend, jump):
     """``grounded_arguments``, checked by llama.cpp's own grammar sampler: a calculator
     expression (``grounded_arithmetic_rules``) can write the numbers given, whole, and no other; a
     figure of the model's own is refused where it departs from every given one."""
-    jump = JumpForward(llama_cpp, backend.llama._model.vocab)
-    numbers = ["57779622", "3871833", "79872003", "25333", "1000000", "2", "1"]
+    rules = grounded_arithmetic_rules(["57779622", "3871833", "79872003", "25333", "1000000", "2", "1"])
 
-    def taken(rules: list[str], top: str, text: str) -> int:
-        gbnf = f'root ::= "Result: " {top} "</Thread>"\n' + "\n".join(rules) + "\n"
-        chain = sampler_chain(llama_cpp, backend.llama._model.vocab, grammar=(gbnf, "root"))
-        try:
-            return jump.advance(llama_cpp.llama_sampler_chain_get(chain, 0), f"Result: {text}</Thread>") - 8
-        finally:
-            llama_cpp.llama_sampler_free(chain)
+    def taken(text: str) -> int:
+        return _taken_by_grammar(backend, jump, "gexpr", rules, text)
 
-    arithmetic = grounded_arithmetic_rules(numbers)
     for text in ('"57779622 + 3871833"', '"max(57779622, 3871833)"', '"(57779622-3871833) / 1000000"',
                  '"round(25333 / 2, 1)"'):
-        assert taken(arithmetic, "gexpr", text) == len(text) + len("</Thread>"), text
-    assert taken(arithmetic, "gexpr", '"57779622 + 3871834"') == 18  # a figure of its own: refused at the 4
-    assert taken(arithmetic, "gexpr", '"140000000"') == 2  # "1" is a constant, "14" is nothing
+        assert taken(text) == len(text) + len("</Thread>"), text
+    assert taken('"57779622 + 3871834"') == 18  # a figure of its own: refused at the 4
+    assert taken('"140000000"') == 2  # "1" is a constant, "14" is nothing
 
 
 async def test_jump_forward_writes_the_forced_text_without_decoding_it(spawn_prompt):
