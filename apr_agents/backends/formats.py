@@ -331,11 +331,7 @@ _NUMBER_RE = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.])")
 
 
 def _numbers(text: str) -> list[str]:
-    found: list[str] = []
-    for number in _NUMBER_RE.findall(text):
-        if number not in found:
-            found.append(number)
-    return found
+    return list(dict.fromkeys(_NUMBER_RE.findall(text)))
 
 
 def _last_tool_response(prompt: str) -> str:
@@ -555,6 +551,7 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
 
     rules: list[str] = [*JSON_RULES]
     calls = []
+    gexpr: list[str] = []
     for i, tool in enumerate(tools):
         name = str(tool.get("name", ""))
         if not name:
@@ -565,8 +562,9 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
             if not context_numbers:
                 continue  # no figure to compute with yet: look one up first
             params = {**params, "properties": {**params["properties"], held: {"$gbnf": "gexpr"}}}
-            if "gexpr ::=" not in "\n".join(rules):
-                rules += grounded_arithmetic_rules(context_numbers)
+            if not gexpr:  # the held arguments of all tools share one rule
+                gexpr = grounded_arithmetic_rules(context_numbers)
+                rules += gexpr
         args = schema_rule(params, f"t{i}", rules)
         calls.append(f'"{{\\"name\\": \\"{_gbnf_escape(name)}\\", \\"arguments\\": " {args} "}}"')
     options = []
