@@ -210,7 +210,11 @@ def test_a_thread_copies_the_fields_its_outline_names() -> None:
         "<Outline>2: look up the capital of Belgium</Outline>\n</Outlines>\n<Thread>2: look up the capital of Belgium")
     done = branch + '\n<tool_call>\n{"name": "lookup"}\n</tool_call>' + fmt.tool_results([facts], depth=1)
     gbnf = fmt.grammar(done, ["</tool_call>", "</Thread>"]) or ""
-    assert _options(gbnf) == 'root ::= "Result: " ( "Brussels" ) ( "\\n" | [ .;] say )? ( "</Thread>" )'
+    # one copy and no tool call left: the grammar forces the whole step (an engine skips it)
+    assert _options(gbnf) == 'root ::= "Result: " "Brussels" "\\n" "</Thread>"'
+    # a thread that may still call a tool chooses between ending and calling again
+    more = ChatMLFormat(QWEN_LIKE, thread_tool_calls=2).grammar(done, ["</tool_call>", "</Thread>"]) or ""
+    assert _options(more).startswith('root ::= "Result: " ( "Brussels" ) ( "\\n" | [ .;] say )? ( "</Thread>" | "\\n" calls )')
     llama_cpp = pytest.importorskip("llama_cpp")
     llama_cpp.LlamaGrammar.from_string(gbnf, verbose=False)
 
@@ -251,9 +255,9 @@ def test_the_answer_names_the_item_a_calculation_picked() -> None:
         return (f"<Thread>{n}: distance to {city}\n<tool_call>\n{call}\n</tool_call>\n"
                 f"<tool_response>x</tool_response>\nResult: {result}\n</Thread>\n")
 
-    merged = (start + "Items: 2\n<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n<Outline>2: b</Outline>\n"
-              "</Outlines>\n" + thread(1, "Lima", "10980.1 km") + thread(2, "Rome", "2007.5 km") + "</Parallel>\n"
-              '<tool_call>\n{"name": "calculator", "arguments": {"expression": "max(10980.1, 2007.5)"}}\n</tool_call>')
+    head = start + "Items: 2\n<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n<Outline>2: b</Outline>\n</Outlines>\n"
+    calc = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "max(10980.1, 2007.5)"}}\n</tool_call>'
+    merged = head + thread(1, "Lima", "10980.1 km") + thread(2, "Rome", "2007.5 km") + "</Parallel>\n" + calc
     stops = ["</tool_call>", "<|im_end|>"]
     picked = merged + fmt.tool_results(["10980.1"])
     assert chosen_item(picked, CANONICAL) == "Lima"  # city_b differs between the threads; city_a does not
@@ -262,6 +266,18 @@ def test_the_answer_names_the_item_a_calculation_picked() -> None:
     assert chosen_item(merged + fmt.tool_results(["12987.6"]), CANONICAL) is None
     assert chosen_item(picked.replace("2007.5 km", "10980.1 km"), CANONICAL) is None
     assert "Lima" not in (ChatMLFormat(QWEN_LIKE, grounded_choice=False).grammar(picked, stops) or "").splitlines()[0]
+    # a merge that leaves the tool calls out (thread_conclusions): the words of the threads'
+    # outlines that differ between them name the item
+    from apr_agents.graph.merge import thread_conclusions
+
+    def body(n: int, city: str, result: str) -> str:
+        return thread(n, city, result).split(":", 1)[1].removesuffix("</Thread>\n")
+
+    folded = thread_conclusions([{"label": "1", "text": body(1, "Lima", "10980.1 km")},
+                                 {"label": "2", "text": body(2, "Rome", "2007.5 km")}], CANONICAL)
+    assert folded.startswith("<Thread>1: distance to Lima\nResult: 10980.1 km</Thread>") and "tool_call" not in folded
+    bare = head + folded + calc + fmt.tool_results(["10980.1"])
+    assert chosen_item(bare, CANONICAL) == "Lima"
     llama_cpp = pytest.importorskip("llama_cpp")
     llama_cpp.LlamaGrammar.from_string(fmt.grammar(picked, stops) or "", verbose=False)
 

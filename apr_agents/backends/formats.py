@@ -35,7 +35,9 @@ Two formats ship:
   Three "grounding" options (default on, measured together in docs/eval.md) tie what the
   model writes to what its tools said: ``grounded_results`` makes a thread's ``Result:`` a
   copy from its tool's response: the fields its outline names (``capital`` gives
-  ``Brussels``), else one of the response's numbers. ``grounded_arguments`` (default
+  ``Brussels``), else one of the response's numbers; with one field named and no tool call
+  left, the thread's whole last step (``Result: Brussels`` and ``</Thread>``) is forced, and
+  the llama.cpp backend then runs no forward pass for it (``llamacpp_native.forced_step``). ``grounded_arguments`` (default
   ``{"calculator": "expression"}``; ``{}`` turns it off) holds that argument to arithmetic over
   numbers already in the conversation (and ``ARITHMETIC_CONSTANTS``), and keeps the tool out of
   reach until the conversation holds a number, so a thread cannot "look up" a figure by
@@ -427,7 +429,9 @@ def chosen_item(prompt: str, dialect: Dialect) -> str | None:
     """The item a root's calculation picked: when the latest tool response of ``prompt`` is one
     number equal to the ``Result:`` figure of exactly one thread of the latest merged threads
     (``max(...)`` of their figures), that thread's item: the string argument of its tool call
-    that differs between the threads (``{"country": "Peru"}`` gives ``Peru``). None otherwise."""
+    that differs between the threads (``{"country": "Peru"}`` gives ``Peru``), or where the merge
+    left out the tool calls, the words of its outline line that differ between the threads
+    (``look up Peru`` beside ``look up Chile``). None otherwise."""
     if not dialect.parallel_close:
         return None
     picked = _NUMBER_RE.fullmatch(_last_tool_response(prompt))
@@ -449,7 +453,26 @@ def chosen_item(prompt: str, dialect: Dialect) -> str | None:
         return None
     args = threads[hits[0]][1]
     differing = [k for k in args if len({t[1].get(k) for t in threads}) == len(threads)]
-    return args[differing[0]] if differing else None
+    if differing:
+        return args[differing[0]]
+    # no tool calls in the merged text (``thread_conclusions``): the words of the threads' first
+    # lines (their outlines) that differ between them
+    heads = [re.sub(r"^\s*\d+:", "", body.split("\n", 1)[0]).split()
+             for body in block.split(dialect.thread_open)[1:]]
+    if len(heads) < 2 or len({" ".join(h) for h in heads}) != len(heads):
+        return None
+    lead = _shared_lead(heads)
+    tail = _shared_lead([h[lead:][::-1] for h in heads])
+    item = " ".join(heads[hits[0]][lead:len(heads[hits[0]]) - tail]).strip(" .,;:")
+    return item or None
+
+
+def _shared_lead(rows: Sequence[Sequence[str]]) -> int:
+    """How many leading words all ``rows`` share."""
+    n = 0
+    while all(len(r) > n for r in rows) and len({r[n] for r in rows}) == 1:
+        n += 1
+    return n
 
 
 def _thread_tool_calls(prompt: str, dialect: Dialect) -> int:
@@ -541,7 +564,9 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
     ``result_values`` (numbers from the thread's tool response): a branch's ``Result:`` after a
     tool result starts with one of them, copied, so the thread reports a figure its tool gave
     rather than its item's name or a number of its own (``grounded_result_options``); one
-    option is the whole copied text. ``grounded`` (tool name -> argument) with ``context_numbers``:
+    option is the whole copied text, and when the branch may not call again its whole step is
+    that copy and ``</Thread>`` (an engine with jump-forward then runs no forward pass for it:
+    ``llamacpp_native.forced_step``). ``grounded`` (tool name -> argument) with ``context_numbers``:
     that string argument is arithmetic (numbers, ``+ - * /``, parentheses, ``max min round abs
     sqrt``) whose every number is one of ``context_numbers``, copied; with no numbers, that tool
     cannot be called (a thread that has looked nothing up cannot compute a figure it made up).
@@ -600,7 +625,9 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
     else:  # a branch after a tool result: say what was found, then close (or call again, if it may)
         cue = f'"Result: " {gbnf_literal(outline)} " = "' if outline else '"Result: "'
         more = ' | "\\n" calls' if calls and may_call else ""
-        if result_values:  # a copied figure, then optionally a few words (a unit), then the end
+        if len(result_values) == 1 and not more:  # one copy and nothing else to do: the whole step is forced
+            options.append(f'{cue} {gbnf_literal(result_values[0])} "\\n" {close}')
+        elif result_values:  # a copied figure, then optionally a few words (a unit), then the end
             copied = " | ".join(gbnf_literal(v) for v in result_values)
             options.append(f'{cue} ( {copied} ) ( "\\n" | [ .;] say )? ( {close}{more} )')
         else:

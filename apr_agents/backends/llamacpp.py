@@ -58,7 +58,7 @@ from .formats import ChatMLFormat, FewShotFormat, FormattedBackend, format_for
 from .grammars import protocol_gbnf
 from .llamacpp_engine import BatchedEngine
 from .llamacpp_helpers import DecodedText, PrefixStates, grammar_source
-from .llamacpp_native import JumpForward, Request, sampler_chain
+from .llamacpp_native import JumpForward, Request, forced_step, sampler_chain
 from .prompting import TURN_USER
 
 # A sequence is saved before a call drops at least this many of its tokens, and a
@@ -119,7 +119,11 @@ class LlamaCppBackend(FormattedBackend):
     ``{"name": "``, a restated outline, ``</Thread>``) is not decoded token by token:
     it is tokenized and evaluated with the next sampled token in one forward pass
     (``JumpForward``; SGLang's jump-forward decoding), in both modes.
-    ``stats()["forced_tokens"]`` counts those tokens. ``False`` decodes every token.
+    ``stats()["forced_tokens"]`` counts those tokens. A call whose grammar forces its whole
+    text (a thread's ``Result:`` copied from its tool's only matching field, then
+    ``</Thread>``) evaluates nothing at all, neither prompt nor tokens: the text is the
+    same whatever the logits (``forced_step``; ``stats()["forced_steps"]``).
+    ``False`` decodes every token.
     ``batched``: decode concurrent calls together (``BatchedEngine``, see the
     module doc); ``n_seq_max`` sequences at once (more calls queue);
     ``kv_unified``: ``False`` gives each sequence its own KV stream of ``n_ctx``
@@ -219,7 +223,8 @@ class LlamaCppBackend(FormattedBackend):
         self._stats_lock = threading.Lock()
         self._stats = {"calls": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0, "completion_tokens": 0,
                        "busy_s": 0.0, "max_queue": 0, "aborted": 0,
-                       "saved_states": 0, "restored_states": 0, "failed_restores": 0, "forced_tokens": 0}
+                       "saved_states": 0, "restored_states": 0, "failed_restores": 0, "forced_tokens": 0,
+                       "forced_steps": 0}
         self._queued = 0
         self._active: set[threading.Event] = set()
         self.batched = batched
@@ -450,6 +455,22 @@ class LlamaCppBackend(FormattedBackend):
             raise BackendRequestError(f"prompt has {n_prompt} tokens but the context window is n_ctx={self.n_ctx}; "
                                "construct LlamaCppBackend with a larger n_ctx or lower APRConfig.max_tokens")
         budget = max(0, min(max_tokens, self.n_ctx - n_prompt))
+        lc = self._llama_cpp
+        grammar = grammar_source(self._grammar_for(prompt, stops))
+        jump = self._jump_forward() if grammar is not None else None
+        vocab, end_ids = llm._model.vocab, self._end_token_ids
+        out = DecodedText(stops, end_stops, budget, emit, piece=lambda t: llm.detokenize([t]),
+                          is_end=lambda t: bool(lc.llama_vocab_is_eog(vocab, t)) or t in end_ids)
+
+        def tokenize(data: bytes) -> list[int]:
+            return llm.tokenize(data, add_bos=False, special=True)
+
+        if budget > 0 and not cancel.is_set() and forced_step(lc, vocab, jump, grammar, out, tokenize):
+            # the grammar left no choice: nothing was evaluated (the cache is as the last call left it)
+            with self._stats_lock:
+                self._stats["forced_steps"] += 1
+                self._stats["forced_tokens"] += out.n_out
+            return self._finish(out.close(), out.hit, out.finish or "eos", n_prompt, out.n_out, n_prompt)
         if not self.reuse_prefix:
             llm.reset()
         held = llm._input_ids.tolist()
@@ -461,23 +482,13 @@ class LlamaCppBackend(FormattedBackend):
         if budget == 0:
             return self._finish("", None, "length", n_prompt, 0, cached)
 
-        lc = self._llama_cpp
         if cached > 0 and not llm._ctx.kv_cache_seq_rm(-1, cached, -1):
             cached = 0  # this cache cannot drop a suffix: read the prompt again
         llm.n_tokens = cached
-        grammar = grammar_source(self._grammar_for(prompt, stops))
-        chain = sampler_chain(lc, llm._model.vocab, grammar=grammar, temperature=temperature, seed=seed)
-        jump = self._jump_forward() if grammar is not None else None
+        chain = sampler_chain(lc, vocab, grammar=grammar, temperature=temperature, seed=seed)
         g = lc.llama_sampler_chain_get(chain, 0) if jump is not None else None
-        vocab, end_ids = llm._model.vocab, self._end_token_ids
-        out = DecodedText(stops, end_stops, budget, emit, piece=lambda t: llm.detokenize([t]),
-                          is_end=lambda t: bool(lc.llama_vocab_is_eog(vocab, t)) or t in end_ids)
         feed = tokens[cached:]
         n_forced = 0
-
-        def tokenize(data: bytes) -> list[int]:
-            return llm.tokenize(data, add_bos=False, special=True)
-
         try:
             while out.finish is None:
                 if cancel.is_set():

@@ -46,7 +46,16 @@ from typing import Any
 
 from .base import BackendError, BackendRequestError, BackendUnavailable, Completion
 from .llamacpp_helpers import DecodedText, common_prefix, find_first, grammar_source, holdback
-from .llamacpp_native import JumpForward, Request, Slot, fork_source, open_context, sampler_chain, waits_for_sibling
+from .llamacpp_native import (
+    JumpForward,
+    Request,
+    Slot,
+    forced_step,
+    fork_source,
+    open_context,
+    sampler_chain,
+    waits_for_sibling,
+)
 
 # A request defers its start while a live sibling is still evaluating at least
 # this many more tokens of their common prefix: it then forks instead of re-reading
@@ -106,7 +115,8 @@ class BatchedEngine:
         self.stats_lock = threading.Lock()
         self.counters: dict[str, float] = {
             "steps": 0, "batch_tokens": 0, "max_batch_seqs": 0, "prefill_tokens": 0, "forks": 0,
-            "forked_tokens": 0, "preempted": 0, "evicted": 0, "aborted": 0, "forced_tokens": 0, "decode_s": 0.0}
+            "forked_tokens": 0, "preempted": 0, "evicted": 0, "aborted": 0, "forced_tokens": 0, "forced_steps": 0,
+            "decode_s": 0.0}
         self._thread = threading.Thread(target=self._loop, name="apr-llamacpp-engine", daemon=True)
         self._thread.start()
 
@@ -213,6 +223,9 @@ class BatchedEngine:
         req.order = self._order
         if req.cancel.is_set():
             self._finish(req, "abort")
+        elif req.budget > 0 and self._forced(req):
+            req.cached = n  # the grammar left no choice: nothing is evaluated, no sequence is taken
+            self._finish(req, req.out.finish or "eos", req.out.hit)
         elif req.budget == 0:
             req.cached = self._best_source(req)[1]
             self._finish(req, "length")
@@ -402,6 +415,26 @@ class BatchedEngine:
     def _is_end(self, token: int) -> bool:
         return bool(self._lc.llama_vocab_is_eog(self._vocab, token)) or token in self.end_token_ids
 
+    def _jump_forward(self) -> JumpForward | None:
+        if not self.jump_forward:
+            return None
+        if self._jump is None:  # a vocabulary scan, once
+            self._jump = JumpForward(self._lc, self._vocab)
+        return self._jump if self._jump.enabled else None
+
+    def _forced(self, req: Request) -> bool:
+        """``forced_step`` for ``req`` (its whole text is the only one its grammar allows)."""
+        assert req.out is not None
+        if not forced_step(self._lc, self._vocab, self._jump_forward(), req.grammar, req.out, self._tokenize):
+            return False
+        with self.stats_lock:
+            self.counters["forced_steps"] += 1
+            self.counters["forced_tokens"] += req.out.n_out
+        return True
+
+    def _tokenize(self, data: bytes) -> list[int]:
+        return self.llama.tokenize(data, add_bos=False, special=True)
+
     def _on_token(self, req: Request, token: int) -> None:
         out = req.out
         assert out is not None
@@ -409,18 +442,14 @@ class BatchedEngine:
             self._finish(req, out.finish or "length", out.hit)
             return
         req.tokens.append(token)
-        if req.grammar is None or not self.jump_forward:
-            return
-        if self._jump is None:
-            self._jump = JumpForward(self._lc, self._vocab)
-        jump = self._jump
-        if not jump.enabled:
+        jump = self._jump_forward() if req.grammar is not None else None
+        if jump is None:
             return
         # jump-forward: text the grammar forces joins the request's pending tokens, so the next
         # step reads it (one llama_decode for the whole span) instead of decoding it token by token
         g = self._lc.llama_sampler_chain_get(req.sampler, 0)
         step = jump.extend(g, token, limit=req.budget - out.n_out, detokenize=self.llama.detokenize,
-                           tokenize=lambda data: self.llama.tokenize(data, add_bos=False, special=True))
+                           tokenize=self._tokenize)
         if step.end:
             self._finish(req, "eos")
             return

@@ -7,6 +7,9 @@ the sequence a new request forks its cached prefix from. ``open_context``
 loads the model and makes the one context whose sequences every request
 shares; ``sampler_chain`` builds a request's own sampler (greedy, or
 top-k/top-p/min-p/temperature with its seed, and an optional GBNF grammar).
+``JumpForward`` finds the text a grammar forces (read in one pass instead of
+decoded), and ``forced_step`` answers a call whose grammar allows one text only
+without the model (both llama.cpp modes use them).
 ``llama_cpp`` is passed in as ``lc``, never imported here, so this module
 imports without it.
 
@@ -235,37 +238,55 @@ class JumpForward:
         lc.llama_sampler_apply(grammar, ctypes.byref(arr))
         return [i for i in range(len(ids)) if self._data[i].logit != float("-inf")]
 
+    def _walk(self, grammar: Any, limit: int, stops: Sequence[str] = ()) -> tuple[str, bool]:
+        """The characters the grammar forces from here (at most ``limit``, or up to the first of
+        ``stops`` it reaches), walked on a clone; and whether only the end of the sequence may
+        follow them."""
+        allowed = self._allowed(grammar, self._ids)
+        n_chars = len(self._chars)
+        out: list[str] = []
+        if len(allowed) == 1 and allowed[0] < n_chars and self._chars[allowed[0]][0] not in _SENTINEL_CHARS:
+            lc = self._lc
+            clone = lc.llama_sampler_clone(grammar)
+            try:
+                while len(allowed) == 1 and allowed[0] < n_chars and len(out) < limit:
+                    char, tok = self._chars[allowed[0]]
+                    if char in _SENTINEL_CHARS:
+                        break
+                    out.append(char)
+                    lc.llama_sampler_accept(clone, tok)
+                    if stops and any("".join(out[-len(s):]) == s for s in stops):
+                        return "".join(out), False
+                    allowed = self._allowed(clone, self._ids)
+            finally:
+                lc.llama_sampler_free(clone)
+        return "".join(out), bool(allowed) and allowed[0] >= n_chars
+
     def forced(self, grammar: Any, limit: int) -> tuple[str, bool]:
         """The text (at most ``limit`` characters) the grammar allows as the only continuation,
         and whether the grammar allows nothing but the end of the sequence."""
         if not self.enabled or limit <= 0:
             return "", False
-        allowed = self._allowed(grammar, self._ids)
-        n_chars = len(self._chars)
-        if allowed and allowed[0] >= n_chars:  # only end-of-sequence tokens (they come last)
-            return "", True
-        if len(allowed) != 1 or self._chars[allowed[0]][0] in _SENTINEL_CHARS:
-            return "", False
-        lc = self._lc
-        clone = lc.llama_sampler_clone(grammar)
-        try:
-            out = []
-            while len(allowed) == 1 and allowed[0] < n_chars and len(out) < limit:
-                char, tok = self._chars[allowed[0]]
-                if char in _SENTINEL_CHARS:
-                    break
-                out.append(char)
-                lc.llama_sampler_accept(clone, tok)
-                allowed = self._allowed(clone, self._ids)
-        finally:
-            lc.llama_sampler_free(clone)
-        text = "".join(out)
-        if allowed and allowed[0] >= n_chars:  # the text ends the sequence: keep all of it
+        text, end = self._walk(grammar, limit)
+        if not text:
+            return "", end
+        if end:  # the text ends the sequence: keep all of it
             return text, False
         cut = len(text)
         while cut > 0 and (text[cut - 1].isalnum() or text[cut - 1] in "_ \t\n"):
             cut -= 1
         return text[:cut], False
+
+    def whole(self, grammar: Any, limit: int, stops: Sequence[str] = ()) -> str | None:
+        """The step's whole text when the grammar allows exactly one: it forces every character up
+        to one of ``stops`` or to the end of the sequence, within ``limit`` characters. None
+        otherwise. Such a step needs no forward pass at all (``forced_step``)."""
+        if not self.enabled or limit <= 0:
+            return None
+        text, end = self._walk(grammar, limit, stops)
+        if text and (end or any(text.endswith(s) for s in stops if s)):
+            return text
+        return None
 
     def advance(self, grammar: Any, text: str) -> int:
         """Advance ``grammar`` over ``text`` one character at a time while it allows them (llama.cpp
@@ -307,4 +328,35 @@ class JumpForward:
         return Jump([token, *rest], taken)
 
 
-__all__ = ["Jump", "JumpForward", "Request", "Slot", "fork_source", "open_context", "sampler_chain", "waits_for_sibling"]
+def forced_step(lc: Any, vocab: Any, jump: JumpForward | None, grammar: tuple[str, str] | None, out: DecodedText,
+                tokenize: Callable[[bytes], list[int]]) -> bool:
+    """Complete ``out`` without the model when ``grammar`` allows one text only (``JumpForward.whole``).
+
+    A step whose every character the grammar forces (``Result: 17351822`` copied from a tool's
+    response, then ``</Thread>``) comes out the same whatever the logits are, so neither its prompt
+    nor its tokens are evaluated: the text goes to ``out`` as if decoded (stop strings, streaming,
+    token count) and ``out.finish`` says why it ended. Returns False, touching nothing, when the
+    grammar leaves any choice, or the text would not fit the token budget.
+    """
+    if jump is None or grammar is None:
+        return False
+    g = lc.llama_sampler_init_grammar(vocab, grammar[0].encode(), grammar[1].encode())
+    if not g:
+        return False  # the decode path reports the bad grammar
+    try:
+        text = jump.whole(g, limit=4 * max(1, out.budget), stops=out.all_stops)
+    finally:
+        lc.llama_sampler_free(g)
+    if text is None:
+        return False
+    n = len(tokenize(text.encode("utf-8")))
+    if n > out.budget:
+        return False
+    out.take_text(text, n)
+    if out.finish is None:  # the grammar allows only the end of the sequence next
+        out.finish = "eos"
+    return True
+
+
+__all__ = ["Jump", "JumpForward", "Request", "Slot", "forced_step", "fork_source", "open_context", "sampler_chain",
+           "waits_for_sibling"]

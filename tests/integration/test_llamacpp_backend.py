@@ -222,6 +222,9 @@ async def test_protocol_grammar_forces_well_formed_output(backend):
 
 #: A choice of two names that share their first letter, between forced text.
 NAMES_GBNF = r'root ::= "<tool_call>{\"name\": \"" ( "city_facts" | "country_facts" ) "\"}"' "\n"
+#: A thread's last step with one copied figure (``ChatMLFormat``'s grounded result): no choice left.
+FORCED_RESULT = "Result: 41526 km2\n</Thread>"
+FORCED_RESULT_GBNF = 'root ::= "Result: " "41526 km2" "\\n" "</Thread>"\n'
 
 
 def test_jump_forward_finds_the_forced_text_and_takes_only_what_the_grammar_allows(backend):
@@ -326,6 +329,50 @@ async def test_jump_forward_writes_the_forced_text_without_decoding_it(spawn_pro
         body = json.loads(c.text.split("<tool_call>", 1)[1])
         assert body["name"] == "lookup" and list(body["arguments"]) == ["topic"]
     assert jumped.completion_tokens <= 48
+
+
+def test_whole_is_the_one_text_a_grammar_allows(jump):
+    """``JumpForward.whole``: a step's whole text when the grammar leaves no choice, up to a stop
+    string or the grammar's end; None as soon as anything is left to choose."""
+    def whole(gbnf: str, limit: int = 200, stops: tuple[str, ...] = ("</Thread>",)) -> str | None:
+        g = llama_cpp.llama_sampler_init_grammar(jump._vocab, gbnf.encode(), b"root")
+        try:
+            return jump.whole(g, limit, stops)
+        finally:
+            llama_cpp.llama_sampler_free(g)
+
+    assert whole(FORCED_RESULT_GBNF) == FORCED_RESULT
+    assert whole(FORCED_RESULT_GBNF, stops=()) == FORCED_RESULT  # the grammar's end ends it too
+    assert whole('root ::= "Result: 7</Thread>" [a-z]\n') == "Result: 7</Thread>"  # the stop ends the step
+    assert whole('root ::= "Result: " ( "7" | "8" ) "</Thread>"\n') is None  # a choice: the model decides
+    assert whole('root ::= "Result: 7" [a-z]{0,3} "</Thread>"\n') is None  # may go on or stop: a choice
+    assert whole(FORCED_RESULT_GBNF, limit=10) is None  # longer than the limit
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["serial", "batched"])
+async def test_a_step_its_grammar_forces_whole_is_not_run_through_the_model(spawn_prompt, batched):
+    """A thread's ``Result:`` copied from its tool's only matching field, then ``</Thread>``:
+    the text is the same whatever the logits, so nothing is evaluated (``forced_step``), and it
+    is exactly what decoding token by token writes."""
+    got = {}
+    for jump in (False, True):
+        b = LlamaCppBackend(model_path(), n_ctx=2048, grammar=FORCED_RESULT_GBNF, jump_forward=jump,
+                            batched=batched)
+        try:
+            pieces = [p async for p in b.stream(spawn_prompt, stop=BRANCH_STOPS, max_tokens=48)]
+            c = pieces.pop()
+            assert isinstance(c, Completion) and "".join(pieces) == c.text  # streamed like a decode
+            short = await b.complete(spawn_prompt, stop=BRANCH_STOPS, max_tokens=3)  # too long for the budget
+            got[jump] = (c, short, b.stats())
+        finally:
+            b.close()
+    (decoded, _, plain), (skipped, short, stats) = got[False], got[True]
+    assert (decoded.text, decoded.stop, decoded.finish_reason) == ("Result: 41526 km2\n", "</Thread>", "stop")
+    assert (skipped.text, skipped.stop, skipped.finish_reason) == (decoded.text, decoded.stop, decoded.finish_reason)
+    assert plain["forced_steps"] == 0 and decoded.cached_prompt_tokens < decoded.prompt_tokens
+    assert stats["forced_steps"] == 1 and skipped.cached_prompt_tokens == skipped.prompt_tokens  # nothing read
+    assert 0 < skipped.completion_tokens <= 48
+    assert (short.finish_reason, short.completion_tokens) == ("length", 3)  # decoded, cut by its budget
 
 
 def test_missing_model_file_is_a_clear_error(tmp_path):
