@@ -219,6 +219,21 @@ def test_a_thread_copies_the_fields_its_outline_names() -> None:
     llama_cpp.LlamaGrammar.from_string(gbnf, verbose=False)
 
 
+def test_long_counts_may_be_held_to_the_conversations_numbers() -> None:
+    start = ChatMLFormat(QWEN_LIKE).render([HumanMessage("Chad plus Peru, in people?")], TOOLS)
+    merged = start + ("Items: 2\n<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n<Outline>2: b</Outline>\n"
+                      "</Outlines>\n<Thread>1: a\nResult: 17723315</Thread>\n<Thread>2: b\nResult: 32971846</Thread>\n"
+                      "</Parallel>\n")
+    stops = ["</tool_call>", "<|im_end|>"]
+    on = ChatMLFormat(QWEN_LIKE, grounded_counts=True).grammar(merged, stops) or ""
+    assert 'slong ::= "17723315" | "17,723,315" | "32971846" | "32,971,846" | "1000000" | "1,000,000"' in on
+    assert "schn ::=" in on and "sshort ::= [0-9]{1,6}\n" in on
+    off = ChatMLFormat(QWEN_LIKE).grammar(merged, stops) or ""  # off by default: any long count
+    assert "slong ::= [0-9]{7,16}" in off and "17,723,315" not in off
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp.LlamaGrammar.from_string(on, verbose=False)
+
+
 def test_arithmetic_may_be_held_to_the_conversations_numbers() -> None:
     fmt = ChatMLFormat(QWEN_LIKE, grounded_arguments={"calculator": "expression"})
     start = fmt.render([HumanMessage("France plus Canada, in millions?")], TOOLS)

@@ -43,7 +43,9 @@ Two formats ship:
   reach until the conversation holds a number, so a thread cannot "look up" a figure by
   computing one it made up. ``grounded_choice``: after a calculation that returned exactly one
   thread's figure (``max(...)``), the root's answer starts with that thread's item
-  (``chosen_item``).
+  (``chosen_item``). ``grounded_counts`` (off by default; measured on 26 questions in docs/eval.md,
+  not yet on the whole set): a count of seven or more digits in free text is one of the
+  conversation's, so an answer cannot rewrite ``70734224`` as ``707,342,240``.
 
 Example::
 
@@ -151,7 +153,7 @@ class ChatMLFormat:
                  result_names_outline: bool = False, sane_counts: bool = True,
                  grounded_results: bool = True,
                  grounded_arguments: Mapping[str, str] = GROUNDED_ARGUMENTS,
-                 grounded_choice: bool = True) -> None:
+                 grounded_choice: bool = True, grounded_counts: bool = False) -> None:
         self.template = template
         self.bos_token = bos_token
         self.eos_token = eos_token
@@ -165,6 +167,7 @@ class ChatMLFormat:
         self.grounded_results = grounded_results
         self.grounded_arguments = dict(grounded_arguments)
         self.grounded_choice = grounded_choice
+        self.grounded_counts = grounded_counts
         self.custom_instruction = instruction
         self.force_first_call = force_first_call
         self.thread_tool_calls = thread_tool_calls
@@ -222,8 +225,10 @@ class ChatMLFormat:
         numbers = (tuple(numbers_in_context(prompt)) if self.grounded_arguments and may_call else ())
         grounded = self.grounded_arguments if may_call else {}
         chosen = chosen_item(prompt, self.dialect) if self.grounded_choice and not branch and not first else None
+        counts = (tuple(long_counts(numbers_in_context(prompt)))
+                  if self.grounded_counts and self.sane_counts and not first else ())
         key = (json.dumps(tools, sort_keys=True), branch, can_spawn, first, may_call, outline, question,
-               values, numbers, chosen)
+               values, numbers, chosen, counts)
         if key not in self._grammars:
             if len(self._grammars) >= 256:
                 self._grammars.clear()
@@ -233,7 +238,7 @@ class ChatMLFormat:
                                               outline=outline, question=question,
                                               sane_counts=self.sane_counts, result_values=values,
                                               grounded=grounded, context_numbers=numbers,
-                                              answer_lead=chosen)
+                                              answer_lead=chosen, long_counts=counts)
         return self._grammars[key]
 
 
@@ -537,7 +542,7 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
                 count_items: bool = False, outline: str | None = None, question: str | None = None,
                 sane_counts: bool = False, result_values: Sequence[str] = (),
                 grounded: Mapping[str, str] | None = None, context_numbers: Sequence[str] = (),
-                answer_lead: str | None = None) -> str:
+                answer_lead: str | None = None, long_counts: Sequence[str] = ()) -> str:
     """GBNF for one step of a ChatML model in ``dialect`` (its spawn block, its thread end).
 
     A step is one of: a tool call whose arguments follow that tool's JSON schema (the
@@ -571,6 +576,10 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
     sqrt``) whose every number is one of ``context_numbers``, copied; with no numbers, that tool
     cannot be called (a thread that has looked nothing up cannot compute a figure it made up).
     ``answer_lead``: the root answers (no more calls) with text that starts with it.
+    ``long_counts`` (with ``sane_counts``; ``ChatMLFormat(grounded_counts=True)``): in free text a
+    count of seven or more digits is one of these, copied plain or grouped by thousands, and a
+    shorter number is never followed by a comma nor grouped (``707,342,240`` cannot be written
+    for ``70734224``: after ``707`` only its ``3`` or a non-digit may follow).
     """
     from .grammars import JSON_RULES, gbnf_literal, schema_rule, spawn_rules
 
@@ -602,7 +611,10 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
         plain = r"[^<\n{}`\"\\]" if isinstance(dialect, APRDialect) else r"[^<\n{}`]"
         rules += spawn_rules(max_outlines, sep=" ", otext=f"{plain} {plain}{{0,79}}", dialect=dialect)
     close = gbnf_literal(dialect.thread_close)
-    rules += SANE_COUNT_SAY_RULES if sane_counts else [r'say ::= [^<>\n{}` ] [^<>{}`]{0,400}']
+    if sane_counts and long_counts:
+        rules += grounded_count_rules(long_counts)
+    else:
+        rules += SANE_COUNT_SAY_RULES if sane_counts else [r'say ::= [^<>\n{}` ] [^<>{}`]{0,400}']
     if branch and first_step and calls:
         # a thread starts with its tool call (free reasoning text here went astray), after its own
         # outline written again when it is known
@@ -640,6 +652,29 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
     return "\n".join([f"root ::= {top}", *rules]) + "\n"
 
 
+def long_counts(numbers: Sequence[str]) -> list[str]:
+    """The whole numbers of seven or more digits among ``numbers`` (their integer part), each once."""
+    return list(dict.fromkeys(n.lstrip("-").split(".")[0] for n in numbers
+                              if len(n.lstrip("-").split(".")[0]) >= 7))
+
+
+def grounded_count_rules(counts: Sequence[str]) -> list[str]:
+    """``SANE_COUNT_SAY_RULES`` with the long counts held to ``counts`` (``chatml_gbnf``'s ``long_counts``)."""
+    from .grammars import gbnf_literal
+
+    forms = dict.fromkeys(f for c in counts for f in (c, f"{int(c):,}"))
+    rules = []
+    for rule in SANE_COUNT_SAY_RULES:
+        if rule.startswith("slong ::="):
+            rule = "slong ::= " + " | ".join(gbnf_literal(f) for f in forms)
+        elif rule.startswith("sshort ::="):
+            rule = "sshort ::= [0-9]{1,6}"
+        elif rule.startswith("snumseg ::="):  # no comma right after a short number
+            rule = "snumseg ::= sshort schn | slong safter"
+        rules.append(rule)
+    return [*rules, r"schn ::= [^<>{}`0-9,]"]
+
+
 def grounded_arithmetic_rules(numbers: Sequence[str]) -> list[str]:
     """GBNF for a JSON string holding arithmetic over ``numbers`` only (rule ``gexpr``)."""
     from .grammars import gbnf_literal
@@ -672,8 +707,10 @@ __all__ = [
     "chosen_item",
     "format_for",
     "grounded_arithmetic_rules",
+    "grounded_count_rules",
     "grounded_result_options",
     "joined_question",
+    "long_counts",
     "numbers_in_context",
     "numbers_in_last_tool_response",
     "own_outline",

