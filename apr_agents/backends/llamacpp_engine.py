@@ -223,7 +223,7 @@ class BatchedEngine:
         req.order = self._order
         if req.cancel.is_set():
             self._finish(req, "abort")
-        elif req.budget > 0 and self._forced(req):
+        elif req.budget > 0 and req.grammar is not None and self._forced(req):
             req.cached = n  # the grammar left no choice: nothing is evaluated, no sequence is taken
             self._finish(req, req.out.finish or "eos", req.out.hit)
         elif req.budget == 0:

@@ -108,11 +108,13 @@ async def test_a_fork_evaluates_no_prefix_tokens(backend, spawn_prompt):
 async def test_cancelled_call_frees_its_sequence_and_cells(backend):
     backend.clear_cache()
     task = asyncio.create_task(backend.complete("Once upon a time", stop=[], max_tokens=1500))
-    for _ in range(200):
+    for _ in range(600):
         await asyncio.sleep(0.05)
-        if any(s["live"] for s in backend.sequences()):
+        if any(s["live"] for s in backend.sequences()) or task.done():
             break
     live = [s for s in backend.sequences() if s["live"]]
+    if not live and task.done():
+        pytest.fail(f"the call ended before it could be cancelled: {task.result()!r}")
     assert len(live) == 1
     await asyncio.sleep(0.3)
     task.cancel()
