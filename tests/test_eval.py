@@ -300,6 +300,27 @@ def test_summary_and_ratios_against_react() -> None:
     assert "| 1 | 3.00× |" in markdown(rep)
 
 
+def test_the_parallel_plugin_is_paired_with_the_sequential_one() -> None:
+    """``vs_sequential``: ``apr`` against ``apr-seq`` only (ReAct is not paired there), with the
+    count of questions both graded alike (equal accuracy is what the speed-up is quoted at)."""
+    runs = [
+        _run("a", "apr", 3, True, 10.0, 300, 100, True), _run("a", "apr-seq", 3, True, 15.0, 300, 300, True),
+        _run("b", "apr", 4, False, 20.0, 400, 150, True), _run("b", "apr-seq", 4, True, 20.0, 400, 400, True),
+        _run("a", "react", 3, True, 30.0, 200, 200), _run("b", "react", 4, True, 20.0, 300, 300),
+    ]
+    rep = summarize(runs)
+    seq = rep["vs_sequential"]
+    assert seq["baseline"] == "apr-seq" and list(seq["methods"]) == ["apr"]
+    v = seq["methods"]["apr"]
+    assert v["questions"] == 2 and v["graded_alike"] == 1 and v["both_right"] == 1
+    assert math.isclose(v["speedup_pooled"], 35 / 30) and math.isclose(v["speedup_p50_both_right"], 1.5)
+    assert set(rep["vs_react"]["methods"]) == {"apr", "apr-seq"}
+    text = markdown(rep)
+    assert "faster than the sequential plugin" in text and "| apr | 2 | 1.25× | 1.17× |" in text
+    without = summarize([runs[0], runs[2], runs[4], runs[5]])  # no apr-seq runs: nothing to pair
+    assert without["vs_sequential"]["methods"] == {} and "sequential plugin" not in markdown(without)
+
+
 def test_cli_writes_json_markdown_and_doc_block(tmp_path: Path) -> None:
     doc = tmp_path / "eval.md"
     doc.write_text("# Eval\n\nintro\n", encoding="utf-8")

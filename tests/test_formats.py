@@ -225,10 +225,12 @@ def test_long_counts_may_be_held_to_the_conversations_numbers() -> None:
                       "</Outlines>\n<Thread>1: a\nResult: 17723315</Thread>\n<Thread>2: b\nResult: 32971846</Thread>\n"
                       "</Parallel>\n")
     stops = ["</tool_call>", "<|im_end|>"]
-    on = ChatMLFormat(QWEN_LIKE, grounded_counts=True).grammar(merged, stops) or ""
+    on = ChatMLFormat(QWEN_LIKE).grammar(merged, stops) or ""  # on by default
     assert 'slong ::= "17723315" | "17,723,315" | "32971846" | "32,971,846" | "1000000" | "1,000,000"' in on
-    assert "schn ::=" in on and "sshort ::= [0-9]{1,6}\n" in on
-    off = ChatMLFormat(QWEN_LIKE).grammar(merged, stops) or ""  # off by default: any long count
+    # no comma right after a short number; a fraction is part of its number
+    assert "snumseg ::= sshort sfrac? [^<>{}`0-9,] | slong sfrac? safter\n" in on
+    assert "sshort ::= [0-9]{1,6}\n" in on and 'sfrac ::= "." [0-9]{1,20}' in on
+    off = ChatMLFormat(QWEN_LIKE, grounded_counts=False).grammar(merged, stops) or ""  # any long count
     assert "slong ::= [0-9]{7,16}" in off and "17,723,315" not in off
     llama_cpp = pytest.importorskip("llama_cpp")
     llama_cpp.LlamaGrammar.from_string(on, verbose=False)

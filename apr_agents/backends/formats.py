@@ -43,9 +43,9 @@ Two formats ship:
   reach until the conversation holds a number, so a thread cannot "look up" a figure by
   computing one it made up. ``grounded_choice``: after a calculation that returned exactly one
   thread's figure (``max(...)``), the root's answer starts with that thread's item
-  (``chosen_item``). ``grounded_counts`` (off by default; measured on 26 questions in docs/eval.md,
-  not yet on the whole set): a count of seven or more digits in free text is one of the
-  conversation's, so an answer cannot rewrite ``70734224`` as ``707,342,240``.
+  (``chosen_item``). ``grounded_counts`` (default on; ``False`` turns it off): a count of seven or
+  more digits in free text is one of the conversation's, so an answer cannot rewrite
+  ``70734224`` as ``707,342,240`` (docs/eval.md: 54/70 on the whole set against 52/70 without).
 
 Example::
 
@@ -153,7 +153,7 @@ class ChatMLFormat:
                  result_names_outline: bool = False, sane_counts: bool = True,
                  grounded_results: bool = True,
                  grounded_arguments: Mapping[str, str] = GROUNDED_ARGUMENTS,
-                 grounded_choice: bool = True, grounded_counts: bool = False) -> None:
+                 grounded_choice: bool = True, grounded_counts: bool = True) -> None:
         self.template = template
         self.bos_token = bos_token
         self.eos_token = eos_token
@@ -513,28 +513,51 @@ def _first_step(prompt: str) -> bool:
     return not last_user.lstrip().startswith(TOOL_RESPONSE_OPEN)
 
 
+def sane_count_say_rules(counts: Sequence[str] | None = None) -> list[str]:
+    """GBNF for free text (rule ``say``) whose numbers read sanely: no scale word after a long count.
+
+    A long count is seven or more digits, plain or grouped by thousands. ``counts`` (the
+    conversation's ``long_counts``; None or empty: any) holds them to those numbers, each plain or
+    grouped, and then a shorter number is never grouped nor followed by a comma, so ``707,342,240``
+    cannot be written for ``70734224`` (``ChatMLFormat(grounded_counts=True)``).
+    """
+    from .grammars import gbnf_literal
+
+    if not counts:
+        slong = r'[0-9]{7,16} | [0-9]{1,3} ( "," [0-9]{3} ){2,5}'
+        sshort, after_short = r'[0-9]{1,6} | [0-9]{1,3} "," [0-9]{3}', "sch"
+    else:
+        forms = dict.fromkeys(f for c in counts for f in (c, f"{int(c):,}"))
+        slong = " | ".join(gbnf_literal(f) for f in forms)
+        sshort, after_short = "[0-9]{1,6}", r"[^<>{}`0-9,]"  # no comma right after a short number
+    return [
+        r'say ::= sstart sseg{0,250} snum? | snum',
+        r'sstart ::= sch0 | snumseg',
+        r'sseg ::= sch | snumseg',
+        # a number and what may follow it: anything but a digit, and no scale word after a long count
+        f'snumseg ::= sshort sfrac? {after_short} | slong sfrac? safter',
+        r'snum ::= ( sshort | slong ) sfrac?',
+        f'sshort ::= {sshort}',
+        f'slong ::= {slong}',
+        # a decimal fraction is part of its number, whatever its length (a calculator's 105.00682575513275)
+        r'sfrac ::= "." [0-9]{1,20}',
+        # the first character: not a digit (a number is snum), a space or a newline
+        r'sch0 ::= [^<>\n{}`0-9, ]',
+        r'sch ::= [^<>{}`0-9,] | "," [^<>{}`0-9]',
+        r'safter ::= [^<>{}`0-9, mbtMBT] | "," [^<>{}`0-9] | " " sword',
+        r'sword ::= [^<>{}`0-9 \nmbtMBT] | [mMbB] [^<>{}`0-9iI] | [tT] [^<>{}`0-9hHrR] '
+        r'| [tT] [hH] [^<>{}`0-9oO] | [tT] [rR] [^<>{}`0-9iI]',
+    ]
+
+
 #: Free text (an answer, a thread's ``Result:`` sentence) in which a count of seven or more digits
 #: is never followed by a scale word: ``35508984 million`` is out, ``35508984 people``,
 #: ``35.5 million`` and ``171,312,050.`` are in. Numbers are read whole (a digit never follows a
-#: number's last digit, nor does ``,<digit>``), so a long count cannot be split into short ones.
+#: number's last digit, nor does ``,<digit>``), so a long count cannot be split into short ones;
+#: a decimal fraction belongs to its number, so ``1.2345678 million`` is in.
 #: After a long count the text goes on with anything but a word that starts ``mi``, ``bi``,
 #: ``tho`` or ``tri`` (or those letters right after the digits).
-SANE_COUNT_SAY_RULES: list[str] = [
-    r'say ::= sstart sseg{0,250} snum? | snum',
-    r'sstart ::= sch0 | snumseg',
-    r'sseg ::= sch | snumseg',
-    # a number and what may follow it: anything but a digit, and no scale word after a long count
-    r'snumseg ::= sshort sch | slong safter',
-    r'snum ::= sshort | slong',
-    r'sshort ::= [0-9]{1,6} | [0-9]{1,3} "," [0-9]{3}',
-    r'slong ::= [0-9]{7,16} | [0-9]{1,3} ( "," [0-9]{3} ){2,5}',
-    # the first character: not a digit (a number is snum), a space or a newline
-    r'sch0 ::= [^<>\n{}`0-9, ]',
-    r'sch ::= [^<>{}`0-9,] | "," [^<>{}`0-9]',
-    r'safter ::= [^<>{}`0-9, mbtMBT] | "," [^<>{}`0-9] | " " sword',
-    r'sword ::= [^<>{}`0-9 \nmbtMBT] | [mMbB] [^<>{}`0-9iI] | [tT] [^<>{}`0-9hHrR] '
-    r'| [tT] [hH] [^<>{}`0-9oO] | [tT] [rR] [^<>{}`0-9iI]',
-]
+SANE_COUNT_SAY_RULES: list[str] = sane_count_say_rules()
 
 
 def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: bool, first_step: bool,
@@ -612,7 +635,7 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
         rules += spawn_rules(max_outlines, sep=" ", otext=f"{plain} {plain}{{0,79}}", dialect=dialect)
     close = gbnf_literal(dialect.thread_close)
     if sane_counts and long_counts:
-        rules += grounded_count_rules(long_counts)
+        rules += sane_count_say_rules(long_counts)
     else:
         rules += SANE_COUNT_SAY_RULES if sane_counts else [r'say ::= [^<>\n{}` ] [^<>{}`]{0,400}']
     if branch and first_step and calls:
@@ -658,23 +681,6 @@ def long_counts(numbers: Sequence[str]) -> list[str]:
                               if len(n.lstrip("-").split(".")[0]) >= 7))
 
 
-def grounded_count_rules(counts: Sequence[str]) -> list[str]:
-    """``SANE_COUNT_SAY_RULES`` with the long counts held to ``counts`` (``chatml_gbnf``'s ``long_counts``)."""
-    from .grammars import gbnf_literal
-
-    forms = dict.fromkeys(f for c in counts for f in (c, f"{int(c):,}"))
-    rules = []
-    for rule in SANE_COUNT_SAY_RULES:
-        if rule.startswith("slong ::="):
-            rule = "slong ::= " + " | ".join(gbnf_literal(f) for f in forms)
-        elif rule.startswith("sshort ::="):
-            rule = "sshort ::= [0-9]{1,6}"
-        elif rule.startswith("snumseg ::="):  # no comma right after a short number
-            rule = "snumseg ::= sshort schn | slong safter"
-        rules.append(rule)
-    return [*rules, r"schn ::= [^<>{}`0-9,]"]
-
-
 def grounded_arithmetic_rules(numbers: Sequence[str]) -> list[str]:
     """GBNF for a JSON string holding arithmetic over ``numbers`` only (rule ``gexpr``)."""
     from .grammars import gbnf_literal
@@ -707,13 +713,13 @@ __all__ = [
     "chosen_item",
     "format_for",
     "grounded_arithmetic_rules",
-    "grounded_count_rules",
     "grounded_result_options",
     "joined_question",
     "long_counts",
     "numbers_in_context",
     "numbers_in_last_tool_response",
     "own_outline",
+    "sane_count_say_rules",
     "spawn_instruction",
     "tool_response_fields",
     "tool_signature",

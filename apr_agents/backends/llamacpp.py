@@ -465,31 +465,31 @@ class LlamaCppBackend(FormattedBackend):
         def tokenize(data: bytes) -> list[int]:
             return llm.tokenize(data, add_bos=False, special=True)
 
-        if budget > 0 and not cancel.is_set() and forced_step(lc, vocab, jump, grammar, out, tokenize):
-            # the grammar left no choice: nothing was evaluated (the cache is as the last call left it)
-            with self._stats_lock:
-                self._stats["forced_steps"] += 1
-                self._stats["forced_tokens"] += out.n_out
-            return self._finish(out.close(), out.hit, out.finish or "eos", n_prompt, out.n_out, n_prompt)
-        if not self.reuse_prefix:
-            llm.reset()
-        held = llm._input_ids.tolist()
-        cached = min(llm.longest_token_prefix(held, tokens), n_prompt - 1)
-        if self._states is not None and budget > 0 and not cancel.is_set():
-            cached = self._swap_state(tokens, held, cached)
-        if cancel.is_set():
-            return self._finish("", None, "abort", n_prompt, 0, cached)
-        if budget == 0:
-            return self._finish("", None, "length", n_prompt, 0, cached)
-
-        if cached > 0 and not llm._ctx.kv_cache_seq_rm(-1, cached, -1):
-            cached = 0  # this cache cannot drop a suffix: read the prompt again
-        llm.n_tokens = cached
         chain = sampler_chain(lc, vocab, grammar=grammar, temperature=temperature, seed=seed)
         g = lc.llama_sampler_chain_get(chain, 0) if jump is not None else None
-        feed = tokens[cached:]
         n_forced = 0
         try:
+            if budget > 0 and not cancel.is_set() and forced_step(lc, jump, chain, out, tokenize):
+                # the grammar left no choice: nothing was evaluated (the cache is as the last call left it)
+                with self._stats_lock:
+                    self._stats["forced_steps"] += 1
+                    self._stats["forced_tokens"] += out.n_out
+                return self._finish(out.close(), out.hit, out.finish or "eos", n_prompt, out.n_out, n_prompt)
+            if not self.reuse_prefix:
+                llm.reset()
+            held = llm._input_ids.tolist()
+            cached = min(llm.longest_token_prefix(held, tokens), n_prompt - 1)
+            if self._states is not None and budget > 0 and not cancel.is_set():
+                cached = self._swap_state(tokens, held, cached)
+            if cancel.is_set():
+                return self._finish("", None, "abort", n_prompt, 0, cached)
+            if budget == 0:
+                return self._finish("", None, "length", n_prompt, 0, cached)
+
+            if cached > 0 and not llm._ctx.kv_cache_seq_rm(-1, cached, -1):
+                cached = 0  # this cache cannot drop a suffix: read the prompt again
+            llm.n_tokens = cached
+            feed = tokens[cached:]
             while out.finish is None:
                 if cancel.is_set():
                     out.finish = "abort"

@@ -223,10 +223,18 @@ class BatchedEngine:
         req.order = self._order
         if req.cancel.is_set():
             self._finish(req, "abort")
-        elif req.budget > 0 and req.grammar is not None and self._forced(req):
-            req.cached = n  # the grammar left no choice: nothing is evaluated, no sequence is taken
-            self._finish(req, req.out.finish or "eos", req.out.hit)
-        elif req.budget == 0:
+            return
+        if req.budget > 0 and req.grammar is not None:
+            try:
+                forced = self._forced(req)
+            except BackendRequestError as exc:  # the grammar does not parse
+                self._fail(req, exc)
+                return
+            if forced:
+                req.cached = n  # the grammar left no choice: nothing is evaluated, no sequence is taken
+                self._finish(req, req.out.finish or "eos", req.out.hit)
+                return
+        if req.budget == 0:
             req.cached = self._best_source(req)[1]
             self._finish(req, "length")
         else:
@@ -425,7 +433,9 @@ class BatchedEngine:
     def _forced(self, req: Request) -> bool:
         """``forced_step`` for ``req`` (its whole text is the only one its grammar allows)."""
         assert req.out is not None
-        if not forced_step(self._lc, self._vocab, self._jump_forward(), req.grammar, req.out, self._tokenize):
+        if req.sampler is None:  # built here once: admission and decoding use the same chain
+            req.sampler = sampler_chain(self._lc, self._vocab, req)
+        if not forced_step(self._lc, self._jump_forward(), req.sampler, req.out, self._tokenize):
             return False
         with self.stats_lock:
             self.counters["forced_steps"] += 1

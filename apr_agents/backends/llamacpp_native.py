@@ -328,25 +328,22 @@ class JumpForward:
         return Jump([token, *rest], taken)
 
 
-def forced_step(lc: Any, vocab: Any, jump: JumpForward | None, grammar: tuple[str, str] | None, out: DecodedText,
+def forced_step(lc: Any, jump: JumpForward | None, chain: Any, out: DecodedText,
                 tokenize: Callable[[bytes], list[int]]) -> bool:
-    """Complete ``out`` without the model when ``grammar`` allows one text only (``JumpForward.whole``).
+    """Complete ``out`` without the model when the grammar allows one text only (``JumpForward.whole``).
 
-    A step whose every character the grammar forces (``Result: 17351822`` copied from a tool's
-    response, then ``</Thread>``) comes out the same whatever the logits are, so neither its prompt
-    nor its tokens are evaluated: the text goes to ``out`` as if decoded (stop strings, streaming,
-    token count) and ``out.finish`` says why it ended. Returns False, touching nothing, when the
+    ``chain`` is the call's sampler chain (``sampler_chain``), whose first sampler is the grammar:
+    the probe reads it (on a clone) and leaves it as it was, so the same chain decodes the step when
+    the grammar leaves a choice (the GBNF is parsed once per call). A step whose every character the
+    grammar forces (``Result: 17351822`` copied from a tool's response, then ``</Thread>``) comes out
+    the same whatever the logits are, so neither its prompt nor its tokens are evaluated: the text
+    goes to ``out`` as if decoded (stop strings, streaming, token count) and ``out.finish`` says why
+    it ended. Returns False, touching nothing, when there is no grammar (``jump`` is None), the
     grammar leaves any choice, or the text would not fit the token budget.
     """
-    if jump is None or grammar is None:
+    if jump is None:
         return False
-    g = lc.llama_sampler_init_grammar(vocab, grammar[0].encode(), grammar[1].encode())
-    if not g:
-        return False  # the decode path reports the bad grammar
-    try:
-        text = jump.whole(g, limit=4 * max(1, out.budget), stops=out.all_stops)
-    finally:
-        lc.llama_sampler_free(g)
+    text = jump.whole(lc.llama_sampler_chain_get(chain, 0), limit=4 * max(1, out.budget), stops=out.all_stops)
     if text is None:
         return False
     n = len(tokenize(text.encode("utf-8")))

