@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -19,7 +20,7 @@ from apr_cli.eval.methods import METHODS, AgentSettings, build_agent, run_one
 from apr_cli.eval.oracle import OracleBackend
 from apr_cli.eval.questions import Question, generate, interleaved, load_jsonl, save_jsonl, stratified
 from apr_cli.eval.report import markdown, percentile, summarize, vs_baseline, wilson
-from apr_cli.eval.runner import run_eval
+from apr_cli.eval.runner import run_eval, run_order
 from apr_cli.eval.tools import BASE_TOOLS, calculator, city_facts, country_facts, distance_km, eval_tools, load_tools
 
 
@@ -199,17 +200,32 @@ def test_load_user_tools() -> None:
         load_tools("apr_cli.eval.questions:REL_TOL")
 
 
+def test_each_method_runs_before_each_other_as_often_as_after() -> None:
+    """Saved states make the second of two same-transcript runs fast: over 2n questions every
+    ordered pair of methods comes up equally often (with three methods, all six orders)."""
+    three = ["apr", "apr-seq", "react"]
+    orders = [tuple(run_order(three, i)) for i in range(6)]
+    assert sorted(orders) == sorted(itertools.permutations(three)) and orders[0] == ("apr", "apr-seq", "react")
+    for methods in (three, ["apr", "react"], list(METHODS)):
+        n = len(methods)
+        seen = [run_order(methods, i) for i in range(2 * n)]
+        assert all(sorted(o) == sorted(methods) for o in seen)
+        for a, b in itertools.permutations(methods, 2):
+            before = sum(o.index(a) < o.index(b) for o in seen)
+            assert before == n, (a, b, before)
+
+
 # -- methods, end to end on the FAKE oracle ----------------------------------------------------
 async def test_every_method_runs_end_to_end_on_the_oracle(questions: list[Question]) -> None:
     qs = stratified(questions, 13)
     backend = OracleBackend(qs)
     results = await run_eval(backend, qs, METHODS, eval_tools(0.0), AgentSettings(timeout_s=30))
     assert len(results) == len(qs) * len(METHODS)
-    n = len(METHODS)  # question by question, the methods' order turned by one each question
+    n = len(METHODS)  # question by question, in run_order
     for i in range(len(qs)):
         runs = results[i * n:(i + 1) * n]
         assert {r.question_id for r in runs} == {qs[i].id}
-        assert [r.method for r in runs] == [METHODS[(i + k) % n] for k in range(n)]
+        assert [r.method for r in runs] == run_order(METHODS, i)
     wrong = [(r.method, r.question_id, r.error or r.answer) for r in results if not r.correct]
     assert wrong == []
     for r in results:

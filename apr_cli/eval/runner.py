@@ -55,6 +55,17 @@ def make_backend(kind: str, *, model: str | None = None, base_url: str | None = 
     raise ValueError(f"unknown backend {kind!r}")
 
 
+def run_order(methods: Sequence[str], i: int) -> list[str]:
+    """The methods' order on the i-th question: turned by one each question, and every other
+    cycle of ``len(methods)`` questions mirrored, so over ``2 * len(methods)`` questions each
+    method runs before each other one exactly as often as after it (with three methods: all
+    six orders). A plain rotation of three put ``apr-seq`` after ``apr`` on two questions in
+    three."""
+    n = len(methods)
+    order = [methods[(i + k) % n] for k in range(n)]
+    return order[::-1] if (i // n) % 2 else order
+
+
 async def run_eval(
     backend: Any,
     questions: Sequence[Question],
@@ -68,14 +79,13 @@ async def run_eval(
 ) -> list[RunResult]:
     """Every method on every question; results in run order.
 
-    Runs go question by question, and the methods' order turns by one each question:
-    a method run right after another on the same question can find that run's prompt
-    in the engine's cache (the plugin with ``parallel=False`` after the plugin reads
-    the same spawn block), so no method may always be the one that comes second.
+    Runs go question by question, in ``run_order(methods, i)`` for the i-th question: a
+    method run after another on the same question can find that run's prompts in the
+    engine's saved states (the plugin with ``parallel=False`` after the plugin writes the
+    same transcript), so each method must come after each other one as often as before it.
     """
     graphs = {m: build_agent(m, backend, tools, settings) for m in methods}
-    n = len(methods)
-    jobs = [(q, methods[(i + k) % n]) for i, q in enumerate(questions) for k in range(n)]
+    jobs = [(q, m) for i, q in enumerate(questions) for m in run_order(methods, i)]
     results: list[RunResult | None] = [None] * len(jobs)
     sem = asyncio.Semaphore(max(1, concurrency))
     start = time.monotonic()
@@ -102,4 +112,4 @@ async def run_eval(
     return [r for r in results if r is not None]
 
 
-__all__ = ["make_backend", "run_eval"]
+__all__ = ["make_backend", "run_eval", "run_order"]
