@@ -222,11 +222,13 @@ class ChatMLFormat:
                     if self.restate_question and not branch and not first else None)
         values = (grounded_result_options(prompt, own_outline(prompt, self.dialect, opening=False))
                   if self.grounded_results and branch and not first else ())
-        numbers = (tuple(numbers_in_context(prompt)) if self.grounded_arguments and may_call else ())
+        hold_counts = self.grounded_counts and self.sane_counts and not first
+        context = (tuple(numbers_in_context(prompt))
+                   if (self.grounded_arguments and may_call) or hold_counts else ())  # read once for both
+        numbers = context if self.grounded_arguments and may_call else ()
         grounded = self.grounded_arguments if may_call else {}
         chosen = chosen_item(prompt, self.dialect) if self.grounded_choice and not branch and not first else None
-        counts = (tuple(long_counts(numbers_in_context(prompt)))
-                  if self.grounded_counts and self.sane_counts and not first else ())
+        counts = tuple(long_counts(context)) if hold_counts else ()
         key = (json.dumps(tools, sort_keys=True), branch, can_spawn, first, may_call, outline, question,
                values, numbers, chosen, counts)
         if key not in self._grammars:
@@ -634,10 +636,7 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
         plain = r"[^<\n{}`\"\\]" if isinstance(dialect, APRDialect) else r"[^<\n{}`]"
         rules += spawn_rules(max_outlines, sep=" ", otext=f"{plain} {plain}{{0,79}}", dialect=dialect)
     close = gbnf_literal(dialect.thread_close)
-    if sane_counts and long_counts:
-        rules += sane_count_say_rules(long_counts)
-    else:
-        rules += SANE_COUNT_SAY_RULES if sane_counts else [r'say ::= [^<>\n{}` ] [^<>{}`]{0,400}']
+    rules += sane_count_say_rules(long_counts) if sane_counts else [r'say ::= [^<>\n{}` ] [^<>{}`]{0,400}']
     if branch and first_step and calls:
         # a thread starts with its tool call (free reasoning text here went astray), after its own
         # outline written again when it is known
@@ -677,8 +676,8 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
 
 def long_counts(numbers: Sequence[str]) -> list[str]:
     """The whole numbers of seven or more digits among ``numbers`` (their integer part), each once."""
-    return list(dict.fromkeys(n.lstrip("-").split(".")[0] for n in numbers
-                              if len(n.lstrip("-").split(".")[0]) >= 7))
+    whole = (n.lstrip("-").split(".")[0] for n in numbers)
+    return list(dict.fromkeys(w for w in whole if len(w) >= 7))
 
 
 def grounded_arithmetic_rules(numbers: Sequence[str]) -> list[str]:
