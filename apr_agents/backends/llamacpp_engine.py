@@ -45,15 +45,17 @@ from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 from .base import BackendError, BackendRequestError, BackendUnavailable, Completion
-from .llamacpp_helpers import DecodedText, common_prefix, find_first, grammar_source, holdback
+from .llamacpp_helpers import CacheSnapshot, DecodedText, common_prefix, find_first, grammar_source, holdback
 from .llamacpp_native import (
     JumpForward,
     Request,
     Slot,
     forced_step,
     fork_source,
+    load_sequence,
     open_context,
     sampler_chain,
+    save_sequence,
     waits_for_sibling,
 )
 
@@ -155,6 +157,38 @@ class BatchedEngine:
                     s.tokens = []
                     n += 1
         return n
+
+    def snapshot(self) -> CacheSnapshot:
+        """Every cached sequence's tokens and KV state (``LlamaCppBackend.snapshot_cache``)."""
+        with self._state:
+            self._check_idle("snapshot_cache")
+            out = []
+            for s in self._slots:
+                blob = save_sequence(self._lc, self._ctx, s.seq) if s.tokens else None
+                if blob is not None:
+                    out.append((s.seq, tuple(s.tokens), blob))
+            return CacheSnapshot(tuple(out))
+
+    def restore(self, snapshot: CacheSnapshot) -> None:
+        """Each sequence holds what it held in ``snapshot`` (the others nothing)."""
+        with self._state:
+            self._check_idle("restore_cache")
+            self._lc.llama_memory_clear(self._mem, True)
+            for s in self._slots:
+                s.tokens = []
+            for seq, tokens, blob in snapshot.sequences:
+                if not 0 <= seq < len(self._slots):
+                    continue
+                if load_sequence(self._lc, self._ctx, seq, blob):
+                    self._slots[seq].tokens = list(tokens)
+                else:  # refused (another engine's state, no room): that sequence starts empty
+                    self._lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
+
+    def _check_idle(self, what: str) -> None:
+        if self._ctx is None:
+            raise BackendUnavailable("LlamaCppBackend is closed")
+        if self._live() or self._pending or self._inbox:
+            raise BackendError(f"{what}() needs every call to have finished (calls are in flight)")
 
     def close(self) -> None:
         with self._cv:

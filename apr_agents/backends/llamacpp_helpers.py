@@ -4,7 +4,7 @@ No ``llama_cpp`` import: both modes of ``LlamaCppBackend`` (``llamacpp.py``) and
 ``BatchedEngine`` (``llamacpp_engine.py``) use these to cut generated text at
 the earliest stop string, to stream only text that cannot still become one, to
 measure the token prefix a request shares with a cached sequence, to keep the
-serial mode's saved KV states (``PrefixStates``), and to turn a grammar argument
+serial mode's saved KV states (``PrefixStates``; a ``CacheSnapshot`` of them), and to turn a grammar argument
 into the ``(GBNF text, root rule)`` pair llama.cpp takes.
 
 Usage::
@@ -19,6 +19,7 @@ from __future__ import annotations
 import codecs
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -113,6 +114,27 @@ class PrefixStates:
         self._states.clear()
         self.size_bytes = 0
 
+    def items(self) -> list[tuple[tuple[int, ...], bytes]]:
+        """The saved states, least recently used first."""
+        return list(self._states.items())
+
+
+@dataclass(frozen=True)
+class CacheSnapshot:
+    """What a ``LlamaCppBackend``'s prefix cache held at one moment (``snapshot_cache()``).
+
+    ``sequences``: ``(sequence id, tokens, KV state)`` for every cached sequence; the
+    serial mode's saved states have id ``-1``. The KV states are llama.cpp's own bytes,
+    valid only for the context that wrote them (``restore_cache`` of the same backend).
+    """
+
+    sequences: tuple[tuple[int, tuple[int, ...], bytes], ...]
+
+    @property
+    def tokens(self) -> int:
+        """Tokens held, over all sequences."""
+        return sum(len(t) for _, t, _ in self.sequences)
+
 
 def grammar_source(grammar: Any) -> tuple[str, str] | None:
     """``(GBNF text, root rule)`` from a GBNF string or a ``llama_cpp.LlamaGrammar``."""
@@ -197,4 +219,4 @@ class DecodedText:
         return self.text
 
 
-__all__ = ["DecodedText", "PrefixStates", "common_prefix", "find_first", "grammar_source", "holdback"]
+__all__ = ["CacheSnapshot", "DecodedText", "PrefixStates", "common_prefix", "find_first", "grammar_source", "holdback"]

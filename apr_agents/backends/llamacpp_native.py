@@ -133,6 +133,23 @@ def open_context(lc: Any, model_path: str, *, n_cells: int, n_batch: int, n_seq_
     return model, vocab, ctx, params
 
 
+def save_sequence(lc: Any, ctx: Any, seq: int) -> bytes | None:
+    """The KV state of sequence ``seq`` as llama.cpp serialises it (None when it gives none)."""
+    size = lc.llama_state_seq_get_size(ctx, seq)
+    if size <= 0:
+        return None
+    buf = (ctypes.c_uint8 * size)()
+    n = lc.llama_state_seq_get_data(ctx, buf, size, seq)
+    return ctypes.string_at(buf, n) if 0 < n <= size else None
+
+
+def load_sequence(lc: Any, ctx: Any, seq: int, blob: bytes) -> bool:
+    """Load a state from ``save_sequence`` into the (emptied) sequence ``seq``; False when llama.cpp
+    refuses it (no room for its cells, or bytes from another context)."""
+    src = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+    return bool(lc.llama_state_seq_set_data(ctx, src, len(blob), seq) == len(blob))
+
+
 def sampler_chain(lc: Any, vocab: Any, req: Request | None = None, *, grammar: tuple[str, str] | None = None,
                   temperature: float = 0.0, seed: int = 0) -> Any:
     """A new llama.cpp sampler chain (the caller frees it with ``llama_sampler_free``): ``req``'s
@@ -355,5 +372,5 @@ def forced_step(lc: Any, jump: JumpForward | None, chain: Any, out: DecodedText,
     return True
 
 
-__all__ = ["Jump", "JumpForward", "Request", "Slot", "forced_step", "fork_source", "open_context", "sampler_chain",
-           "waits_for_sibling"]
+__all__ = ["Jump", "JumpForward", "Request", "Slot", "forced_step", "fork_source", "load_sequence", "open_context",
+           "sampler_chain", "save_sequence", "waits_for_sibling"]

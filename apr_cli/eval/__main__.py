@@ -26,7 +26,7 @@ from .grading import grade
 from .methods import EVAL_SYSTEM, METHODS, AgentSettings, RunResult
 from .questions import generate, interleaved, load_jsonl, save_jsonl, stratified
 from .report import markdown, plot, summarize
-from .runner import make_backend, run_eval
+from .runner import can_isolate, make_backend, run_eval
 from .tools import eval_tools, load_tools
 
 #: ``--quick``: one question of each kind that matters, (type, parts): a 3-part sum and a 3-part
@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tools", help="your tools as module:attr (a list of tools or a function returning one)")
     p.add_argument("--tool-latency", type=float, default=1.0, help="seconds each tool call waits (default 1)")
     p.add_argument("--concurrency", type=int, default=1, help="runs in flight at once (default 1: clean latency)")
+    p.add_argument("--isolate", choices=["auto", "on", "off"], default="auto",
+                   help="every run starts from the same prefix cache (a warm-up run per method, then the "
+                        "cache restored before each run); auto: on where the backend can (embedded) and "
+                        "--concurrency is 1")
     p.add_argument("--timeout", type=float, help=f"seconds per run (default 240; --quick {QUICK_TIMEOUT_S:.0f})")
     p.add_argument("--deadline", type=float, help="seconds for the whole eval; later runs are skipped")
     p.add_argument("--max-tokens", type=int, default=512, help="generated tokens per context / per chat call")
@@ -235,8 +239,9 @@ async def amain(args: argparse.Namespace) -> int:
               f"{(r.error or r.answer)[:70]!r}", flush=True)
 
     started = time.time()
+    isolate = args.isolate == "on" or (args.isolate == "auto" and args.concurrency == 1 and can_isolate(backend))
     results = await run_eval(backend, questions, methods, tools, settings, concurrency=args.concurrency,
-                             deadline_s=deadline, progress=progress)
+                             deadline_s=deadline, progress=progress, isolate=isolate)
     elapsed = time.time() - started
     stats = getattr(backend, "stats", None)
     engine_stats = stats() if callable(stats) else {}
@@ -251,7 +256,7 @@ async def amain(args: argparse.Namespace) -> int:
     command = " ".join(["apr eval", *(shlex.quote(a) for a in args.argv)])
     meta = {"command": command, "backend": args.backend, "model": str(_model_name(backend, args)),
             "methods": methods, "questions": len(questions), "seed": args.seed, "tool_latency_s": args.tool_latency,
-            "timeout_s": timeout, "deadline_s": deadline, "concurrency": args.concurrency,
+            "timeout_s": timeout, "deadline_s": deadline, "concurrency": args.concurrency, "isolated": isolate,
             "max_tokens": args.max_tokens, "max_threads": args.max_threads, "max_depth": args.max_depth,
             "apr_config": overrides, "merge": args.merge, "format_options": format_options,
             "grammar": args.grammar, "n_threads": args.n_threads, "jump_forward": args.jump_forward,

@@ -4,7 +4,8 @@
 ``vllm``, or the FAKE ``scripted`` oracle); ``run_eval`` runs the methods
 question by question (``concurrency`` runs in flight; 1 keeps latencies clean),
 so every method meets the same load, and marks runs that the deadline leaves no
-time for as skipped instead of starting them.
+time for as skipped instead of starting them. ``isolate=True`` gives every run the
+same prefix cache to start from (``LlamaCppBackend.snapshot_cache``).
 """
 
 from __future__ import annotations
@@ -66,6 +67,18 @@ def run_order(methods: Sequence[str], i: int) -> list[str]:
     return order[::-1] if (i // n) % 2 else order
 
 
+#: Answered once by each method before the timed runs when they are isolated; neither graded
+#: nor reported. It warms what every run would otherwise find warm or cold by chance: the
+#: methods' shared instructions in the prefix cache, the grammar's vocabulary scan.
+WARM_UP = Question(id="warm-up", question="What is 17 + 25?", grading={"kind": "number", "value": 42},
+                   type="warm-up")
+
+
+def can_isolate(backend: Any) -> bool:
+    """Whether ``backend`` can snapshot and restore its prefix cache (``LlamaCppBackend`` can)."""
+    return callable(getattr(backend, "snapshot_cache", None)) and callable(getattr(backend, "restore_cache", None))
+
+
 async def run_eval(
     backend: Any,
     questions: Sequence[Question],
@@ -76,6 +89,7 @@ async def run_eval(
     concurrency: int = 1,
     deadline_s: float | None = None,
     progress: Callable[[RunResult, int, int], None] | None = None,
+    isolate: bool = False,
 ) -> list[RunResult]:
     """Every method on every question; results in run order.
 
@@ -83,8 +97,23 @@ async def run_eval(
     method run after another on the same question can find that run's prompts in the
     engine's saved states (the plugin with ``parallel=False`` after the plugin writes the
     same transcript), so each method must come after each other one as often as before it.
+
+    ``isolate`` (one run at a time, a backend with ``snapshot_cache``): each method first
+    answers ``WARM_UP``; then the prefix cache is snapshotted and restored before every
+    run, so every run starts from the same cache whatever ran before it: its time and its
+    greedy text are its own.
     """
     graphs = {m: build_agent(m, backend, tools, settings) for m in methods}
+    snapshot = None
+    if isolate:
+        if concurrency != 1:
+            raise ValueError("isolated runs need one run at a time (concurrency 1)")
+        if not can_isolate(backend):
+            raise ValueError(f"isolated runs need a backend that can snapshot its prefix cache "
+                             f"({type(backend).__name__} cannot)")
+        for m in methods:
+            await run_one(graphs[m], m, WARM_UP, settings)
+        snapshot = backend.snapshot_cache()
     jobs = [(q, m) for i, q in enumerate(questions) for m in run_order(methods, i)]
     results: list[RunResult | None] = [None] * len(jobs)
     sem = asyncio.Semaphore(max(1, concurrency))
@@ -103,6 +132,8 @@ async def run_eval(
                 else:
                     timeout = min(timeout, left)
             if results[i] is None:
+                if snapshot is not None:
+                    backend.restore_cache(snapshot)
                 results[i] = await run_one(graphs[m], m, q, settings, timeout_s=timeout)
             done += 1
             if progress is not None:
@@ -112,4 +143,4 @@ async def run_eval(
     return [r for r in results if r is not None]
 
 
-__all__ = ["make_backend", "run_eval", "run_order"]
+__all__ = ["WARM_UP", "can_isolate", "make_backend", "run_eval", "run_order"]

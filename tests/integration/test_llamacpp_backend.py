@@ -172,6 +172,37 @@ async def test_a_state_the_engine_refuses_is_dropped_and_the_prompt_read_again()
     assert again.cached_prompt_tokens == 0 and again.text == first.text
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["serial", "batched"])
+async def test_a_restored_snapshot_is_the_cache_it_was(batched):
+    """Snapshot after a warm-up; whatever runs next, a restore gives the next call the same cached
+    prefix and the same greedy text, and none of what ran between (what ``apr eval`` isolates runs with)."""
+    a = "Instructions: " + " ".join(f"rule {i} says the sky is blue." for i in range(60)) + " Q:"
+    b = "Other agent: " + " ".join(f"fact {i} is green." for i in range(60)) + " Q:"
+    backend = LlamaCppBackend(model_path(), n_ctx=2048, batched=batched, n_seq_max=2)
+    try:
+        warm = await backend.complete(a, stop=["\n"], max_tokens=4)
+        snap = backend.snapshot_cache()
+        assert snap.tokens >= warm.prompt_tokens
+        backend.restore_cache(snap)  # as before every isolated run (Gemma's restored SWA cells are read
+        # as llama.cpp restores them, which need not equal the live cells bit for bit)
+        one = await backend.complete(a + " one", stop=["\n"], max_tokens=12)
+        for p in (b, a + " two", b + " three"):
+            await backend.complete(p, stop=["\n"], max_tokens=12)
+        backend.restore_cache(snap)
+        again = await backend.complete(a + " one", stop=["\n"], max_tokens=12)
+        backend.restore_cache(snap)
+        other = await backend.complete(b, stop=["\n"], max_tokens=4)
+        backend.restore_cache(snap)
+    finally:
+        backend.close()
+    assert one.cached_prompt_tokens >= warm.prompt_tokens - 1  # the warm-up's prompt came from the cache
+    assert (again.text, again.cached_prompt_tokens) == (one.text, one.cached_prompt_tokens)
+    assert other.cached_prompt_tokens <= 1  # nothing of B's calls survived the restore
+    for closed in (backend.snapshot_cache, lambda: backend.restore_cache(snap)):
+        with pytest.raises(BackendUnavailable, match="closed"):
+            closed()
+
+
 async def test_stream_yields_the_same_text_without_partial_stops(spawn_prompt):
     # fresh prefill for both calls: the text then depends on the prompt alone, not on the cache
     fresh = LlamaCppBackend(model_path(), n_ctx=2048, grammar=SPAWN_GBNF, reuse_prefix=False)
