@@ -250,10 +250,23 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     rows = []
     results = {}
     checks: dict[str, bool] = {}
+    demo_limits = {"max_tokens": 320, "max_threads": 4, "max_depth": 1}
+    demo_limits.update({k: v for k, v in vars(args).items() if k in demo_limits and v is not None})
+    snapshot = None
+    if not getattr(args, "fresh_prefill", True) and callable(getattr(backend, "snapshot_cache", None)):
+        # both runs start from the same prefix cache: the instructions, read once here (not timed)
+        from langchain_core.messages import HumanMessage
+
+        from apr_cli.eval.runner import WARM_UP
+
+        console.print("[dim]warm-up (not timed): the agent's instructions into the prefix cache[/dim]")
+        warm = create_apr_agent(backend, tools, make_config(args, parallel=False, **demo_limits))
+        await warm.ainvoke({"messages": [HumanMessage(WARM_UP.question)]})
+        snapshot = backend.snapshot_cache()
     for mode, parallel in (("parallel", True), ("sequential", False)):
         console.rule(f"{mode} run")
-        demo_limits = {"max_tokens": 320, "max_threads": 4, "max_depth": 1}
-        demo_limits.update({k: v for k, v in vars(args).items() if k in demo_limits and v is not None})
+        if snapshot is not None:
+            backend.restore_cache(snapshot)
         graph = create_apr_agent(backend, tools, make_config(args, parallel=parallel, **demo_limits))
         t0 = time.perf_counter()
         final = await run_live(graph, question, show=not args.quiet)
@@ -335,12 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the embedded-model demo: parallel vs sequential, trace and timeline")
     d.add_argument("question", nargs="?")
     common(d, "embedded")
-    d.set_defaults(tool_latency=1.0, fresh_prefill=True, tools="calculator,lookup")
+    d.set_defaults(tool_latency=1.0, fresh_prefill=False, tools="calculator,lookup")
     d.add_argument("--grammar", choices=["protocol", "none"],
                    help="embedded: grammar-constrained decoding so every reply parses (default: protocol)")
-    d.add_argument("--reuse-prefix", dest="fresh_prefill", action="store_false",
-                   help="embedded: reuse llama.cpp's KV cache across calls (faster; the two runs may then "
-                        "write different text)")
+    d.add_argument("--fresh-prefill", dest="fresh_prefill", action="store_true",
+                   help="embedded: every call reads its whole prompt (no KV cache reuse; slower). By default "
+                        "calls reuse the cache, and both runs start from the same snapshot of it, taken after "
+                        "an untimed warm-up")
+    d.add_argument("--reuse-prefix", dest="fresh_prefill", action="store_false", help=argparse.SUPPRESS)
     d.add_argument("--out", default="out/demo", help="folder for traces and timeline PNGs")
 
     sub.add_parser("models", help="the model catalog: what is installed, sizes, measured accuracy")

@@ -53,3 +53,24 @@ async def test_embedded_model_drives_spawn_tools_and_merge(backend) -> None:  # 
     assert par["messages"][-1].content == seq["messages"][-1].content != ""
     # ... and the answer is right: the knowledge base the tools read says 68.4 + 40.1.
     assert answer_is_right(str(par["messages"][-1].content)), (expected_answer(), par["messages"][-1].content)
+
+
+def test_make_demo_answers_right_in_both_modes_from_the_same_cache(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """``apr demo`` as ``make demo`` runs it: KV cache reuse, an untimed warm-up, then both runs
+    from the same snapshot of the cache; it exits non-zero when an answer is wrong."""
+    pytest.importorskip("llama_cpp", reason="needs the [embedded] extra")
+    import json
+
+    from apr_cli.cli import main
+
+    rc = main(["demo", "--quiet", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out[-2000:]
+    assert "warm-up" in out and out.count("(from the tools' knowledge base): right") == 2, out[-2000:]
+    for mode in ("parallel", "sequential"):
+        trace = json.loads((tmp_path / f"demo-trace-{mode}.json").read_text())
+        calls = [m for rec in trace["contexts"].values() for m in rec["model_calls"]]
+        # the first call found the instructions in the cache (the warm-up put them there)
+        first = min(calls, key=lambda m: m["started"])
+        assert first["cached_prompt_tokens"] >= 0.8 * first["prompt_tokens"], first
+    assert (tmp_path / "demo-timeline-parallel.png").stat().st_size > 0
