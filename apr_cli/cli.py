@@ -257,11 +257,11 @@ async def cmd_demo(args: argparse.Namespace) -> int:
         # both runs start from the same prefix cache: the instructions, read once here (not timed)
         from langchain_core.messages import HumanMessage
 
-        from apr_cli.eval.runner import WARM_UP
+        from apr_cli.demo import WARM_UP_QUESTION
 
         console.print("[dim]warm-up (not timed): the agent's instructions into the prefix cache[/dim]")
         warm = create_apr_agent(backend, tools, make_config(args, parallel=False, **demo_limits))
-        await warm.ainvoke({"messages": [HumanMessage(WARM_UP.question)]})
+        await warm.ainvoke({"messages": [HumanMessage(WARM_UP_QUESTION)]})
         snapshot = backend.snapshot_cache()
     for mode, parallel in (("parallel", True), ("sequential", False)):
         console.rule(f"{mode} run")

@@ -15,6 +15,9 @@ from apr_agents.testing.scripts import DEMO_QUESTION, demo_script
 #: What ``apr demo`` asks the embedded model.
 EMBEDDED_DEMO_QUESTION = "What is the population of France plus the population of Canada, in millions?"
 DEMO_PARTS = ("France", "Canada")
+#: Asked once, untimed, before timed runs that share a prefix cache (``apr demo``, ``apr eval
+#: --isolate``): it puts the agent's instructions in the cache, so every timed run starts warm.
+WARM_UP_QUESTION = "What is 17 + 25?"
 
 
 def expected_answer() -> float:
@@ -38,4 +41,5 @@ def answer_is_right(answer: str, expected: float | None = None, rel_tol: float =
     return False
 
 
-__all__ = ["DEMO_QUESTION", "EMBEDDED_DEMO_QUESTION", "answer_is_right", "demo_script", "expected_answer"]
+__all__ = ["DEMO_QUESTION", "EMBEDDED_DEMO_QUESTION", "WARM_UP_QUESTION", "answer_is_right", "demo_script",
+           "expected_answer"]

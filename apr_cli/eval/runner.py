@@ -17,6 +17,7 @@ from typing import Any
 
 from langchain_core.tools import BaseTool
 
+from ..demo import WARM_UP_QUESTION
 from .methods import AgentSettings, RunResult, build_agent, run_one
 from .questions import Question
 
@@ -70,7 +71,7 @@ def run_order(methods: Sequence[str], i: int) -> list[str]:
 #: Answered once by each method before the timed runs when they are isolated; neither graded
 #: nor reported. It warms what every run would otherwise find warm or cold by chance: the
 #: methods' shared instructions in the prefix cache, the grammar's vocabulary scan.
-WARM_UP = Question(id="warm-up", question="What is 17 + 25?", grading={"kind": "number", "value": 42},
+WARM_UP = Question(id="warm-up", question=WARM_UP_QUESTION, grading={"kind": "number", "value": 42},
                    type="warm-up")
 
 
