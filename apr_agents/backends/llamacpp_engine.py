@@ -6,7 +6,7 @@ unified KV cache. Every live request (the branches of one spawn, and the calls
 of concurrent runs) is stepped together: each ``llama_decode`` evaluates one
 token for every generating sequence plus chunks of the prompts still being
 read, all in one ``llama_batch``; then each sequence samples its next token
-with its own sampler chain (greedy, or top-k/top-p/min-p/temperature with its
+with its own ``Sampler`` (greedy, or top-k/top-p/min-p/temperature with its
 own seed, and an optional GBNF grammar).
 
 Forks: a new request whose prompt shares a prefix with tokens already in the
@@ -49,12 +49,12 @@ from .llamacpp_helpers import CacheSnapshot, DecodedText, common_prefix, find_fi
 from .llamacpp_native import (
     JumpForward,
     Request,
+    Sampler,
     Slot,
     forced_step,
     fork_source,
     load_sequence,
     open_context,
-    sampler_chain,
     save_sequence,
     waits_for_sibling,
 )
@@ -118,6 +118,7 @@ class BatchedEngine:
         self.counters: dict[str, float] = {
             "steps": 0, "batch_tokens": 0, "max_batch_seqs": 0, "prefill_tokens": 0, "forks": 0,
             "forked_tokens": 0, "preempted": 0, "evicted": 0, "aborted": 0, "forced_tokens": 0, "forced_steps": 0,
+            "grammar_refusals": 0,
             "decode_s": 0.0}
         self._thread = threading.Thread(target=self._loop, name="apr-llamacpp-engine", daemon=True)
         self._thread.start()
@@ -324,7 +325,7 @@ class BatchedEngine:
                 req.cached = n
             if req.sampler is None:
                 try:
-                    req.sampler = sampler_chain(self._lc, self._vocab, req)
+                    req.sampler = Sampler(self._lc, self._vocab, req)
                 except BackendRequestError as exc:
                     target.used_at = time.perf_counter()
                     self._fail(req, exc)
@@ -395,10 +396,10 @@ class BatchedEngine:
                     outputs.append((req, n))
                 n += 1
         batch.n_tokens = n
-        # decode steps run on n_threads (default half the cores), prompt chunks on n_threads_batch (all cores).
-        # Measured on the shared 2-core machine: two threads for batched decode steps made K=4 2.5x faster than
-        # one after another when the machine was nearly idle, and K=8 eight times slower under load (threads
-        # wait for each other at every op); so the decode thread count stays the user's n_threads
+        # decode steps run on n_threads (default one per physical core), prompt chunks on n_threads_batch (all
+        # cores). Measured on the shared 2-core machine: two threads for batched decode steps made K=4 2.5x
+        # faster than one after another when the machine was nearly idle, and K=8 eight times slower under
+        # load (threads wait for each other at every op); so decode steps keep the user's n_threads
         threads = self.n_threads if all(k == 1 for _, k in items) else self.n_threads_batch
         if threads != self._threads_now:
             lc.llama_set_n_threads(self._ctx, self.n_threads, threads)
@@ -424,7 +425,7 @@ class BatchedEngine:
             s.tokens.extend(req.tokens[start:start + take])
             prefill += max(0, min(start + take, req.n_prompt) - start)
         for req, idx in outputs:
-            token = lc.llama_sampler_sample(req.sampler, self._ctx, idx)
+            token = req.sampler.sample(self._ctx, idx)
             self._on_token(req, token)
         return prefill
 
@@ -468,7 +469,7 @@ class BatchedEngine:
         """``forced_step`` for ``req`` (its whole text is the only one its grammar allows)."""
         assert req.out is not None
         if req.sampler is None:  # built here once: admission and decoding use the same chain
-            req.sampler = sampler_chain(self._lc, self._vocab, req)
+            req.sampler = Sampler(self._lc, self._vocab, req)
         if not forced_step(self._lc, self._jump_forward(), req.sampler, req.out, self._tokenize):
             return False
         with self.stats_lock:
@@ -491,8 +492,7 @@ class BatchedEngine:
             return
         # jump-forward: text the grammar forces joins the request's pending tokens, so the next
         # step reads it (one llama_decode for the whole span) instead of decoding it token by token
-        g = self._lc.llama_sampler_chain_get(req.sampler, 0)
-        step = jump.extend(g, token, limit=req.budget - out.n_out, detokenize=self.llama.detokenize,
+        step = jump.extend(req.sampler.grammar, token, limit=req.budget - out.n_out, detokenize=self.llama.detokenize,
                            tokenize=self._tokenize)
         if step.end:
             self._finish(req, "eos")
@@ -515,7 +515,9 @@ class BatchedEngine:
             s.request, req.slot = None, None
             s.used_at = time.perf_counter()
         if req.sampler is not None:
-            self._lc.llama_sampler_free(req.sampler)
+            with self.stats_lock:
+                self.counters["grammar_refusals"] += req.sampler.resampled
+            req.sampler.free()
             req.sampler = None
 
     def _finish(self, req: Request, finish: str, hit: str | None = None) -> None:

@@ -5,7 +5,8 @@ No ``llama_cpp`` import: both modes of ``LlamaCppBackend`` (``llamacpp.py``) and
 the earliest stop string, to stream only text that cannot still become one, to
 measure the token prefix a request shares with a cached sequence, to keep the
 serial mode's saved KV states (``PrefixStates``; a ``CacheSnapshot`` of them), and to turn a grammar argument
-into the ``(GBNF text, root rule)`` pair llama.cpp takes.
+into the ``(GBNF text, root rule)`` pair llama.cpp takes; ``physical_cores`` is the
+default thread count.
 
 Usage::
 
@@ -17,10 +18,30 @@ Usage::
 from __future__ import annotations
 
 import codecs
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+
+def physical_cores() -> int:
+    """The physical cores this process may run on (hyper-threads of one core count once).
+
+    llama.cpp's own tools decode on that many threads; llama-cpp-python's default is
+    half the logical CPUs, which on a machine without hyper-threading leaves half the
+    cores idle (measured on 2 AVX2 cores, Qwen2.5-Coder-1.5B Q4_K_M: 95 ms a token on
+    one thread, 56 ms on two). Linux reads the CPU topology; elsewhere, the CPU count.
+    """
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores: set[str] = set()
+    for cpu in cpus:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            cores.add(f"cpu{cpu}")
+    return max(1, len(cores))
 
 
 def holdback(text: str, stops: Sequence[str]) -> int:
@@ -219,4 +240,5 @@ class DecodedText:
         return self.text
 
 
-__all__ = ["CacheSnapshot", "DecodedText", "PrefixStates", "common_prefix", "find_first", "grammar_source", "holdback"]
+__all__ = ["CacheSnapshot", "DecodedText", "PrefixStates", "common_prefix", "find_first", "grammar_source", "holdback",
+           "physical_cores"]

@@ -5,8 +5,9 @@
 tokens whose KV cells it holds; ``fork_source`` and ``waits_for_sibling`` pick
 the sequence a new request forks its cached prefix from. ``open_context``
 loads the model and makes the one context whose sequences every request
-shares; ``sampler_chain`` builds a request's own sampler (greedy, or
-top-k/top-p/min-p/temperature with its seed, and an optional GBNF grammar).
+shares; ``Sampler`` is a request's own sampler (greedy, or
+top-k/top-p/min-p/temperature with its seed, and an optional GBNF grammar
+checked against the chosen token, not the whole vocabulary).
 ``JumpForward`` finds the text a grammar forces (read in one pass instead of
 decoded), and ``forced_step`` answers a call whose grammar allows one text only
 without the model (both llama.cpp modes use them).
@@ -17,7 +18,7 @@ Usage (inside the engine)::
 
     model, vocab, ctx, params = open_context(lc, path, n_cells=4096, n_batch=512, n_seq_max=8)
     src, n = fork_source(slots, req)            # copy src's first n KV cells, read the rest
-    req.sampler = sampler_chain(lc, vocab, req)
+    req.sampler = Sampler(lc, vocab, req)
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class Request:
     budget: int = 0
     cached: int | None = None
     out: DecodedText | None = None  # the text so far, its stop strings and budget
-    sampler: Any = None
+    sampler: Sampler | None = None
     slot: Slot | None = None
     order: int = 0
 
@@ -150,28 +151,101 @@ def load_sequence(lc: Any, ctx: Any, seq: int, blob: bytes) -> bool:
     return bool(lc.llama_state_seq_set_data(ctx, src, len(blob), seq) == len(blob))
 
 
-def sampler_chain(lc: Any, vocab: Any, req: Request | None = None, *, grammar: tuple[str, str] | None = None,
-                  temperature: float = 0.0, seed: int = 0) -> Any:
-    """A new llama.cpp sampler chain (the caller frees it with ``llama_sampler_free``): ``req``'s
-    settings, or the keywords. The grammar, when there is one, is the chain's first sampler."""
-    if req is not None:
-        grammar, temperature, seed = req.grammar, req.temperature, req.seed
-    chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-    if grammar is not None:
-        g = lc.llama_sampler_init_grammar(vocab, grammar[0].encode(), grammar[1].encode())
-        if not g:
-            lc.llama_sampler_free(chain)
-            raise BackendRequestError("llama.cpp could not parse the GBNF grammar")
-        lc.llama_sampler_chain_add(chain, g)
-    if temperature <= 0:
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
-    else:  # llama-cpp-python's defaults (top_k 40, top_p 0.95, min_p 0.05)
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(40))
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(0.95, 1))
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(0.05, 1))
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(temperature))
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-    return chain
+class Sampler:
+    """One call's sampler: a llama.cpp chain that picks the token, and the call's grammar beside it.
+
+    The grammar is not in the chain. Applied there it checks every token of the
+    vocabulary at every step (measured: 56-76 ms a token for Qwen2.5's 151,936 tokens
+    under the protocol grammar on this 2-core CPU, against 0.2 ms for greedy choice and
+    90 ms for the forward pass). ``sample`` lets the chain pick from all the logits first
+    and asks the grammar about that one token; only when the grammar refuses it does the
+    grammar mask the whole vocabulary and the chain pick again (llama.cpp's
+    ``common_sampler`` does the same). Greedy decoding picks the same token either way;
+    sampling with a temperature draws from the same masked distribution (rejection
+    sampling), up to the top-k/top-p cut being made before the mask instead of after.
+
+        sampler = Sampler(lc, vocab, grammar=(gbnf, "root"), temperature=0.0, seed=0)
+        token = sampler.sample(ctx, -1)        # the grammar has accepted it
+        sampler.free()
+
+    ``grammar`` is the GBNF sampler (None without one): ``JumpForward`` probes and
+    advances it. ``resampled`` counts the steps where the grammar refused the first pick.
+    """
+
+    def __init__(self, lc: Any, vocab: Any, req: Request | None = None, *,
+                 grammar: tuple[str, str] | None = None, temperature: float = 0.0, seed: int = 0) -> None:
+        if req is not None:
+            grammar, temperature, seed = req.grammar, req.temperature, req.seed
+        self._lc = lc
+        self._n_vocab = int(lc.llama_vocab_n_tokens(vocab))
+        self._all: Any = None  # the whole vocabulary as llama_token_data, made on the first refusal
+        self.resampled = 0
+        self.grammar: Any = None
+        if grammar is not None:
+            self.grammar = lc.llama_sampler_init_grammar(vocab, grammar[0].encode(), grammar[1].encode())
+            if not self.grammar:
+                raise BackendRequestError("llama.cpp could not parse the GBNF grammar")
+        self.chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if temperature <= 0:
+            lc.llama_sampler_chain_add(self.chain, lc.llama_sampler_init_greedy())
+        else:  # llama-cpp-python's defaults (top_k 40, top_p 0.95, min_p 0.05)
+            lc.llama_sampler_chain_add(self.chain, lc.llama_sampler_init_top_k(40))
+            lc.llama_sampler_chain_add(self.chain, lc.llama_sampler_init_top_p(0.95, 1))
+            lc.llama_sampler_chain_add(self.chain, lc.llama_sampler_init_min_p(0.05, 1))
+            lc.llama_sampler_chain_add(self.chain, lc.llama_sampler_init_temp(temperature))
+            lc.llama_sampler_chain_add(self.chain, lc.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        self._one = (lc.llama_token_data * 1)()
+
+    def allows(self, token: int) -> bool:
+        """Whether the grammar (if any) allows ``token`` now."""
+        if self.grammar is None:
+            return True
+        lc = self._lc
+        self._one[0].id, self._one[0].logit, self._one[0].p = token, 1.0, 0.0
+        lc.llama_sampler_apply(self.grammar, ctypes.byref(lc.llama_token_data_array(self._one, 1, -1, False)))
+        return bool(self._one[0].logit != float("-inf"))
+
+    def sample(self, ctx: Any, idx: int) -> int:
+        """The next token from the logits of output ``idx`` (-1: the last), accepted by the grammar."""
+        lc = self._lc
+        token = int(lc.llama_sampler_sample(self.chain, ctx, idx))
+        if self.grammar is None:
+            return token
+        if not self.allows(token):
+            token = self._masked(ctx, idx)
+        lc.llama_sampler_accept(self.grammar, token)
+        return token
+
+    def _masked(self, ctx: Any, idx: int) -> int:
+        """The chain's pick among the tokens the grammar allows (the slow path: the whole vocabulary)."""
+        import numpy as np  # llama-cpp-python's own dependency
+
+        lc = self._lc
+        self.resampled += 1
+        if self._all is None:
+            self._all = np.zeros(self._n_vocab, dtype=[("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+            self._all["id"] = np.arange(self._n_vocab, dtype=np.int32)
+        data = self._all
+        data["logit"] = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, idx), shape=(self._n_vocab,))
+        data["p"] = 0.0
+        arr = lc.llama_token_data_array(ctypes.cast(data.ctypes.data, ctypes.POINTER(lc.llama_token_data)),
+                                        self._n_vocab, -1, False)
+        lc.llama_sampler_apply(self.grammar, ctypes.byref(arr))
+        lc.llama_sampler_apply(self.chain, ctypes.byref(arr))
+        if not 0 <= arr.selected < arr.size:
+            raise BackendRequestError("the grammar allows no token here")
+        token = int(arr.data[arr.selected].id)
+        lc.llama_sampler_accept(self.chain, token)
+        return token
+
+    def free(self) -> None:
+        """Free the llama.cpp samplers (idempotent)."""
+        if self.chain is not None:
+            self._lc.llama_sampler_free(self.chain)
+            self.chain = None
+        if self.grammar is not None:
+            self._lc.llama_sampler_free(self.grammar)
+            self.grammar = None
 
 
 #: The characters whose one-character tokens probe a grammar (all of them must exist in the vocabulary).
@@ -217,11 +291,11 @@ class JumpForward:
     printable ASCII character (the probe could not tell a forced character from an
     unprobed one).
 
-    Usage (inside a decode loop; the grammar is the chain's first sampler)::
+    Usage (inside a decode loop; ``sampler`` is the call's ``Sampler``)::
 
         jump = JumpForward(lc, vocab)
-        g = lc.llama_sampler_chain_get(chain, 0)
-        step = jump.extend(g, token, limit=64, tokenize=..., detokenize=...)
+        token = sampler.sample(ctx, -1)
+        step = jump.extend(sampler.grammar, token, limit=64, tokenize=..., detokenize=...)
         # evaluate step.tokens; step.text is the forced text, step.end: only the end may follow
     """
 
@@ -345,22 +419,22 @@ class JumpForward:
         return Jump([token, *rest], taken)
 
 
-def forced_step(lc: Any, jump: JumpForward | None, chain: Any, out: DecodedText,
+def forced_step(lc: Any, jump: JumpForward | None, sampler: Sampler, out: DecodedText,
                 tokenize: Callable[[bytes], list[int]]) -> bool:
     """Complete ``out`` without the model when the grammar allows one text only (``JumpForward.whole``).
 
-    ``chain`` is the call's sampler chain (``sampler_chain``), whose first sampler is the grammar:
-    the probe reads it (on a clone) and leaves it as it was, so the same chain decodes the step when
-    the grammar leaves a choice (the GBNF is parsed once per call). A step whose every character the
+    ``sampler`` is the call's ``Sampler``: the probe reads its grammar (on a clone) and leaves it as
+    it was, so the same sampler decodes the step when the grammar leaves a choice (the GBNF is
+    parsed once per call). A step whose every character the
     grammar forces (``Result: 17351822`` copied from a tool's response, then ``</Thread>``) comes out
     the same whatever the logits are, so neither its prompt nor its tokens are evaluated: the text
     goes to ``out`` as if decoded (stop strings, streaming, token count) and ``out.finish`` says why
-    it ended. Returns False, touching nothing, when there is no grammar (``jump`` is None), the
+    it ended. Returns False, touching nothing, when there is no grammar (or ``jump`` is None), the
     grammar leaves any choice, or the text would not fit the token budget.
     """
-    if jump is None:
+    if jump is None or sampler.grammar is None:
         return False
-    text = jump.whole(lc.llama_sampler_chain_get(chain, 0), limit=4 * max(1, out.budget), stops=out.all_stops)
+    text = jump.whole(sampler.grammar, limit=4 * max(1, out.budget), stops=out.all_stops)
     if text is None:
         return False
     n = len(tokenize(text.encode("utf-8")))
@@ -372,5 +446,5 @@ def forced_step(lc: Any, jump: JumpForward | None, chain: Any, out: DecodedText,
     return True
 
 
-__all__ = ["Jump", "JumpForward", "Request", "Slot", "forced_step", "fork_source", "load_sequence", "open_context",
-           "sampler_chain", "save_sequence", "waits_for_sibling"]
+__all__ = ["Jump", "JumpForward", "Request", "Sampler", "Slot", "forced_step", "fork_source", "load_sequence",
+           "open_context", "save_sequence", "waits_for_sibling"]

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=["embedded", "vllm"], default="embedded")
     p.add_argument("--model", help="catalog name, .gguf path or (vllm) checkpoint folder; default: the embedded default")
     p.add_argument("--batched", action="store_true", help="embedded: the batched engine (else one sequence at a time)")
-    p.add_argument("--n-threads", type=int, help="embedded: decode threads (default: llama.cpp's, half the cores)")
+    p.add_argument("--n-threads", type=int, help="embedded: decode threads (default: one per physical core)")
     p.add_argument("--tokens", type=int, default=40)
     p.add_argument("--max-k", type=int, default=4)
     p.add_argument("--json", action="store_true", help="also print the rows as JSON")

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-ctx", type=int, default=8192, help="embedded: context window")
     p.add_argument("--jump-forward", choices=["on", "off"], default="on",
                    help="embedded: read grammar-forced text instead of decoding it (default on)")
-    p.add_argument("--n-threads", type=int, help="embedded: decode threads (default: llama.cpp's, half the cores)")
+    p.add_argument("--n-threads", type=int, help="embedded: decode threads (default: one per physical core)")
     p.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)} (default: all; --quick: "
                                      f"{','.join(QUICK_METHODS)})")
     p.add_argument("--quick", action="store_true",

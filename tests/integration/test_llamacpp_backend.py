@@ -29,7 +29,7 @@ from apr_agents.backends.formats import (  # noqa: E402
     sane_count_say_rules,
 )
 from apr_agents.backends.llamacpp import LlamaCppBackend, protocol_gbnf  # noqa: E402
-from apr_agents.backends.llamacpp_native import JumpForward, sampler_chain  # noqa: E402
+from apr_agents.backends.llamacpp_native import JumpForward, Sampler  # noqa: E402
 from apr_agents.backends.prompting import PROBE_TOOLS as TOOLS  # noqa: E402
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(300)]
@@ -270,8 +270,8 @@ def test_jump_forward_finds_the_forced_text_and_takes_only_what_the_grammar_allo
     def tokenize(data: bytes) -> list[int]:
         return backend.llama.tokenize(data, add_bos=False, special=True)
 
-    chain = sampler_chain(llama_cpp, vocab, grammar=(NAMES_GBNF, "root"))
-    g = llama_cpp.llama_sampler_chain_get(chain, 0)
+    sampler = Sampler(llama_cpp, vocab, grammar=(NAMES_GBNF, "root"))
+    g = sampler.grammar
     try:
         # forced up to the free choice; the "c" both names begin with is left to the model (a word boundary)
         assert jump.forced(g, limit=200) == ('<tool_call>{"name": "', False)
@@ -283,10 +283,10 @@ def test_jump_forward_finds_the_forced_text_and_takes_only_what_the_grammar_allo
         assert jump.advance(g, '_facts"}') == 8
         assert jump.forced(g, limit=200) == ("", True)  # nothing but the end of the sequence
     finally:
-        llama_cpp.llama_sampler_free(chain)
+        sampler.free()
 
-    chain = sampler_chain(llama_cpp, vocab, grammar=(NAMES_GBNF, "root"))
-    g = llama_cpp.llama_sampler_chain_get(chain, 0)
+    sampler = Sampler(llama_cpp, vocab, grammar=(NAMES_GBNF, "root"))
+    g = sampler.grammar
     try:
         lt = tokenize(b"<")
         assert len(lt) == 1 and jump.advance(g, "<") == 1  # as if the model had sampled "<"
@@ -296,7 +296,52 @@ def test_jump_forward_finds_the_forced_text_and_takes_only_what_the_grammar_allo
         assert step.tokens == [lt[0], *tokenize(b'tool_call>{"name": "')] and step.n_new == len(step.tokens) - 1
         assert jump.forced(g, limit=200) == ("", False)  # the grammar has moved past the forced text
     finally:
-        llama_cpp.llama_sampler_free(chain)
+        sampler.free()
+
+
+def test_the_grammar_checks_the_chosen_token_and_masks_the_vocabulary_only_when_it_refuses_it():
+    """``Sampler`` picks from all the logits and asks the grammar about that token only; a refused
+    pick is made again under the grammar's mask. Greedy, both paths give the token the grammar
+    inside the chain gives (llama.cpp checking every token of the vocabulary, as before)."""
+    b = LlamaCppBackend(model_path(), n_ctx=512)
+    try:
+        llm = b.llama
+        vocab = llm._model.vocab
+        llm.eval(llm.tokenize(b"The capital of France is", add_bos=True))
+
+        def masked_first(gbnf: str) -> int:  # the grammar in the chain: applied to the whole vocabulary
+            chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode(), b"root"))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+            try:
+                return int(llama_cpp.llama_sampler_sample(chain, llm.ctx, -1))
+            finally:
+                llama_cpp.llama_sampler_free(chain)
+
+        free = Sampler(llama_cpp, vocab)
+        pick = free.sample(llm.ctx, -1)
+        free.free()
+        piece = llm.detokenize([pick]).decode()
+        allows = f"root ::= {json.dumps(piece)} [a-z ]*\n"
+        refuses = "root ::= [0-9]+\n"
+        for gbnf, resampled in ((allows, 0), (refuses, 1)):
+            sampler = Sampler(llama_cpp, vocab, grammar=(gbnf, "root"))
+            try:
+                token = sampler.sample(llm.ctx, -1)
+                assert token == masked_first(gbnf)
+                assert sampler.resampled == resampled
+            finally:
+                sampler.free()
+        assert token != pick and llm.detokenize([token]).decode().isdigit()
+        # with a temperature the refused pick is drawn again among the allowed tokens only
+        for seed in range(3):
+            sampler = Sampler(llama_cpp, vocab, grammar=(refuses, "root"), temperature=0.8, seed=seed)
+            try:
+                assert llm.detokenize([sampler.sample(llm.ctx, -1)]).decode().isdigit()
+            finally:
+                sampler.free()
+    finally:
+        b.close()
 
 
 @pytest.fixture(scope="module")
@@ -308,11 +353,11 @@ def _taken_by_grammar(backend, jump, rule: str, rules: list[str], text: str) -> 
     """How many characters of ``text`` llama.cpp's grammar sampler lets ``rule`` write after
     ``Result: `` (all of it and ``</Thread>`` when the grammar takes the whole text)."""
     gbnf = f'root ::= "Result: " {rule} "</Thread>"\n' + "\n".join(rules) + "\n"
-    chain = sampler_chain(llama_cpp, backend.llama._model.vocab, grammar=(gbnf, "root"))
+    sampler = Sampler(llama_cpp, backend.llama._model.vocab, grammar=(gbnf, "root"))
     try:
-        return jump.advance(llama_cpp.llama_sampler_chain_get(chain, 0), f"Result: {text}</Thread>") - 8
+        return jump.advance(sampler.grammar, f"Result: {text}</Thread>") - 8
     finally:
-        llama_cpp.llama_sampler_free(chain)
+        sampler.free()
 
 
 def test_sane_count_grammar_refuses_a_count_followed_by_a_scale_word(backend, jump):
@@ -443,6 +488,17 @@ async def test_a_grammar_that_does_not_parse_fails_its_call_only(batched):
         assert c.text == "Result: 7" and b.stats()["forced_steps"] == 1
     finally:
         b.close()
+
+
+def test_decoding_uses_one_thread_per_physical_core_unless_told(backend):
+    from apr_agents.backends.llamacpp_helpers import physical_cores
+
+    assert backend.n_threads == physical_cores()
+    one = LlamaCppBackend(model_path(), n_ctx=256, n_threads=1)
+    try:
+        assert one.n_threads == 1
+    finally:
+        one.close()
 
 
 def test_missing_model_file_is_a_clear_error(tmp_path):
