@@ -277,7 +277,7 @@ class JumpForward:
 
     Where the grammar leaves one possible next character (``<tool_call>\n{"name": "``,
     a restated outline, ``</Thread>``), decoding it token by token wastes a forward pass
-    (and a grammar check over the whole vocabulary) per token. ``forced(grammar, limit)``
+    per token. ``forced(grammar, limit)``
     finds that text by probing the grammar with the vocabulary's one-character tokens,
     on a clone (the grammar itself is unchanged). It stops before trailing whitespace
     and a word the free text may go on with, so the model writes those as its own
