@@ -253,11 +253,10 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     demo_limits = {"max_tokens": 320, "max_threads": 4, "max_depth": 1}
     demo_limits.update({k: v for k, v in vars(args).items() if k in demo_limits and v is not None})
     snapshot = None
-    if not getattr(args, "fresh_prefill", True) and callable(getattr(backend, "snapshot_cache", None)):
-        # both runs start from the same prefix cache: the instructions, read once here (not timed)
-        from langchain_core.messages import HumanMessage
+    from apr_cli.demo import WARM_UP_QUESTION, can_isolate
 
-        from apr_cli.demo import WARM_UP_QUESTION
+    if not getattr(args, "fresh_prefill", True) and can_isolate(backend):
+        # both runs start from the same prefix cache: the instructions, read once here (not timed)
 
         console.print("[dim]warm-up (not timed): the agent's instructions into the prefix cache[/dim]")
         warm = create_apr_agent(backend, tools, make_config(args, parallel=False, **demo_limits))

@@ -9,6 +9,7 @@ latency. The expected answer comes from the shipped knowledge base
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from apr_agents.testing.scripts import DEMO_QUESTION, demo_script
 
@@ -18,6 +19,12 @@ DEMO_PARTS = ("France", "Canada")
 #: Asked once, untimed, before timed runs that share a prefix cache (``apr demo``, ``apr eval
 #: --isolate``): it puts the agent's instructions in the cache, so every timed run starts warm.
 WARM_UP_QUESTION = "What is 17 + 25?"
+
+
+def can_isolate(backend: Any) -> bool:
+    """Whether ``backend`` can snapshot and restore its prefix cache (``LlamaCppBackend`` can), so that
+    timed runs can each start from the cache the warm-up left."""
+    return callable(getattr(backend, "snapshot_cache", None)) and callable(getattr(backend, "restore_cache", None))
 
 
 def expected_answer() -> float:
@@ -41,5 +48,5 @@ def answer_is_right(answer: str, expected: float | None = None, rel_tol: float =
     return False
 
 
-__all__ = ["DEMO_QUESTION", "EMBEDDED_DEMO_QUESTION", "WARM_UP_QUESTION", "answer_is_right", "demo_script",
-           "expected_answer"]
+__all__ = ["DEMO_QUESTION", "EMBEDDED_DEMO_QUESTION", "WARM_UP_QUESTION", "answer_is_right", "can_isolate",
+           "demo_script", "expected_answer"]

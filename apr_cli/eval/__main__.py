@@ -259,7 +259,8 @@ async def amain(args: argparse.Namespace) -> int:
             "timeout_s": timeout, "deadline_s": deadline, "concurrency": args.concurrency, "isolated": isolate,
             "max_tokens": args.max_tokens, "max_threads": args.max_threads, "max_depth": args.max_depth,
             "apr_config": overrides, "merge": args.merge, "format_options": format_options,
-            "grammar": args.grammar, "n_threads": args.n_threads, "jump_forward": args.jump_forward,
+            "grammar": args.grammar, "n_threads": getattr(backend, "n_threads", args.n_threads),  # as the engine ran
+            "jump_forward": args.jump_forward,
             "engine_stats": engine_stats,
             "lenient_tool_calls": args.lenient_tool_calls, "system": args.system,
             "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "elapsed_s": round(elapsed, 1),

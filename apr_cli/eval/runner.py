@@ -17,7 +17,7 @@ from typing import Any
 
 from langchain_core.tools import BaseTool
 
-from ..demo import WARM_UP_QUESTION
+from ..demo import WARM_UP_QUESTION, can_isolate
 from .methods import AgentSettings, RunResult, build_agent, run_one
 from .questions import Question
 
@@ -73,11 +73,6 @@ def run_order(methods: Sequence[str], i: int) -> list[str]:
 #: methods' shared instructions in the prefix cache, the grammar's vocabulary scan.
 WARM_UP = Question(id="warm-up", question=WARM_UP_QUESTION, grading={"kind": "number", "value": 42},
                    type="warm-up")
-
-
-def can_isolate(backend: Any) -> bool:
-    """Whether ``backend`` can snapshot and restore its prefix cache (``LlamaCppBackend`` can)."""
-    return callable(getattr(backend, "snapshot_cache", None)) and callable(getattr(backend, "restore_cache", None))
 
 
 async def run_eval(
