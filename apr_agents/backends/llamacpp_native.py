@@ -232,7 +232,8 @@ class Sampler:
                                         self._n_vocab, -1, False)
         lc.llama_sampler_apply(self.grammar, ctypes.byref(arr))
         lc.llama_sampler_apply(self.chain, ctypes.byref(arr))
-        if not 0 <= arr.selected < arr.size:
+        if not 0 <= arr.selected < arr.size or arr.data[arr.selected].logit == float("-inf"):
+            # accepting a token the grammar refused would abort the process inside llama.cpp
             raise BackendRequestError("the grammar allows no token here")
         token = int(arr.data[arr.selected].id)
         lc.llama_sampler_accept(self.chain, token)
