@@ -224,8 +224,8 @@ class Sampler:
         self.resampled += 1
         if self._all is None:
             self._all = np.zeros(self._n_vocab, dtype=[("id", np.int32), ("logit", np.float32), ("p", np.float32)])
-            self._all["id"] = np.arange(self._n_vocab, dtype=np.int32)
         data = self._all
+        data["id"] = np.arange(self._n_vocab, dtype=np.int32)  # again: top-k sorts the array in place
         data["logit"] = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, idx), shape=(self._n_vocab,))
         data["p"] = 0.0
         arr = lc.llama_token_data_array(ctypes.cast(data.ctypes.data, ctypes.POINTER(lc.llama_token_data)),

@@ -333,7 +333,18 @@ def test_the_grammar_checks_the_chosen_token_and_masks_the_vocabulary_only_when_
             finally:
                 sampler.free()
         assert token != pick and llm.detokenize([token]).decode().isdigit()
-        # with a temperature the refused pick is drawn again among the allowed tokens only
+        # with a temperature the refused pick is drawn again among the allowed tokens only; near zero
+        # it is the greedy masked pick, every time (top-k reorders the vocabulary array in place; the
+        # same logits three times: the model's pick, " Paris" or so, is refused each time)
+        cold = Sampler(llama_cpp, vocab, grammar=(refuses, "root"), temperature=1e-4, seed=0)
+        greedy = Sampler(llama_cpp, vocab, grammar=(refuses, "root"))
+        try:
+            for _ in range(3):
+                assert cold.sample(llm.ctx, -1) == greedy.sample(llm.ctx, -1)
+            assert cold.resampled == greedy.resampled == 3
+        finally:
+            cold.free()
+            greedy.free()
         for seed in range(3):
             sampler = Sampler(llama_cpp, vocab, grammar=(refuses, "root"), temperature=0.8, seed=seed)
             try:
