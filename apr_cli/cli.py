@@ -257,7 +257,6 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 
     if not getattr(args, "fresh_prefill", True) and can_isolate(backend):
         # both runs start from the same prefix cache: the instructions, read once here (not timed)
-
         console.print("[dim]warm-up (not timed): the agent's instructions into the prefix cache[/dim]")
         warm = create_apr_agent(backend, tools, make_config(args, parallel=False, **demo_limits))
         await warm.ainvoke({"messages": [HumanMessage(WARM_UP_QUESTION)]})

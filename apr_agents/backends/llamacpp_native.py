@@ -151,6 +151,15 @@ def load_sequence(lc: Any, ctx: Any, seq: int, blob: bytes) -> bool:
     return bool(lc.llama_state_seq_set_data(ctx, src, len(blob), seq) == len(blob))
 
 
+def grammar_allows(lc: Any, grammar: Any, data: Any, ids: Sequence[int]) -> list[int]:
+    """Which of ``ids`` the GBNF sampler ``grammar`` allows now (indices into ``ids``); ``data`` is a
+    ``llama_token_data`` array at least ``len(ids)`` long, used as scratch. The grammar is not advanced."""
+    for i, t in enumerate(ids):
+        data[i].id, data[i].logit, data[i].p = t, 0.0, 0.0
+    lc.llama_sampler_apply(grammar, ctypes.byref(lc.llama_token_data_array(data, len(ids), -1, False)))
+    return [i for i in range(len(ids)) if data[i].logit != float("-inf")]
+
+
 class Sampler:
     """One call's sampler: a llama.cpp chain that picks the token, and the call's grammar beside it.
 
@@ -198,12 +207,7 @@ class Sampler:
 
     def allows(self, token: int) -> bool:
         """Whether the grammar (if any) allows ``token`` now."""
-        if self.grammar is None:
-            return True
-        lc = self._lc
-        self._one[0].id, self._one[0].logit, self._one[0].p = token, 1.0, 0.0
-        lc.llama_sampler_apply(self.grammar, ctypes.byref(lc.llama_token_data_array(self._one, 1, -1, False)))
-        return bool(self._one[0].logit != float("-inf"))
+        return self.grammar is None or bool(grammar_allows(self._lc, self.grammar, self._one, [token]))
 
     def sample(self, ctx: Any, idx: int) -> int:
         """The next token from the logits of output ``idx`` (-1: the last), accepted by the grammar."""
@@ -323,12 +327,7 @@ class JumpForward:
 
     def _allowed(self, grammar: Any, ids: Sequence[int]) -> list[int]:
         """Which of ``ids`` the grammar allows now (indices into ``ids``)."""
-        lc = self._lc
-        for i, t in enumerate(ids):
-            self._data[i].id, self._data[i].logit, self._data[i].p = t, 0.0, 0.0
-        arr = lc.llama_token_data_array(self._data, len(ids), -1, False)
-        lc.llama_sampler_apply(grammar, ctypes.byref(arr))
-        return [i for i in range(len(ids)) if self._data[i].logit != float("-inf")]
+        return grammar_allows(self._lc, grammar, self._data, ids)
 
     def _walk(self, grammar: Any, limit: int, stops: Sequence[str] = ()) -> tuple[str, bool]:
         """The characters the grammar forces from here (at most ``limit``, or up to the first of
@@ -447,5 +446,5 @@ def forced_step(lc: Any, jump: JumpForward | None, sampler: Sampler, out: Decode
     return True
 
 
-__all__ = ["Jump", "JumpForward", "Request", "Sampler", "Slot", "forced_step", "fork_source", "load_sequence",
-           "open_context", "save_sequence", "waits_for_sibling"]
+__all__ = ["Jump", "JumpForward", "Request", "Sampler", "Slot", "forced_step", "fork_source", "grammar_allows",
+           "load_sequence", "open_context", "save_sequence", "waits_for_sibling"]
