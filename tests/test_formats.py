@@ -16,15 +16,19 @@ from apr_agents.backends.base import BackendUnavailable
 from apr_agents.backends.formats import (
     ASSISTANT_START,
     SANE_COUNT_SAY_RULES,
+    SCALE_DIVISORS,
     ChatMLFormat,
     FewShotFormat,
     _first_step,
     _repeated_call,
     _thread_tool_calls,
+    answer_figures,
     chatml_gbnf,
     chosen_item,
+    gbnf_choice,
     grounded_result_options,
     joined_question,
+    just_merged,
     numbers_in_context,
     numbers_in_last_tool_response,
     own_outline,
@@ -115,6 +119,10 @@ def test_grammar_per_step() -> None:
         'root ::= ( say "\\n" )? calls | ( say "\\n" )? spawn')
     later = fmt.grammar(start + "<tool_call>\n{}\n</tool_call>" + fmt.tool_results(["1"], depth=0), stops)
     assert _options(later or "") == 'root ::= ( say "\\n" )? calls | say'
+    # grounded_answers (off by default): a line before a call is free; an answer leads with a figure
+    held = ChatMLFormat(QWEN_LIKE, grounded_answers=True)
+    assert _options(held.grammar(start + "<tool_call>\n{}\n</tool_call>" + fmt.tool_results(["1"]), stops)
+                    or "") == 'root ::= ( say "\\n" )? calls | gsay'
     branch = start + "<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n<Outline>2: b</Outline>\n</Outlines>\n<Thread>1:"
     bstops = ["</tool_call>", "</Thread>"]
     # a thread first writes its own outline again, then its tool call
@@ -133,6 +141,32 @@ def test_grammar_per_step() -> None:
 
 
 
+def test_right_after_the_merge_the_root_makes_its_finishing_call() -> None:
+    """``call_after_merge`` (default on): the root's first step after its threads were merged is a
+    tool call (the instruction's "finish from their results with one calculator call"), with no
+    prose before it that could answer from memory; later steps, threads and the option off are as before."""
+    fmt = ChatMLFormat(QWEN_LIKE)
+    start = fmt.render([HumanMessage("Chad plus Peru, in people?")], TOOLS)
+    merged = start + ("Items: 2\n<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n<Outline>2: b</Outline>\n"
+                      "</Outlines>\n<Thread>1: a\nResult: 17723315</Thread>\n<Thread>2: b\nResult: 32971846</Thread>\n"
+                      "</Parallel>\n")
+    stops = ["</tool_call>", "<|im_end|>"]
+    assert just_merged(merged, CANONICAL) and not just_merged(start, CANONICAL)
+    assert _options(fmt.grammar(merged, stops) or "") == "root ::= calls"
+    free = ChatMLFormat(QWEN_LIKE, call_after_merge=False)
+    assert _options(free.grammar(merged, stops) or "") == 'root ::= ( say "\\n" )? calls | say'
+    # two threads that made the same call: the root repeated nothing, and still makes its call
+    call = '<tool_call>\n{"name": "lookup", "arguments": {"topic": "Chad"}}\n</tool_call>\n'
+    twice = merged.replace("<Thread>1: a\n", f"<Thread>1: a\n{call}").replace("<Thread>2: b\n", f"<Thread>2: b\n{call}")
+    assert _repeated_call(twice) and _options(fmt.grammar(twice, stops) or "") == "root ::= calls"
+    assert _options(free.grammar(twice, stops) or "") == 'root ::= ( say "\\n" )? calls | say'
+    later = merged + '<tool_call>\n{"name": "calculator"}\n</tool_call>' + fmt.tool_results(["50695161"])
+    assert not just_merged(later, CANONICAL)
+    assert _options(fmt.grammar(later, stops) or "") == 'root ::= ( say "\\n" )? calls | say'
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp.LlamaGrammar.from_string(fmt.grammar(merged, stops) or "", verbose=False)
+
+
 def test_the_root_may_restate_the_question_after_the_merge() -> None:
     fmt = ChatMLFormat(QWEN_LIKE, restate_question=True)
     start = fmt.render([HumanMessage("Which is larger: Peru or Chile?")], TOOLS)
@@ -140,7 +174,7 @@ def test_the_root_may_restate_the_question_after_the_merge() -> None:
     assert joined_question(merged, CANONICAL) == "Which is larger: Peru or Chile?"
     stops = ["</tool_call>", "</Outlines>"]
     assert _options(fmt.grammar(merged, stops) or "") == (
-        'root ::= "Question: " "Which is larger: Peru or Chile?" "\\n" ( ( say "\\n" )? calls | say )')
+        'root ::= "Question: " "Which is larger: Peru or Chile?" "\\n" ( calls )')
     # only the first step after the merge: after a tool result the root goes on as before
     later = merged + "Question: x\n<tool_call>\n{}\n</tool_call>" + fmt.tool_results(["1"], depth=0)
     assert joined_question(later, CANONICAL) is None
@@ -245,7 +279,15 @@ def test_arithmetic_may_be_held_to_the_conversations_numbers() -> None:
                       "</Parallel>\n")
     assert numbers_in_context(merged) == ["68.4", "40.1", "1000000", "1000", "100", "10", "2", "1", "0"]
     gbnf = fmt.grammar(merged, ["</tool_call>", "<|im_end|>"]) or ""
-    assert 'gnum ::= "68.4" | "40.1" | "1000000" | ' in gbnf and '": " gexpr' in gbnf
+    assert 'gnum ::= "68.4" | "40.1" | "1000000" | ' in gbnf and '": " gexpr' in gbnf and "gdiv" not in gbnf
+    # scale_divisors (off by default): a unit scale the conversation does not hold only divides
+    # ("/ 1000000" for "in millions"); one the conversation holds is a figure like any other
+    scaled = ChatMLFormat(QWEN_LIKE, scale_divisors=SCALE_DIVISORS)
+    divided = scaled.grammar(merged, ["</tool_call>", "<|im_end|>"]) or ""
+    assert 'gnum ::= "68.4" | "40.1" | "100" | "10" | "2" | "1" | "0"\n' in divided
+    assert 'gdiv ::= "1000000" | "1000"\n' in divided and '| " "? "/" " "? gdiv )' in divided
+    held = merged.replace("Result: 40.1", "Result: 1000")
+    assert 'gnum ::= "68.4" | "1000" | "100" | ' in (scaled.grammar(held, ["</tool_call>", "<|im_end|>"]) or "")
     assert ChatMLFormat(QWEN_LIKE).grammar(merged, ["</tool_call>", "<|im_end|>"]) == gbnf  # on by default
     off = ChatMLFormat(QWEN_LIKE, grounded_arguments={}).grammar(merged, ["</tool_call>", "<|im_end|>"]) or ""
     assert "gexpr" not in off and "calculator" in off
@@ -261,6 +303,30 @@ def test_arithmetic_may_be_held_to_the_conversations_numbers() -> None:
     llama_cpp = pytest.importorskip("llama_cpp")
     grammar = llama_cpp.LlamaGrammar.from_string(gbnf, verbose=False)
     assert grammar is not None
+
+
+def test_an_answer_leads_with_a_figure_the_conversation_holds() -> None:
+    """``grounded_answers``: the figures an answer may lead with, as a trie-shaped rule; the root's
+    answer after a tool result uses them, a thread's ``Result:`` and a first step do not."""
+    figures = answer_figures(["109224559", "-79.0177", "2"], decimals=2)
+    assert figures[:2] == ["109224559", "109,224,559"]  # copied, grouped
+    # in thousands and millions, rounded or cut; not in billions (under 1)
+    assert {"109225", "109,224.56", "109224.5", "109", "109.2", "109.22", "0.11"} - set(figures) == {"0.11"}
+    assert {"79.0177", "79", "79.0", "79.02", "79.01", "2"} <= set(figures) and "-79.0177" not in figures
+    assert answer_figures(["x", "2.5"]) == ["2.5", "3", "2"]  # not a number: skipped
+    assert gbnf_choice(["79", "79.0", "79.02", "80", "1,000"]) == '( "79" ( ".0" ( "2" )? )? | "80" | "1,000" )'
+    assert gbnf_choice(["105"]) == '"105"' and gbnf_choice([]) == '""'
+    fmt = ChatMLFormat(QWEN_LIKE, grounded_answers=True)
+    start = fmt.render([HumanMessage("Population density of Hungary?")], TOOLS)
+    looked = start + "Items: 1\n<tool_call>\n{}\n</tool_call>" + fmt.tool_results(["population 9768785; area 93030"])
+    gbnf = fmt.grammar(looked, ["</tool_call>", "<|im_end|>"]) or ""
+    assert _options(gbnf) == 'root ::= ( say "\\n" )? calls | gsay'
+    shorts = next(line for line in gbnf.splitlines() if line.startswith("gshort ::= "))
+    # 93030, 93,030, 93.03 (thousands); 9.8 and 9.77 (millions)
+    assert '"3" ( "030" | ",030" | ".0" ( "3" ( "0" )? )? )?' in shorts and '"." ( "8" | "7" ( "7" | ' in shorts
+    assert 'glong ::= ( "9" ( "768785" | ",768,785" ) | "1" ( "000000" | ",000,000" ) )' in gbnf
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp.LlamaGrammar.from_string(gbnf, verbose=False)
 
 
 def test_the_answer_names_the_item_a_calculation_picked() -> None:

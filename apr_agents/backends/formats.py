@@ -46,6 +46,16 @@ Two formats ship:
   (``chosen_item``). ``grounded_counts`` (default on; ``False`` turns it off): a count of seven or
   more digits in free text is one of the conversation's, so an answer cannot rewrite
   ``70734224`` as ``707,342,240`` (docs/eval.md: 54/70 on the whole set against 52/70 without).
+  ``call_after_merge`` (default on): right after its threads are merged the root's step is a
+  tool call, nothing before it (the instruction's "finish from their results with one calculator
+  call"). A thread's call that repeats another thread's no longer counts as the root repeating
+  itself: in 8 of the 112 merges of a whole-set run that took the root's tools away, and it
+  summed in its head (docs/eval.md).
+  Two more, measured and left off (docs/eval.md, "the root's last step"): ``grounded_answers``, the
+  root's answer leads with a figure of the conversation (copied, rounded or cut, or read in
+  thousands, millions or billions: ``answer_figures``; a line before a tool call stays free), and
+  ``scale_divisors=SCALE_DIVISORS``, a calculator may divide by a unit scale the conversation does
+  not hold (``/ 1000000`` for "in millions") but not multiply by it (``1019022 * 1000000``).
 
 Example::
 
@@ -59,6 +69,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
+from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
 from types import MappingProxyType
 from typing import Any
 
@@ -153,7 +164,9 @@ class ChatMLFormat:
                  result_names_outline: bool = False, sane_counts: bool = True,
                  grounded_results: bool = True,
                  grounded_arguments: Mapping[str, str] = GROUNDED_ARGUMENTS,
-                 grounded_choice: bool = True, grounded_counts: bool = True) -> None:
+                 grounded_choice: bool = True, grounded_counts: bool = True,
+                 grounded_answers: bool = False,
+                 scale_divisors: Sequence[str] = (), call_after_merge: bool = True) -> None:
         self.template = template
         self.bos_token = bos_token
         self.eos_token = eos_token
@@ -168,6 +181,9 @@ class ChatMLFormat:
         self.grounded_arguments = dict(grounded_arguments)
         self.grounded_choice = grounded_choice
         self.grounded_counts = grounded_counts
+        self.grounded_answers = grounded_answers
+        self.scale_divisors = tuple(scale_divisors)
+        self.call_after_merge = call_after_merge
         self.custom_instruction = instruction
         self.force_first_call = force_first_call
         self.thread_tool_calls = thread_tool_calls
@@ -214,7 +230,9 @@ class ChatMLFormat:
         first = self.force_first_call and _first_step(prompt)
         may_call = not (branch and self.thread_tool_calls is not None
                         and _thread_tool_calls(prompt, self.dialect) >= self.thread_tool_calls)
-        may_call = may_call and not _repeated_call(prompt)
+        merged = not branch and not first and just_merged(prompt, self.dialect)
+        # right after a merge the latest call is a thread's: the root has repeated nothing
+        may_call = may_call and (merged or not _repeated_call(prompt))
         outline = own_outline(prompt, self.dialect) if self.restate_outline and branch and first else None
         if self.result_names_outline and branch and not first:
             outline = own_outline(prompt, self.dialect, opening=False)
@@ -223,14 +241,19 @@ class ChatMLFormat:
         values = (grounded_result_options(prompt, own_outline(prompt, self.dialect, opening=False))
                   if self.grounded_results and branch and not first else ())
         hold_counts = self.grounded_counts and self.sane_counts and not first
-        context = (tuple(numbers_in_context(prompt))
-                   if (self.grounded_arguments and may_call) or hold_counts else ())  # read once for both
+        hold_answer = self.grounded_answers and not branch and not first
+        found = (tuple(numbers_in_context(prompt, constants=()))
+                 if (self.grounded_arguments and may_call) or hold_counts or hold_answer else ())  # read once
+        context = found + tuple(c for c in ARITHMETIC_CONSTANTS if c not in found) if found else ()
         numbers = context if self.grounded_arguments and may_call else ()
+        divide_only = tuple(c for c in self.scale_divisors if c not in found) if numbers else ()
         grounded = self.grounded_arguments if may_call else {}
         chosen = chosen_item(prompt, self.dialect) if self.grounded_choice and not branch and not first else None
         counts = tuple(long_counts(context)) if hold_counts else ()
+        figures = tuple(answer_figures(context)) if hold_answer else ()
+        call_first = self.call_after_merge and may_call and merged
         key = (json.dumps(tools, sort_keys=True), branch, can_spawn, first, may_call, outline, question,
-               values, numbers, chosen, counts)
+               values, numbers, chosen, counts, figures, call_first)
         if key not in self._grammars:
             if len(self._grammars) >= 256:
                 self._grammars.clear()
@@ -240,7 +263,9 @@ class ChatMLFormat:
                                               outline=outline, question=question,
                                               sane_counts=self.sane_counts, result_values=values,
                                               grounded=grounded, context_numbers=numbers,
-                                              answer_lead=chosen, long_counts=counts)
+                                              divide_only=divide_only, answer_lead=chosen,
+                                              long_counts=counts, answer_figures=figures,
+                                              call_first=call_first)
         return self._grammars[key]
 
 
@@ -325,12 +350,19 @@ def own_outline(prompt: str, dialect: Dialect, *, opening: bool = True) -> str |
     return text if text and "\n" not in text else None
 
 
+def just_merged(prompt: str, dialect: Dialect) -> bool:
+    """True when ``prompt`` (a root context) ends right after its threads were merged
+    (``...</Parallel>`` and a newline)."""
+    _, sep, segment = prompt.rpartition(ASSISTANT_START)
+    return bool(sep) and segment.rstrip("\n").endswith(dialect.parallel_close or dialect.thread_close)
+
+
 def joined_question(prompt: str, dialect: Dialect) -> str | None:
     """The user's question, when ``prompt`` (a root context) ends right after its threads were merged
-    (``...</Parallel>`` and a newline); None elsewhere, or when the question is not one short line."""
-    head, sep, segment = prompt.rpartition(ASSISTANT_START)
-    if not sep or not segment.rstrip("\n").endswith(dialect.parallel_close or dialect.thread_close):
+    (``just_merged``); None elsewhere, or when the question is not one short line."""
+    if not just_merged(prompt, dialect):
         return None
+    head = prompt.rpartition(ASSISTANT_START)[0]
     turns = [t for t in head.split(f"{IM_START}user\n")[1:] if not t.lstrip().startswith(TOOL_RESPONSE_OPEN)]
     text = turns[-1].partition(IM_END)[0].strip() if turns else ""
     return text if text and "\n" not in text and len(text) <= 300 else None
@@ -358,19 +390,90 @@ def numbers_in_last_tool_response(prompt: str, *, limit: int = 12) -> list[str]:
 #: Numbers an arithmetic argument may always use besides the conversation's: unit scales and
 #: small counts (``/ 1000000`` for "in millions", ``round(x, 2)``).
 ARITHMETIC_CONSTANTS: tuple[str, ...] = ("1000000", "1000", "100", "10", "2", "1", "0")
+#: The ``ARITHMETIC_CONSTANTS`` an arithmetic argument may only divide by when the conversation does
+#: not hold them: a unit scale turns a count into millions, never a count into a made-up one.
+SCALE_DIVISORS: tuple[str, ...] = ("1000000", "1000")
 
 
 #: The protocol's own numbering (``Items: 2``, ``<Outline>1:``, ``<Thread>2:``): not facts.
 _SCAFFOLD_RE = re.compile(r"(?:Items: |<Outline>|<Thread>)\d+")
 
 
-def numbers_in_context(prompt: str, *, limit: int = 200) -> list[str]:
+def numbers_in_context(prompt: str, *, limit: int = 200,
+                       constants: Sequence[str] = ARITHMETIC_CONSTANTS) -> list[str]:
     """The numbers of the conversation a ChatML ``prompt`` holds after its ``<tools>`` section
-    (question, tool responses, results), each once, then ``ARITHMETIC_CONSTANTS``; empty when the
+    (question, tool responses, results), each once, then ``constants``; empty when the
     conversation has none (a thread that has looked nothing up yet). The tool descriptions'
     examples and the protocol's numbering do not count. At most ``limit``, the latest kept."""
     found = _numbers(_SCAFFOLD_RE.sub("", prompt.rpartition("</tools>")[2]))[-limit:]
-    return found + [c for c in ARITHMETIC_CONSTANTS if c not in found] if found else []
+    return found + [c for c in constants if c not in found] if found else []
+
+
+_SCALES = (0, 3, 6, 9)  # as it is, in thousands, millions, billions
+
+
+def answer_figures(numbers: Sequence[str], *, decimals: int = 6) -> list[str]:
+    """How an answer may write ``numbers`` (``grounded_answers``): each one whole, and rounded or
+    cut to 0 to ``decimals`` places, as it is and read in thousands, millions or billions (where
+    that leaves at least 1), without its sign; an integer part of four or more digits also
+    grouped by thousands. ``109224559`` gives ``109224559``, ``109,224,559``, ``109225``,
+    ``109.22``, ``109.224``... and ``79.01771143377735`` gives ``79``, ``79.0``, ``79.02``..."""
+    forms: dict[str, None] = {}
+    for n in numbers:
+        try:
+            value = abs(Decimal(n))
+        except ArithmeticError:
+            continue
+        if not value.is_finite():
+            continue
+        shown = [n.lstrip("-")]
+        for scale in _SCALES:
+            if scale and value < Decimal(10) ** scale:
+                break
+            x = value.scaleb(-scale)
+            exponent = x.as_tuple().exponent
+            places = -exponent if isinstance(exponent, int) and exponent < 0 else 0
+            for k in range(min(places, decimals) + 1):
+                step = Decimal(1).scaleb(-k)
+                shown += [format(x.quantize(step, rounding=r), "f") for r in (ROUND_HALF_UP, ROUND_DOWN)]
+        for form in shown:
+            forms[form] = None
+            whole, dot, frac = form.partition(".")
+            if len(whole) >= 4:
+                forms[f"{int(whole):,}{dot}{frac}"] = None
+    return list(forms)
+
+
+def gbnf_choice(strings: Sequence[str]) -> str:
+    """A GBNF expression for exactly ``strings``, written as a trie (a shared prefix once), so
+    llama.cpp's grammar keeps a stack per next character rather than one per string."""
+    from .grammars import gbnf_literal
+
+    end = ""
+    trie: dict[str, Any] = {}
+    for text in dict.fromkeys(strings):
+        node = trie
+        for ch in text:
+            node = node.setdefault(ch, {})
+        node[end] = {}
+
+    def render(node: dict[str, Any]) -> str:
+        branches = []
+        for ch, child in node.items():
+            if ch == end:
+                continue
+            run = ch
+            while len(child) == 1 and end not in child:  # one way on: one literal
+                (nxt, child), = child.items()
+                run += nxt
+            rest = render(child)
+            branches.append(gbnf_literal(run) + (f" {rest}" if rest else ""))
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 and end not in node else "( " + " | ".join(branches) + " )"
+        return f"{body}?" if end in node else body
+
+    return render(trie) or '""'
 
 
 _FIELD_KEY_RE = re.compile(r"([A-Za-z][A-Za-z_]*)\s+(\S.*)")
@@ -567,7 +670,9 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
                 count_items: bool = False, outline: str | None = None, question: str | None = None,
                 sane_counts: bool = False, result_values: Sequence[str] = (),
                 grounded: Mapping[str, str] | None = None, context_numbers: Sequence[str] = (),
-                answer_lead: str | None = None, long_counts: Sequence[str] = ()) -> str:
+                answer_lead: str | None = None, long_counts: Sequence[str] = (),
+                divide_only: Sequence[str] = (), answer_figures: Sequence[str] = (),
+                call_first: bool = False) -> str:
     """GBNF for one step of a ChatML model in ``dialect`` (its spawn block, its thread end).
 
     A step is one of: a tool call whose arguments follow that tool's JSON schema (the
@@ -598,13 +703,19 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
     that copy and ``</Thread>`` (an engine with jump-forward then runs no forward pass for it:
     ``llamacpp_native.forced_step``). ``grounded`` (tool name -> argument) with ``context_numbers``:
     that string argument is arithmetic (numbers, ``+ - * /``, parentheses, ``max min round abs
-    sqrt``) whose every number is one of ``context_numbers``, copied; with no numbers, that tool
-    cannot be called (a thread that has looked nothing up cannot compute a figure it made up).
+    sqrt``) whose every number is one of ``context_numbers``, copied, or one of ``divide_only``
+    right after a ``/``; with no numbers, that tool cannot be called (a thread that has looked
+    nothing up cannot compute a figure it made up).
     ``answer_lead``: the root answers (no more calls) with text that starts with it.
     ``long_counts`` (with ``sane_counts``; ``ChatMLFormat(grounded_counts=True)``): in free text a
     count of seven or more digits is one of these, copied plain or grouped by thousands, and a
     shorter number is never followed by a comma nor grouped (``707,342,240`` cannot be written
     for ``70734224``: after ``707`` only its ``3`` or a non-digit may follow).
+    ``call_first`` (``ChatMLFormat(call_after_merge=True)``, the root right after its threads were
+    merged): the step is a tool call, nothing before it.
+    ``answer_figures`` (``ChatMLFormat(grounded_answers=True)``): a root's answer that ends the
+    step leads with one of them, if it holds a number at all (text before a tool call stays free:
+    the step's end decides which of the two it was).
     """
     from .grammars import JSON_RULES, gbnf_literal, schema_rule, spawn_rules
 
@@ -622,7 +733,7 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
                 continue  # no figure to compute with yet: look one up first
             params = {**params, "properties": {**params["properties"], held: {"$gbnf": "gexpr"}}}
             if not gexpr:  # the held arguments of all tools share one rule
-                gexpr = grounded_arithmetic_rules(context_numbers)
+                gexpr = grounded_arithmetic_rules(context_numbers, divide_only=divide_only)
                 rules += gexpr
         args = schema_rule(params, f"t{i}", rules)
         calls.append(f'"{{\\"name\\": \\"{_gbnf_escape(name)}\\", \\"arguments\\": " {args} "}}"')
@@ -649,13 +760,21 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
             rules += spawn_rules(k, sep=" ", otext=None, dialect=dialect, min_outlines=k, name=f"spawn{k}")
             counts.append(f'"{k}\\n" ( calls | spawn{k} )')
         options.append(f'"{ITEMS_PREFIX}" ( ' + " | ".join(counts) + " )")
+    elif call_first and calls and not branch:  # right after the merge: the finishing call, no prose
+        options.append("calls")
     elif first_step or not branch:
         if calls and (may_call or first_step):
             options.append('( say "\\n" )? calls')
         if can_spawn and first_step:
             options.append('( say "\\n" )? spawn')
         if not first_step or not options:
-            options.append(f"say {close}" if branch else "say")
+            if branch:
+                options.append(f"say {close}")
+            elif answer_figures and not first_step:
+                rules += grounded_answer_rules(answer_figures, sane_counts=sane_counts)
+                options.append("gsay")
+            else:
+                options.append("say")
     else:  # a branch after a tool result: say what was found, then close (or call again, if it may)
         cue = f'"Result: " {gbnf_literal(outline)} " = "' if outline else '"Result: "'
         more = ' | "\\n" calls' if calls and may_call else ""
@@ -680,18 +799,49 @@ def long_counts(numbers: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(w for w in whole if len(w) >= 7))
 
 
-def grounded_arithmetic_rules(numbers: Sequence[str]) -> list[str]:
-    """GBNF for a JSON string holding arithmetic over ``numbers`` only (rule ``gexpr``)."""
+def grounded_arithmetic_rules(numbers: Sequence[str], *, divide_only: Sequence[str] = ()) -> list[str]:
+    """GBNF for a JSON string holding arithmetic over ``numbers`` only (rule ``gexpr``), each of
+    ``divide_only`` only right after a ``/`` (whether among ``numbers`` or not)."""
     from .grammars import gbnf_literal
 
-    nums = " | ".join(gbnf_literal(n) for n in dict.fromkeys(numbers))
+    held = list(dict.fromkeys(divide_only))
+    nums = " | ".join(gbnf_literal(n) for n in dict.fromkeys(numbers) if n not in held)
+    step = r'" "? [-+*/] " "? gterm'
+    if held:
+        step += ' | " "? "/" " "? gdiv'
     return [
         r'gexpr ::= "\"" gsum "\""',
-        r'gsum ::= gterm ( " "? [-+*/] " "? gterm ){0,12}',
+        f'gsum ::= gterm ( {step} ){{0,12}}',
         r'gterm ::= gnum | "-" gnum | "(" gsum ")" | gfn "(" gsum ( "," " "? gsum ){0,8} ")"',
         r'gfn ::= "max" | "min" | "round" | "abs" | "sqrt"',
         f"gnum ::= {nums}",
+        *([f"gdiv ::= {' | '.join(gbnf_literal(n) for n in held)}"] if held else []),
     ]
+
+
+def grounded_answer_rules(figures: Sequence[str], *, sane_counts: bool = True) -> list[str]:
+    """GBNF for an answer (rule ``gsay``) whose first number, if it has one, is one of ``figures``
+    (``answer_figures``), read whole: no digit, and no ``.`` or ``,`` then a digit, right after it.
+    With ``sane_counts`` (the ``say`` rules of ``sane_count_say_rules`` beside it) the text after
+    it follows them, and a count of seven or more digits takes no scale word."""
+    long = [f for f in figures if "." not in f and len(f.replace(",", "")) >= 7] if sane_counts else []
+    short = [f for f in figures if f not in set(long)]
+    rest = "sseg* snum?" if sane_counts else "[^<>{}`]*"
+    rules = [
+        r'gsay ::= gch0 gnd* | ( gch0 gnd* )? gfig',
+        r'gch0 ::= [^<>\n{}`0-9, ]',
+        r'gnd ::= [^<>{}`0-9,] | "," [^<>{}`0-9]',
+        f"grest ::= {rest}",
+        r'gend ::= [^<>{}`0-9,.] grest | "," [^<>{}`0-9] grest | "." ( [^<>{}`0-9] grest )?',
+    ]
+    figs = []
+    if short:
+        rules.append(f"gshort ::= {gbnf_choice(short)}")
+        figs.append("gshort gend?")
+    if long:
+        rules.append(f"glong ::= {gbnf_choice(long)}")
+        figs.append("glong ( safter grest )?")
+    return [*rules, f"gfig ::= {' | '.join(figs) or 'gch0'}"]
 
 
 def _gbnf_escape(text: str) -> str:
@@ -704,16 +854,21 @@ __all__ = [
     "GROUNDED_ARGUMENTS",
     "ITEMS_PREFIX",
     "SANE_COUNT_SAY_RULES",
+    "SCALE_DIVISORS",
     "ChatMLFormat",
     "FewShotFormat",
     "FormattedBackend",
     "PromptFormat",
+    "answer_figures",
     "chatml_gbnf",
     "chosen_item",
     "format_for",
+    "gbnf_choice",
+    "grounded_answer_rules",
     "grounded_arithmetic_rules",
     "grounded_result_options",
     "joined_question",
+    "just_merged",
     "long_counts",
     "numbers_in_context",
     "numbers_in_last_tool_response",

@@ -186,9 +186,13 @@ class BatchedEngine:
                     self._lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
 
     def _check_idle(self, what: str) -> None:
+        """Raise unless nothing is in flight; called under ``_state`` (``_cv`` inside it is safe:
+        no thread holds ``_cv`` while it waits for ``_state``)."""
         if self._ctx is None:
             raise BackendUnavailable("LlamaCppBackend is closed")
-        if self._live() or self._pending or self._inbox:
+        with self._cv:
+            queued = bool(self._inbox)
+        if queued or self._live() or self._pending:
             raise BackendError(f"{what}() needs every call to have finished (calls are in flight)")
 
     def close(self) -> None:

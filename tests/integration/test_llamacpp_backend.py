@@ -25,6 +25,9 @@ from apr_agents.backends.base import BackendRequestError, BackendUnavailable, Co
 from apr_agents.backends.embedded import model_path  # noqa: E402
 from apr_agents.backends.formats import (  # noqa: E402
     SANE_COUNT_SAY_RULES,
+    SCALE_DIVISORS,
+    answer_figures,
+    grounded_answer_rules,
     grounded_arithmetic_rules,
     sane_count_say_rules,
 )
@@ -403,6 +406,33 @@ def test_grounded_arithmetic_writes_only_the_conversations_numbers(backend, jump
         assert taken(text) == len(text) + len("</Thread>"), text
     assert taken('"57779622 + 3871834"') == 18  # a figure of its own: refused at the 4
     assert taken('"140000000"') == 2  # "1" is a constant, "14" is nothing
+    # a unit scale the conversation does not hold divides a figure; it never multiplies one
+    rules = grounded_arithmetic_rules(["1019022", "1000000", "1000", "2", "1"], divide_only=SCALE_DIVISORS)
+    for text in ('"1019022 / 1000000"', '"round(1019022 / 1000, 1)"', '"1019022 * 2"'):
+        assert taken(text) == len(text) + len("</Thread>"), text
+    assert taken('"1019022 * 1000000"') == 13  # "10" of 1019022, then no second "0"
+    assert taken('"1000000 / 2"') == 3  # nor leads: "10" of 1019022, then no second "0"
+
+
+def test_a_root_answer_leads_with_a_figure_of_the_conversation(backend, jump):
+    """``grounded_answers``, checked by llama.cpp's own grammar sampler: an answer's first number
+    is one of the conversation's, whole, rounded, cut or read in millions (``answer_figures``);
+    the figure the 1.5B model wrote for a density it never computed is refused; text without a
+    number, and numbers after the first, are free."""
+    context = ["9768785", "93030", "105.00682575513275", "1000000", "100", "2", "1"]
+    rules = [*sane_count_say_rules(["9768785", "1000000"]), *grounded_answer_rules(answer_figures(context))]
+
+    def taken(text: str) -> int:
+        return _taken_by_grammar(backend, jump, "gsay", rules, text)
+
+    for text in ("105.0", "The density of Hungary is about 105.01 people per km2.", "9,768,785 people",
+                 "9768785", "It has 9.77 million people, 105 per km2.", "Budapest.", "93030 km2",
+                 "About 105.00682575513275 people per km2 or 2 in 20.83."):
+        assert taken(text) == len(text) + len("</Thread>"), text
+    assert taken("10.000000000000002") == 3  # "10" is 105 cut; then "0" or "5" is not, nor ".0"
+    assert taken("About 106 people") == 8  # after "10" only "5" (or "0" of 1000000)
+    assert taken("9768785 million") == 9  # a count takes no scale word
+    assert taken("105.0068257551327599") == 18  # a number read whole: no digit after a figure
 
 
 def test_grounded_counts_write_only_the_conversations_long_numbers(backend, jump):
