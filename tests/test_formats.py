@@ -325,6 +325,10 @@ def test_an_answer_leads_with_a_figure_the_conversation_holds() -> None:
     # 93030, 93,030, 93.03 (thousands); 9.8 and 9.77 (millions)
     assert '"3" ( "030" | ",030" | ".0" ( "3" ( "0" )? )? )?' in shorts and '"." ( "8" | "7" ( "7" | ' in shorts
     assert 'glong ::= ( "9" ( "768785" | ",768,785" ) | "1" ( "000000" | ",000,000" ) )' in gbnf
+    assert "gsay" not in (fmt.grammar(start, ["</tool_call>", "</Outlines>"]) or "")  # a first step
+    branch = start + "Items: 2\n<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>1:"
+    done = branch + '<tool_call>\n{"name": "lookup"}\n</tool_call>' + fmt.tool_results(["9768785"], depth=1)
+    assert "gsay" not in (fmt.grammar(done, ["</tool_call>", "</Thread>"]) or "")  # a thread's Result:
     llama_cpp = pytest.importorskip("llama_cpp")
     llama_cpp.LlamaGrammar.from_string(gbnf, verbose=False)
 
