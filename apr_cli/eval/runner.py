@@ -108,7 +108,9 @@ async def run_eval(
             raise ValueError(f"isolated runs need a backend that can snapshot its prefix cache "
                              f"({type(backend).__name__} cannot)")
         for m in methods:
-            await run_one(graphs[m], m, WARM_UP, settings)
+            warm = await run_one(graphs[m], m, WARM_UP, settings)
+            if warm.error and not warm.timed_out:  # a backend that cannot answer it will answer nothing
+                raise RuntimeError(f"the warm-up run of {m!r} failed before any timed run: {warm.error}")
         snapshot = backend.snapshot_cache()
     jobs = [(q, m) for i, q in enumerate(questions) for m in run_order(methods, i)]
     results: list[RunResult | None] = [None] * len(jobs)

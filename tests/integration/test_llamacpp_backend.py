@@ -27,6 +27,7 @@ from apr_agents.backends.formats import (  # noqa: E402
     SANE_COUNT_SAY_RULES,
     SCALE_DIVISORS,
     answer_figures,
+    chatml_gbnf,
     grounded_answer_rules,
     grounded_arithmetic_rules,
     sane_count_say_rules,
@@ -433,6 +434,25 @@ def test_a_root_answer_leads_with_a_figure_of_the_conversation(backend, jump):
     assert taken("About 106 people") == 8  # after "10" only "5" (or "0" of 1000000)
     assert taken("9768785 million") == 9  # a count takes no scale word
     assert taken("105.0068257551327599") == 18  # a number read whole: no digit after a figure
+
+
+def test_a_root_that_keeps_result_lines_for_threads_writes_no_result_line(backend, jump):
+    """``ChatMLFormat(thread_only_result=True)``, checked by llama.cpp's own grammar sampler: the
+    root's text never starts with ``Result:`` (the 1.5B model's ``Result: 10.000000000000002``
+    after a lookup), with or without the sane-count rules; any other text, a number first too."""
+    for sane in (True, False):
+        gbnf = chatml_gbnf(TOOLS, branch=False, can_spawn=False, first_step=False, sane_counts=sane,
+                           root_text_not="Result:")
+        root, *rules = gbnf.splitlines()
+        assert "rsay" in root and " say" not in root
+
+        def taken(text: str, rules: list[str] = rules) -> int:
+            return _taken_by_grammar(backend, jump, "rsay", rules, text)
+
+        for text in ("The city of Brussels has 1,019,022 people.", "Rome is farther.", "1019022 people",
+                     "Results show 5", "A country", "Re-check: 5"):
+            assert taken(text) == len(text) + len("</Thread>"), (sane, text)
+        assert taken("Result: 10.000000000000002") == 6, sane  # "Result", then no ":"
 
 
 def test_grounded_counts_write_only_the_conversations_long_numbers(backend, jump):
