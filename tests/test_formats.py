@@ -170,7 +170,7 @@ def test_right_after_the_merge_the_root_makes_its_finishing_call() -> None:
 
 def test_a_root_that_keeps_result_lines_for_threads_writes_none_itself() -> None:
     """``thread_only_result`` (off by default): the root's prose (an answer, a line before a call)
-    cannot start with ``Result:``, a thread's own line; a thread's step is as before.
+    cannot start with ``Result``, the word of a thread's own line; a thread's step is as before.
     (tests/integration/test_llamacpp_backend.py checks the rule with llama.cpp's sampler.)"""
     fmt = ChatMLFormat(QWEN_LIKE, thread_only_result=True)
     start = fmt.render([HumanMessage("How many people live in Brussels?")], TOOLS)
@@ -179,7 +179,7 @@ def test_a_root_that_keeps_result_lines_for_threads_writes_none_itself() -> None
     stops = ["</tool_call>", "<|im_end|>"]
     gbnf = fmt.grammar(looked, stops) or ""
     assert _options(gbnf) == 'root ::= ( rsay "\\n" )? calls | rsay'
-    assert '"Result" [^<>\\n{}`0-9, :]' in gbnf.split("rsay ::= ", 1)[1].splitlines()[0]
+    assert '"Resul" [^<>\\n{}`0-9, t] )' in gbnf.split("rsay ::= ", 1)[1].splitlines()[0]
     assert _options(ChatMLFormat(QWEN_LIKE).grammar(looked, stops) or "") == 'root ::= ( say "\\n" )? calls | say'
     branch = start + "Items: 2\n<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>1:"
     done = branch + '<tool_call>\n{"name": "lookup"}\n</tool_call>' + fmt.tool_results(["1019022"], depth=1)
