@@ -72,6 +72,10 @@ from .vllm_support import (
 _ids = itertools.count(1)
 
 
+def _already_shut_down(*args: Any, **kwargs: Any) -> None:
+    """A shut-down engine's ``shutdown``: nothing left to do."""
+
+
 class VLLMBackend(FormattedBackend):
     """vLLM in this process: prefix caching, batched branches, abort on cancel (see module doc).
 
@@ -213,6 +217,10 @@ class VLLMBackend(FormattedBackend):
         if engine is not None:
             async def _shutdown() -> None:
                 engine.shutdown()
+                # AsyncLLM.__del__ shuts down again; at interpreter exit, with vLLM's module
+                # globals already None, that second call printed a TypeError traceback after
+                # a clean shutdown. It has nothing left to do.
+                engine.shutdown = _already_shut_down
 
             try:
                 loop.submit(_shutdown()).result(timeout=60)

@@ -243,3 +243,33 @@ class TestEngine:
         assert floor >= 384
         assert all(c is not None and c >= floor for c in cached)
         assert all(c <= b.prompt_tokens for c, b in zip(cached, branches, strict=True))
+
+
+EXIT_SCRIPT = """
+import asyncio
+from apr_agents.backends.vllm import VLLMBackend
+
+async def main():
+    async with VLLMBackend(enforce_eager=True) as backend:
+        print("answer:", (await backend.complete("Hello", stop=[], max_tokens=2)).completion_tokens)
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not vllm_mod.vllm_available(), reason="vLLM is not importable here")
+@pytest.mark.timeout(900)
+def test_a_script_that_shuts_the_engine_down_exits_without_a_traceback(tmp_path):
+    """A user's script: start, one call, ``async with`` shuts down, exit. vLLM's own ``__del__``
+    used to shut the engine down a second time at interpreter exit and print a TypeError."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text(EXIT_SCRIPT, encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "answer: 2" in proc.stdout
+    assert "Exception ignored" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
