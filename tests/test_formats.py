@@ -20,9 +20,9 @@ from apr_agents.backends.formats import (
     ChatMLFormat,
     FewShotFormat,
     _first_step,
+    _max_min_terms,
     _repeated_call,
     _thread_tool_calls,
-    _top_level_split,
     answer_figures,
     chatml_gbnf,
     chosen_item,
@@ -418,9 +418,10 @@ def test_the_answer_names_the_item_whose_ratio_a_calculation_picked() -> None:
     assert chosen_item(calc("max(22442948 / 25333, 2119275 / 267667)", "885.92"), CANONICAL) is None
     assert chosen_item(calc(ratios, "50.5"), CANONICAL) is None
     assert chosen_item(calc("22442948 / 1267000 + 1", "18.71"), CANONICAL) is None
-    # max(...) - min(...) is no one call: its "terms" are not read
-    assert _top_level_split("2082958, 25333) - min(2082958, 25333") == []
-    assert _top_level_split("1 / 2, (3 / 4), 5") == ["1 / 2", " (3 / 4)", " 5"]
+    # max(...) - min(...) is no one call: its "terms" are not read; a parenthesised term is one term
+    assert _max_min_terms("max(2082958, 25333) - min(2082958, 25333)") == []
+    assert _max_min_terms(" max(1 / 2, (3 / 4), 5) ") == ["1 / 2", "3 / 4", "5"]
+    assert chosen_item(calc("max(2082958 / 25333, 1) - min(1, 1)", "82.22"), CANONICAL) is None
     # the merge without tool calls (thread_conclusions) keeps the Result: lines, and so the numbers
     from apr_agents.graph.merge import thread_conclusions
 

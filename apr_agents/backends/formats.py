@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import ast
 import json
-import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
 from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
@@ -603,26 +602,32 @@ def chosen_item(prompt: str, dialect: Dialect) -> str | None:
     return item or None
 
 
-_PICK_RE = re.compile(r"\s*(?:max|min)\((.*)\)\s*", re.S)
-
-
 def _thread_of_picked_term(prompt: str, bodies: Sequence[str], picked: str) -> list[int]:
     """The threads (among ``bodies``, merged thread texts) that hold every number of the one term
     of the latest call's ``max(...)``/``min(...)`` argument whose value is ``picked`` (equal to
-    the figure's own precision); empty when no term, or several, give it."""
+    the figure's own precision); empty when no term, or several, give it. Terms are valued by
+    the calculator's own evaluator (``apr_tools.evaluate``)."""
+    from apr_tools import evaluate
+
     calls = _CALL_BODY_RE.findall(prompt)
     try:
         args = json.loads(calls[-1]).get("arguments", {}) if calls else {}
     except (ValueError, AttributeError):
         return []
-    exprs = [m.group(1) for v in (args.values() if isinstance(args, dict) else ())
-             if isinstance(v, str) and (m := _PICK_RE.fullmatch(v))]
-    if not exprs:
+    picks = [terms for v in (args.values() if isinstance(args, dict) else ())
+             if isinstance(v, str) and (terms := _max_min_terms(v))]
+    if not picks:
         return []
     target = float(picked)
     places = len(picked.partition(".")[2])
     slack = max(1e-9 * abs(target), 0.5 * 10.0 ** -places if places else 1e-9)
-    terms = [t for t in _top_level_split(exprs[0]) if (v := _arithmetic(t)) is not None and abs(v - target) <= slack]
+    terms = []
+    for term in picks[0]:
+        try:
+            if abs(evaluate(term) - target) <= slack:
+                terms.append(term)
+        except (ValueError, ArithmeticError, TypeError, RecursionError):
+            continue
     if len(terms) != 1:
         return []
     wanted = set(_numbers(terms[0]))
@@ -630,40 +635,18 @@ def _thread_of_picked_term(prompt: str, bodies: Sequence[str], picked: str) -> l
     return [i for i, numbers in enumerate(held) if wanted and wanted <= numbers]
 
 
-def _top_level_split(text: str) -> list[str]:
-    """``text`` split at the commas outside parentheses; empty when a ``)`` closes more than
-    ``text`` opened (``1, 2) - min(1, 2`` is not one call's arguments)."""
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(text):
-        depth += (ch == "(") - (ch == ")")
-        if depth < 0:
-            return []
-        if ch == "," and depth == 0:
-            parts.append(text[start:i])
-            start = i + 1
-    return [*parts, text[start:]]
-
-
-_UNARY: dict[type, Callable[[float], float]] = {ast.USub: operator.neg, ast.UAdd: operator.pos}
-_BINARY: dict[type, Callable[[float, float], float]] = {ast.Add: operator.add, ast.Sub: operator.sub,
-                                                       ast.Mult: operator.mul, ast.Div: operator.truediv}
-
-
-def _arithmetic(text: str) -> float | None:
-    """The value of ``text`` when it is plain arithmetic (numbers, + - * /, parentheses), else None."""
-    def value(node: ast.AST) -> float:
-        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return float(node.value)
-        if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
-            return _UNARY[type(node.op)](value(node.operand))
-        if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-            return _BINARY[type(node.op)](value(node.left), value(node.right))
-        raise ValueError(ast.dump(node))
-
+def _max_min_terms(expression: str) -> list[str]:
+    """The source text of each argument when ``expression`` is one ``max(...)`` or ``min(...)``
+    call (``max(a, b) - min(a, b)`` is not), else empty."""
+    text = expression.strip()
     try:
-        return value(ast.parse(text.strip(), mode="eval").body)
-    except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
-        return None
+        call = ast.parse(text, mode="eval").body
+    except (SyntaxError, ValueError, RecursionError):
+        return []
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id in ("max", "min")
+            and not call.keywords):
+        return []
+    return [ast.get_source_segment(text, arg) or "" for arg in call.args]
 
 
 def _shared_lead(rows: Sequence[Sequence[str]]) -> int:
