@@ -55,6 +55,13 @@ def make_backend(args: argparse.Namespace) -> Any:
     raise SystemExit(f"unknown backend {kind!r}")
 
 
+def merge_name(args: argparse.Namespace) -> str:
+    """``--merge``, else ``conclusions`` on a model (measured more right and faster on the whole eval
+    set, docs/eval.md), else ``full``, SPEC 2.4's default, for the scripted FAKE backend (its script and
+    the eval's oracle read the threads' tool results at the root)."""
+    return getattr(args, "merge", None) or ("full" if args.backend == "scripted" else "conclusions")
+
+
 def make_config(args: argparse.Namespace, **over: Any) -> APRConfig:
     from pydantic import ValidationError
 
@@ -190,11 +197,13 @@ def summary_table(rows: list[tuple[str, dict[str, Any], float]]) -> Table:
 async def cmd_run(args: argparse.Namespace) -> int:
     from apr_agents.graph import create_apr_agent
     from apr_agents.graph.durable import new_thread_id, run_with_checkpoint
+    from apr_agents.graph.merge import merge_strategy
 
     if not args.question and not args.resume:
         raise SystemExit("give a question, or --resume THREAD_ID")
     check_trace_out(args.trace_out)
     cfg = make_config(args)
+    merge = merge_strategy(merge_name(args))
     if args.db or args.resume:
         check_db(args.db or "apr-runs.sqlite")
     backend = make_backend(args)
@@ -207,11 +216,12 @@ async def cmd_run(args: argparse.Namespace) -> int:
         tree = LiveTree(not args.quiet)
         with tree.view:
             final = await run_with_checkpoint(
-                lambda cp: create_apr_agent(backend, tools, cfg, checkpointer=cp),
+                lambda cp: create_apr_agent(backend, tools, cfg, checkpointer=cp, merge_strategy=merge),
                 args.question, db, thread_id, bool(args.resume), on_event=tree,
                 expect={"config": cfg.model_dump(), "tools": sorted(t.name for t in tools)})
     else:
-        final = await run_live(create_apr_agent(backend, tools, cfg), args.question, show=not args.quiet)
+        final = await run_live(create_apr_agent(backend, tools, cfg, merge_strategy=merge), args.question,
+                               show=not args.quiet)
     wall = time.perf_counter() - t0
     answer = final["messages"][-1].content if final.get("messages") else ""
     console.print(f"\n[bold]answer:[/bold] {escape(str(answer))}")
@@ -225,6 +235,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
 
 async def cmd_demo(args: argparse.Namespace) -> int:
     from apr_agents.graph import create_apr_agent
+    from apr_agents.graph.merge import merge_strategy
     from apr_cli.demo import DEMO_QUESTION, EMBEDDED_DEMO_QUESTION
 
     question = args.question or (EMBEDDED_DEMO_QUESTION if args.backend == "embedded" else DEMO_QUESTION)
@@ -237,7 +248,9 @@ async def cmd_demo(args: argparse.Namespace) -> int:
         name = args.model or models.DEFAULT_MODEL
         title = models.CATALOG[name].title if name in models.CATALOG else name
         console.print(f"[dim]model: {title} (llama.cpp, CPU{', batched' if args.batched else ''}), "
-                      f"grammar={args.grammar or 'model default'}, fresh prefill per call={args.fresh_prefill}[/dim]")
+                      f"grammar={args.grammar or 'model default'}, fresh prefill per call={args.fresh_prefill}, "
+                      f"merge={merge_name(args)}[/dim]")
+    merge = merge_strategy(merge_name(args))
     console.print()
     t_load = time.perf_counter()
     backend = make_backend(args)
@@ -258,14 +271,16 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     if not getattr(args, "fresh_prefill", True) and can_isolate(backend):
         # both runs start from the same prefix cache: the instructions, read once here (not timed)
         console.print("[dim]warm-up (not timed): the agent's instructions into the prefix cache[/dim]")
-        warm = create_apr_agent(backend, tools, make_config(args, parallel=False, **demo_limits))
+        warm = create_apr_agent(backend, tools, make_config(args, parallel=False, **demo_limits),
+                                merge_strategy=merge)
         await warm.ainvoke({"messages": [HumanMessage(WARM_UP_QUESTION)]})
         snapshot = backend.snapshot_cache()
     for mode, parallel in (("parallel", True), ("sequential", False)):
         console.rule(f"{mode} run")
         if snapshot is not None:
             backend.restore_cache(snapshot)
-        graph = create_apr_agent(backend, tools, make_config(args, parallel=parallel, **demo_limits))
+        graph = create_apr_agent(backend, tools, make_config(args, parallel=parallel, **demo_limits),
+                                 merge_strategy=merge)
         t0 = time.perf_counter()
         final = await run_live(graph, question, show=not args.quiet)
         wall = time.perf_counter() - t0
@@ -328,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--max-tokens", dest="max_tokens", type=int)
         sp.add_argument("--thread-timeout", dest="thread_timeout_s", type=float)
         sp.add_argument("--dialect", choices=["canonical", "multiverse", "apr"])
+        sp.add_argument("--merge", choices=["full", "conclusions"],
+                        help="what a merge hands the parent: each thread's conclusion, without its tool calls "
+                             "and results (the default on a model: apr_agents.graph.merge.thread_conclusions), or "
+                             "every thread whole (SPEC 2.4; the default with --backend scripted)")
         sp.add_argument("--batched", action="store_true",
                         help="embedded: decode concurrent calls together in one llama.cpp batch, each branch "
                              "forking its parent's KV cache (docs/engines.md)")

@@ -153,6 +153,16 @@ async def test_thread_conclusions_merge_leaves_tool_records_in_the_branches() ->
     assert conclusion(" <tool_call>{}</tool_call>\n<tool_response>x</tool_response>\n Found 2.") == " Found 2."
 
 
+def test_merges_by_name_are_the_strategies_the_command_line_offers() -> None:
+    """``merge_strategy(name)``: ``full`` is SPEC 2.4's default (``None``), ``conclusions`` the
+    conclusions merge; an unknown name says which names there are."""
+    from apr_agents.graph.merge import merge_strategy, thread_conclusions
+
+    assert merge_strategy("full") is None and merge_strategy("conclusions") is thread_conclusions
+    with pytest.raises(ValueError, match="unknown merge 'whole'; choose from full, conclusions"):
+        merge_strategy("whole")
+
+
 async def test_nested_spawn_to_depth_two() -> None:
     inner = "<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n<Outline>2: b</Outline>\n</Outlines>\ninner done"
     script = {

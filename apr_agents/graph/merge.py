@@ -17,11 +17,16 @@ Usage::
     from apr_agents.graph.merge import thread_conclusions
 
     graph = create_apr_agent(backend, tools, merge_strategy=thread_conclusions)
+    graph = create_apr_agent(backend, tools, merge_strategy=merge_strategy("conclusions"))  # by name
+
+``merge_strategy(name)`` maps the names the command line takes (``full``, ``conclusions``) to
+what ``create_apr_agent`` takes, so every front end reads them alike.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from ..protocol.dialects import Dialect
@@ -43,4 +48,22 @@ def thread_conclusions(results: list[dict[str, Any]], dialect: Dialect) -> str:
     return dialect.merge_text([(r["label"], conclusion(r["text"])) for r in results])
 
 
-__all__ = ["conclusion", "thread_conclusions"]
+#: What ``create_apr_agent(merge_strategy=...)`` takes (``None``: SPEC §2.4's whole threads).
+Strategy = Callable[[list[dict[str, Any]], Dialect], str]
+
+#: The merges by name: ``full`` is SPEC §2.4's default (``None``), ``conclusions`` is ``thread_conclusions``.
+MERGES: dict[str, Strategy | None] = {
+    "full": None,
+    "conclusions": thread_conclusions,
+}
+
+
+def merge_strategy(name: str) -> Strategy | None:
+    """The ``merge_strategy`` named ``name`` (a key of ``MERGES``); ``ValueError`` naming the choices."""
+    try:
+        return MERGES[name]
+    except KeyError:
+        raise ValueError(f"unknown merge {name!r}; choose from {', '.join(MERGES)}") from None
+
+
+__all__ = ["MERGES", "conclusion", "merge_strategy", "thread_conclusions"]

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from apr_cli.cli import merge_name
+
 from .grading import grade
 from .methods import EVAL_SYSTEM, METHODS, AgentSettings, RunResult
 from .questions import generate, interleaved, load_jsonl, save_jsonl, stratified
@@ -115,12 +117,6 @@ def _methods(args: argparse.Namespace) -> list[str]:
     return wanted
 
 
-def plugin_merge(args: argparse.Namespace) -> str:
-    """``--merge``, else ``conclusions`` (measured better on a real model), or ``full`` for the
-    scripted oracle (it answers only once every tool result has reached the root)."""
-    return args.merge or ("full" if args.backend == "scripted" else "conclusions")
-
-
 def _questions(args: argparse.Namespace) -> list[Any]:
     qs = load_jsonl(args.questions) if args.questions else generate(args.seed)
     if args.quick and args.limit is None and not args.questions:
@@ -207,7 +203,7 @@ async def amain(args: argparse.Namespace) -> int:
     timeout = args.timeout or (QUICK_TIMEOUT_S if args.quick else 240.0)
     deadline = args.deadline or (QUICK_DEADLINE_S if args.quick else None)
     tools = load_tools(args.tools, args.tool_latency) if args.tools else eval_tools(args.tool_latency)
-    merge = plugin_merge(args)
+    merge = merge_name(args)
     overrides = json.loads(args.apr_config)
     if not isinstance(overrides, dict):
         raise ValueError("--apr-config must be a JSON object")

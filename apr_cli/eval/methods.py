@@ -27,7 +27,7 @@ from langchain_core.tools import BaseTool
 
 from apr_agents import APRConfig, create_apr_agent, create_chat_apr_agent
 from apr_agents.backends.chat_model import BackendChatModel
-from apr_agents.graph.merge import thread_conclusions
+from apr_agents.graph.merge import merge_strategy
 from apr_agents.runtime.trace import summarize as summarize_trace
 
 from .grading import grade
@@ -107,7 +107,7 @@ def react_factory() -> tuple[str, Any]:
 
 def build_agent(method: str, backend: Any, tools: list[BaseTool], settings: AgentSettings) -> Any:
     """The compiled graph of ``method`` over ``backend`` and ``tools``."""
-    merge = thread_conclusions if settings.merge == "conclusions" else None
+    merge = merge_strategy(settings.merge)
     if method == "apr":
         return create_apr_agent(backend, tools, settings.apr_config(parallel=True), merge_strategy=merge)
     if method == "apr-seq":

@@ -57,7 +57,8 @@ async def test_embedded_model_drives_spawn_tools_and_merge(backend) -> None:  # 
 
 def test_make_demo_answers_right_in_both_modes_from_the_same_cache(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     """``apr demo`` as ``make demo`` runs it: KV cache reuse, an untimed warm-up, then both runs
-    from the same snapshot of the cache; it exits non-zero when an answer is wrong."""
+    from the same snapshot of the cache, the threads' conclusions at the merge; it exits non-zero
+    when an answer is wrong."""
     pytest.importorskip("llama_cpp", reason="needs the [embedded] extra")
     import json
 
@@ -67,6 +68,7 @@ def test_make_demo_answers_right_in_both_modes_from_the_same_cache(tmp_path, cap
     out = capsys.readouterr().out
     assert rc == 0, out[-2000:]
     assert "warm-up" in out and out.count("(from the tools' knowledge base): right") == 2, out[-2000:]
+    assert "merge=conclusions" in out, out[:2000]
     for mode in ("parallel", "sequential"):
         trace = json.loads((tmp_path / f"demo-trace-{mode}.json").read_text())
         calls = [m for rec in trace["contexts"].values() for m in rec["model_calls"]]
