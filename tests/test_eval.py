@@ -376,6 +376,24 @@ def test_summary_and_ratios_against_react() -> None:
     assert "| 1 | 3.00× |" in markdown(rep)
 
 
+def test_the_speed_up_is_also_given_where_react_called_a_tool_for_every_part() -> None:
+    """A ReAct run that answered after one lookup is fast because it skipped work; the report also
+    gives the speed-up on the questions where ReAct made at least one tool call per part."""
+    runs = [
+        {**_run("a", "apr", 3, True, 10.0, 300, 100, True), "tool_calls": 4},
+        {**_run("a", "react", 3, False, 5.0, 80, 80), "tool_calls": 1},  # one lookup, then a guess
+        {**_run("b", "apr", 4, True, 12.0, 400, 150, True), "tool_calls": 5},
+        {**_run("b", "react", 4, True, 24.0, 500, 500), "tool_calls": 5},  # every part looked up
+        {**_run("c", "apr", 3, True, 10.0, 300, 100, True), "tool_calls": 4},
+        {**_run("c", "react", 3, True, 15.0, 300, 300), "tool_calls": 3},
+    ]
+    v = vs_baseline(runs)["methods"]["apr"]
+    assert math.isclose(v["speedup_p50"], 1.5)  # 0.5, 1.5, 2.0
+    assert v["baseline_did_every_part"] == 2 and math.isclose(v["speedup_p50_baseline_did_every_part"], 1.75)
+    assert "called a tool per part | speed-up p50 there |" in markdown(summarize(runs))
+    assert "| 2 | 1.75× |" in markdown(summarize(runs))
+
+
 def test_the_parallel_plugin_is_paired_with_the_sequential_one() -> None:
     """``vs_sequential``: ``apr`` against ``apr-seq`` only (ReAct is not paired there), with the
     count of questions both graded alike (equal accuracy is what the speed-up is quoted at)."""
@@ -398,12 +416,19 @@ def test_the_parallel_plugin_is_paired_with_the_sequential_one() -> None:
 
 
 def test_the_plugins_merge_defaults_to_the_threads_conclusions_on_a_model() -> None:
-    from apr_cli.eval.__main__ import build_parser, plugin_merge
+    from apr_cli.cli import build_parser as apr_parser
+    from apr_cli.cli import merge_name
+    from apr_cli.eval.__main__ import build_parser
 
-    assert plugin_merge(build_parser().parse_args([])) == "conclusions"
-    assert plugin_merge(build_parser().parse_args(["--backend", "vllm"])) == "conclusions"
-    assert plugin_merge(build_parser().parse_args(["--backend", "scripted"])) == "full"
-    assert plugin_merge(build_parser().parse_args(["--merge", "full"])) == "full"
+    assert merge_name(build_parser().parse_args([])) == "conclusions"
+    assert merge_name(build_parser().parse_args(["--backend", "vllm"])) == "conclusions"
+    assert merge_name(build_parser().parse_args(["--backend", "scripted"])) == "full"
+    assert merge_name(build_parser().parse_args(["--merge", "full"])) == "full"
+    # `apr run` and `apr demo` take the same flag with the same defaults
+    for cmd in ("run", "demo"):
+        assert merge_name(apr_parser().parse_args([cmd, "q"])) == "conclusions"
+        assert merge_name(apr_parser().parse_args([cmd, "q", "--backend", "scripted"])) == "full"
+        assert merge_name(apr_parser().parse_args([cmd, "q", "--merge", "full"])) == "full"
 
 
 def test_cli_writes_json_markdown_and_doc_block(tmp_path: Path) -> None:
