@@ -46,7 +46,7 @@ Two formats ship:
   (``max(p1 / a1, p2 / a2)``: a density per item), the root's answer starts with that thread's item
   (``chosen_item``). ``grounded_counts`` (default on; ``False`` turns it off): a count of seven or
   more digits in free text is one of the conversation's, so an answer cannot rewrite
-  ``70734224`` as ``707,342,240`` (docs/eval.md: 54/70 on the whole set against 52/70 without).
+  ``70734224`` as ``707,342,240`` (docs/eval-history.md: 54/70 on the whole set against 52/70 without).
   ``call_after_merge`` (default on): right after its threads are merged the root's step is a
   tool call, nothing before it (the instruction's "finish from their results with one calculator
   call"). A thread's call that repeats another thread's no longer counts as the root repeating
