@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from apr_agents.config import APRConfig
+from apr_agents.graph.merge import MERGES
 from apr_cli.timeline import plot_timeline, thread_tree
 
 console = Console()
@@ -343,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--max-tokens", dest="max_tokens", type=int)
         sp.add_argument("--thread-timeout", dest="thread_timeout_s", type=float)
         sp.add_argument("--dialect", choices=["canonical", "multiverse", "apr"])
-        sp.add_argument("--merge", choices=["full", "conclusions"],
+        sp.add_argument("--merge", choices=list(MERGES),
                         help="what a merge hands the parent: each thread's conclusion, without its tool calls "
                              "and results (the default on a model: apr_agents.graph.merge.thread_conclusions), or "
                              "every thread whole (SPEC 2.4; the default with --backend scripted)")

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from apr_agents.graph.merge import MERGES
 from apr_cli.cli import merge_name
 
 from .grading import grade
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format-options", default="{}",
                    help="attributes of the backend's prompt format, as JSON (ChatMLFormat: e.g. "
                         "'{\"count_items\": false}', '{\"thread_tool_calls\": 2}')")
-    p.add_argument("--merge", choices=["full", "conclusions"],
+    p.add_argument("--merge", choices=list(MERGES),
                    help="plugin methods' merge: each thread without its tool calls and results "
                         "(apr_agents.graph.merge.thread_conclusions; the default: more right and faster on the "
                         "whole set, docs/eval.md), or every thread whole (the library's default, SPEC 2.4; the "
